@@ -1,0 +1,152 @@
+"""The PyTorch path: every op in plain tensor operations, on any device. The CPU default.
+
+Index strategies
+    ``sort``: keys sorted once (a permutation kept if the rows were not in raster order),
+    lookups by ``torch.searchsorted``. ``grid``: a dense int32 table over the whole key space
+    (-1 = empty), lookups by one gather. ``auto`` picks ``grid`` while the table stays small
+    (see ``GRID_MAX_KEYS``; the choice is measured by ``bench/bench_index.py``).
+
+Convolution
+    Per-offset gather-GEMM-scatter over the kernel map's pair lists: for each offset ``k``,
+    ``out[out_idx] += features[in_idx] @ W[k]`` (``index_add_``; within one offset every
+    output row appears at most once). The identity offset of a submanifold map (the centre)
+    is a plain GEMM with the bias fused (``addmm``). Only pairs that exist are computed, so the
+    work scales with the number of active neighbours, not with ``K * N``. fp16/bf16 compute in
+    fp32 and round once at the end.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import CoordIndex  # noqa: F401  (protocol, for readers)
+
+# Largest key space for which ``auto`` builds a dense grid index (int32 entries: 4 bytes each).
+GRID_MAX_KEYS = 1 << 26
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class SortIndex:
+    strategy = "sort"
+
+    def __init__(self, keys: torch.Tensor):
+        if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            self.sorted_keys, perm = torch.sort(keys)
+            self.perm: Optional[torch.Tensor] = perm.to(torch.int32)
+        else:
+            self.sorted_keys, self.perm = keys, None
+
+    def lookup(self, query_keys: torch.Tensor) -> torch.Tensor:
+        n = self.sorted_keys.numel()
+        if n == 0:
+            return torch.full_like(query_keys, -1, dtype=torch.int32)
+        q = query_keys.to(self.sorted_keys.dtype)
+        pos = torch.searchsorted(self.sorted_keys, q).clamp_(max=n - 1)
+        hit = self.sorted_keys[pos] == q
+        rows = pos.to(torch.int32) if self.perm is None else self.perm[pos]
+        return torch.where(hit, rows, torch.full_like(rows, -1))
+
+
+class GridIndex:
+    strategy = "grid"
+
+    def __init__(self, keys: torch.Tensor, key_space: int):
+        self.table = torch.full((key_space,), -1, dtype=torch.int32, device=keys.device)
+        self.table[keys.long()] = torch.arange(keys.numel(), dtype=torch.int32, device=keys.device)
+
+    def lookup(self, query_keys: torch.Tensor) -> torch.Tensor:
+        valid = query_keys >= 0
+        rows = self.table[torch.where(valid, query_keys, torch.zeros_like(query_keys)).long()]
+        return torch.where(valid, rows, torch.full_like(rows, -1))
+
+
+class TorchBackend:
+    name = "torch"
+
+    def default_index_strategy(self, key_space: int) -> str:
+        return "grid" if key_space <= GRID_MAX_KEYS else "sort"
+
+    def build_index(self, keys: torch.Tensor, key_space: int, strategy: str):
+        if strategy == "grid":
+            return GridIndex(keys, key_space)
+        if strategy in ("sort", "hash"):  # no hash table without Triton: sorted keys serve
+            return SortIndex(keys)
+        raise ValueError(f"unknown index strategy {strategy!r}")
+
+    def neighbor_table(self, index, out_coords, in_shape, scale, offsets, divisor) -> torch.Tensor:
+        H, W = in_shape
+        c = out_coords.long()
+        off = offsets.to(c.device).long()
+        qy = c[:, 1].unsqueeze(0) * scale[0] + off[:, 0:1]  # [K, N]
+        qx = c[:, 2].unsqueeze(0) * scale[1] + off[:, 1:2]
+        valid = torch.ones_like(qy, dtype=torch.bool)
+        if divisor[0] != 1:
+            valid &= torch.remainder(qy, divisor[0]) == 0
+            qy = torch.div(qy, divisor[0], rounding_mode="floor")
+        if divisor[1] != 1:
+            valid &= torch.remainder(qx, divisor[1]) == 0
+            qx = torch.div(qx, divisor[1], rounding_mode="floor")
+        valid &= (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+        keys = (c[:, 0].unsqueeze(0) * H + qy) * W + qx
+        keys = torch.where(valid, keys, torch.full_like(keys, -1))
+        return index.lookup(keys).to(torch.int32)
+
+    # -- convolution ------------------------------------------------------------------
+    def conv_forward(self, features, weight, bias, kmap) -> torch.Tensor:
+        dtype = features.dtype
+        cdt = _compute_dtype(dtype)
+        f, w = features.to(cdt), weight.to(cdt)
+        n_out, c_out = kmap.n_out, w.shape[2]
+        ident = kmap.identity_offset
+        if ident is not None:
+            out = f @ w[ident] if bias is None else torch.addmm(bias.to(cdt), f, w[ident])
+        elif bias is not None:
+            out = bias.to(cdt).expand(n_out, c_out).clone()
+        else:
+            out = f.new_zeros(n_out, c_out)
+        ptr, in_idx, out_idx = kmap.pairs
+        for k in range(kmap.kernel_volume):
+            s, e = ptr[k], ptr[k + 1]
+            if k == ident or s == e:
+                continue
+            out.index_add_(0, out_idx[s:e], f.index_select(0, in_idx[s:e]) @ w[k])
+        return out.to(dtype)
+
+    def conv_backward_input(self, grad_out, weight, kmap) -> torch.Tensor:
+        dtype = grad_out.dtype
+        cdt = _compute_dtype(dtype)
+        g, wt = grad_out.to(cdt), weight.to(cdt).transpose(1, 2)
+        ident = kmap.identity_offset
+        if ident is not None:
+            grad_in = g @ wt[ident]
+        else:
+            grad_in = g.new_zeros(kmap.n_in, wt.shape[2])
+        ptr, in_idx, out_idx = kmap.pairs
+        for k in range(kmap.kernel_volume):
+            s, e = ptr[k], ptr[k + 1]
+            if k == ident or s == e:
+                continue
+            grad_in.index_add_(0, in_idx[s:e], g.index_select(0, out_idx[s:e]) @ wt[k])
+        return grad_in.to(dtype)
+
+    def conv_backward_weight(self, features, grad_out, kmap) -> torch.Tensor:
+        cdt = _compute_dtype(features.dtype)
+        f, g = features.to(cdt), grad_out.to(cdt)
+        K = kmap.kernel_volume
+        grad_w = f.new_zeros(K, f.shape[1], g.shape[1])
+        ident = kmap.identity_offset
+        ptr, in_idx, out_idx = kmap.pairs
+        for k in range(K):
+            s, e = ptr[k], ptr[k + 1]
+            if k == ident:
+                torch.mm(f.t(), g, out=grad_w[k])
+            elif s != e:
+                torch.mm(f.index_select(0, in_idx[s:e]).t(), g.index_select(0, out_idx[s:e]), out=grad_w[k])
+        return grad_w.to(features.dtype)
+
+
+backend = TorchBackend()

@@ -1,0 +1,133 @@
+"""Sparse convolutions as functions of explicit weights, with autograd.
+
+Weights use PyTorch's dense layouts (``[out, in, kh, kw]`` for convs, ``[in, out, kh, kw]`` for
+transposed convs); they are viewed as ``[K, in, out]`` GEMM operands for the backends. Each op
+equals its dense oracle (DESIGN §2) at its output sites, forward and backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends as _dispatch
+from .. import maps
+from ..tensor import SparseTensor, _pair
+
+
+class SparseConvFunction(torch.autograd.Function):
+    """``out = bias + sum_k features[nbr[k]] @ weight[k]`` over a ``KernelMap``."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, kmap, be):
+        ctx.save_for_backward(features, weight)
+        ctx.kmap, ctx.be, ctx.has_bias = kmap, be, bias is not None
+        return be.conv_forward(features.contiguous(), weight.contiguous(), bias, kmap)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        features, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_in = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_in = ctx.be.conv_backward_input(grad_out, weight.contiguous(), ctx.kmap)
+        if ctx.needs_input_grad[1]:
+            grad_w = ctx.be.conv_backward_weight(features.contiguous(), grad_out, ctx.kmap).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0, dtype=torch.float32 if grad_out.dtype != torch.float64 else None).to(grad_out.dtype)
+        return grad_in, grad_w, grad_b, None, None
+
+
+def _check_weight(x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_dim: int, op: str):
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"{op}: expected a SparseTensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"{op}: weight must be a 4-d tensor, got {getattr(weight, 'shape', type(weight))}")
+    if weight.shape[in_dim] != x.num_channels:
+        raise ValueError(
+            f"{op}: input has {x.num_channels} channels but weight {tuple(weight.shape)} expects {weight.shape[in_dim]}"
+        )
+    if weight.device != x.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but the input is on {x.device}")
+    out_ch = weight.shape[1 - in_dim]
+    if bias is not None and tuple(bias.shape) != (out_ch,):
+        raise ValueError(f"{op}: bias must have shape ({out_ch},), got {tuple(bias.shape)}")
+
+
+def _run(features, weight_kio, bias, kmap, be):
+    """Apply the conv under ``torch.autocast`` rules of ``nn.Conv2d`` (lower-precision op)."""
+    dev = features.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        features, weight_kio = features.to(dt), weight_kio.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            return SparseConvFunction.apply(features, weight_kio, bias, kmap, be)
+    if features.dtype != weight_kio.dtype:
+        raise TypeError(f"features are {features.dtype} but the weight is {weight_kio.dtype}")
+    if bias is not None:
+        bias = bias.to(features.dtype)
+    return SparseConvFunction.apply(features, weight_kio, bias, kmap, be)
+
+
+def _as_kio(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``[out, in, kh, kw]`` (or ``[in, out, kh, kw]`` if transposed) -> ``[K, in, out]``."""
+    a, b, kh, kw = weight.shape
+    perm = (2, 3, 0, 1) if transposed else (2, 3, 1, 0)
+    return weight.permute(*perm).reshape(kh * kw, *((a, b) if transposed else (b, a)))
+
+
+def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Optional[str] = None,
+                index: Optional[str] = None) -> SparseTensor:
+    """Submanifold conv: output sites = input sites, values = ``F.conv2d(dense, w, b,
+    padding=dilation*(k//2), dilation=dilation)`` there. Odd kernel sizes only."""
+    _check_weight(x, weight, bias, 1, "subm_conv2d")
+    ksize, dilation = tuple(weight.shape[2:]), _pair(dilation, "dilation")
+    if ksize[0] % 2 == 0 or ksize[1] % 2 == 0:
+        raise ValueError(f"subm_conv2d needs odd kernel sizes, got {ksize}")
+    be = _dispatch.resolve(x.device, backend)
+    kmap = maps.subm_map(x, ksize, dilation, be, index)
+    return x.replace(_run(x.features, _as_kio(weight, False), bias, kmap, be))
+
+
+def conv2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, *,
+           backend: Optional[str] = None) -> SparseTensor:
+    """Strided sparse conv: output sites = positions of ``F.conv2d(dense, ...)`` whose
+    receptive field holds an active input; values = that dense conv there."""
+    _check_weight(x, weight, bias, 1, "conv2d")
+    ksize = tuple(weight.shape[2:])
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"conv2d: invalid stride={stride}, padding={padding}, dilation={dilation}")
+    be = _dispatch.resolve(x.device, backend)
+    out_cs, kmap = maps.conv_map(x, ksize, stride, padding, dilation)
+    out = _run(x.features, _as_kio(weight, False), bias, kmap, be)
+    return SparseTensor._from_coordset(out, out_cs, x._manager)
+
+
+def conv_transpose2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, output_padding=0, *,
+                     output: Optional[SparseTensor] = None, backend: Optional[str] = None,
+                     index: Optional[str] = None) -> SparseTensor:
+    """Sparse transposed conv. Generative by default (every site of ``F.conv_transpose2d`` that
+    receives a contribution); with ``output=skip``, exactly at ``skip``'s sites and shape."""
+    _check_weight(x, weight, bias, 0, "conv_transpose2d")
+    ksize = tuple(weight.shape[2:])
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    output_padding = _pair(output_padding, "output_padding")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"conv_transpose2d: invalid stride={stride}, padding={padding}, dilation={dilation}")
+    be = _dispatch.resolve(x.device, backend)
+    w = _as_kio(weight, True)
+    if output is not None:
+        if not isinstance(output, SparseTensor):
+            raise TypeError(f"output= must be a SparseTensor, got {type(output).__name__}")
+        kmap = maps.conv_transpose_to_map(x, output, ksize, stride, padding, dilation, be, index)
+        out = _run(x.features, w, bias, kmap, be)
+        return SparseTensor._from_coordset(out, output._cs, output._manager)
+    for d in range(2):
+        if not 0 <= output_padding[d] < max(stride[d], dilation[d]):
+            raise ValueError(f"output_padding {output_padding} must be smaller than stride or dilation")
+    out_cs, kmap = maps.conv_transpose_map(x, ksize, stride, padding, dilation, output_padding)
+    out = _run(x.features, w, bias, kmap, be)
+    return SparseTensor._from_coordset(out, out_cs, x._manager)

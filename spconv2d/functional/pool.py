@@ -1,0 +1,64 @@
+"""Sparse pooling. Output sites are those of ``conv2d`` with the same geometry (and share its
+kernel map); the max / mean runs over *active* inputs only: an inactive pixel is absent, not
+zero. Global pools reduce each batch item to one vector (an empty item gives zeros)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import maps
+from ..tensor import SparseTensor, _pair
+
+
+def _pool_geometry(kernel_size, stride, padding, dilation):
+    k = _pair(kernel_size, "kernel_size")
+    s = k if stride is None else _pair(stride, "stride")
+    p, r = _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(k) < 1 or min(s) < 1 or min(r) < 1 or min(p) < 0:
+        raise ValueError(f"invalid pooling geometry kernel_size={k}, stride={s}, padding={p}, dilation={r}")
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(f"padding {p} must be at most half the kernel size {k}")
+    return k, s, p, r
+
+
+def _gather(x: SparseTensor, kernel_size, stride, padding, dilation, fill: float):
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"expected a SparseTensor, got {type(x).__name__}")
+    k, s, p, r = _pool_geometry(kernel_size, stride, padding, dilation)
+    out_cs, kmap = maps.conv_map(x, k, s, p, r)
+    f = x.features
+    padded = torch.cat((f, f.new_full((1, f.shape[1]), fill)), 0)
+    idx = torch.where(kmap.nbr >= 0, kmap.nbr, x.num_active).long()  # missing -> the fill row
+    return padded[idx], kmap, out_cs  # [K, N_out, C]
+
+
+def max_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> SparseTensor:
+    gathered, _, out_cs = _gather(x, kernel_size, stride, padding, dilation, float("-inf"))
+    out = gathered.max(0).values if gathered.shape[1] else gathered.sum(0)
+    return SparseTensor._from_coordset(out, out_cs, x._manager)
+
+
+def avg_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> SparseTensor:
+    gathered, kmap, out_cs = _gather(x, kernel_size, stride, padding, dilation, 0.0)
+    count = (kmap.nbr >= 0).sum(0).clamp_(min=1).unsqueeze(1).to(gathered.dtype)
+    return SparseTensor._from_coordset(gathered.sum(0) / count, out_cs, x._manager)
+
+
+def _batch_index(x: SparseTensor) -> torch.Tensor:
+    return x.coords[:, 0].long().unsqueeze(1).expand(-1, x.num_channels)
+
+
+def global_avg_pool(x: SparseTensor) -> torch.Tensor:
+    """``[B, C]``: mean of each batch item's active features (zeros for an empty item)."""
+    b = _batch_index(x)
+    total = x.features.new_zeros(x.batch_size, x.num_channels).scatter_add(0, b, x.features)
+    count = torch.bincount(x.coords[:, 0].long(), minlength=x.batch_size).clamp_(min=1)
+    return total / count.unsqueeze(1).to(total.dtype)
+
+
+def global_max_pool(x: SparseTensor) -> torch.Tensor:
+    """``[B, C]``: max of each batch item's active features (zeros for an empty item)."""
+    b = _batch_index(x)
+    init = x.features.new_zeros(x.batch_size, x.num_channels)
+    return init.scatter_reduce(0, b, x.features, "amax", include_self=False)

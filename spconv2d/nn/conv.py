@@ -1,0 +1,87 @@
+"""Sparse convolution layers with ``nn.Conv2d`` / ``nn.ConvTranspose2d`` parameter layouts,
+so ``sparse.load_state_dict(dense.state_dict())`` works both ways."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import functional as SF
+from ..tensor import SparseTensor, _pair
+
+
+class _SparseConvNd(nn.Module):
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, transposed,
+                 device=None, dtype=None):
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"channels must be positive, got in={in_channels}, out={out_channels}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride, self.padding, self.dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+        shape = (in_channels, out_channels) if transposed else (out_channels, in_channels)
+        self.weight = nn.Parameter(torch.empty(*shape, *self.kernel_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The same initialisation as torch.nn.Conv2d / ConvTranspose2d.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        if self.stride != (1, 1):
+            s += f", stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        return s + ("" if self.bias is not None else ", bias=False")
+
+
+class SubMConv2d(_SparseConvNd):
+    """Submanifold conv: same sites in and out; equals ``nn.Conv2d(padding=dilation*(k//2))``
+    on the densified input at those sites. Odd kernel sizes."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, dilation=1, bias=True, device=None, dtype=None):
+        k = _pair(kernel_size, "kernel_size")
+        if k[0] % 2 == 0 or k[1] % 2 == 0:
+            raise ValueError(f"SubMConv2d needs odd kernel sizes, got {k}")
+        r = _pair(dilation, "dilation")
+        super().__init__(in_channels, out_channels, k, 1, (r[0] * (k[0] // 2), r[1] * (k[1] // 2)), r, bias,
+                         False, device, dtype)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return SF.subm_conv2d(x, self.weight, self.bias, self.dilation)
+
+
+class SparseConv2d(_SparseConvNd):
+    """Strided sparse conv: the sites and values of ``nn.Conv2d`` on the densified input where
+    the receptive field holds an active pixel."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
+                 device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, False, device, dtype)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return SF.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+class SparseConvTranspose2d(_SparseConvNd):
+    """Sparse transposed conv; ``up(x)`` is generative, ``up(x, output=skip)`` computes exactly
+    at ``skip``'s sites (the U-Net decoder)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
+                 output_padding=0, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, True, device, dtype)
+        self.output_padding = _pair(output_padding, "output_padding")
+
+    def forward(self, x: SparseTensor, output: Optional[SparseTensor] = None) -> SparseTensor:
+        return SF.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                   self.output_padding, output=output)

@@ -1,0 +1,304 @@
+"""``SparseTensor``: the active pixels of a batch of images and their feature vectors."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .coords import CoordinateManager, CoordSet, key_dtype, pack_keys
+
+_REDUCTIONS = ("sum", "mean", "max", "min")
+
+
+def _pair(v, name: str) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(a) for a in v)
+    if len(t) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def _check_features(features) -> None:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+    if features.dim() != 2:
+        raise ValueError(f"features must have shape [N, C], got {tuple(features.shape)}")
+
+
+def _check_coords(coords, n: int, device) -> torch.Tensor:
+    if not isinstance(coords, torch.Tensor):
+        raise TypeError(f"coords must be a torch.Tensor, got {type(coords).__name__}")
+    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
+        raise TypeError(f"coords must be an integer tensor (int32 preferred), got {coords.dtype}")
+    if coords.dim() != 2 or coords.shape[1] != 3:
+        raise ValueError(f"coords must have shape [N, 3] with rows (b, y, x), got {tuple(coords.shape)}")
+    if coords.shape[0] != n:
+        raise ValueError(f"features has {n} rows but coords has {coords.shape[0]}: they must match")
+    if coords.device != device:
+        raise ValueError(f"coords are on {coords.device} but features are on {device}")
+    return coords
+
+
+def _check_range(coords: torch.Tensor, spatial_shape, batch_size: int) -> None:
+    H, W = spatial_shape
+    for col, name, hi in ((0, "b", batch_size), (1, "y", H), (2, "x", W)):
+        v = coords[:, col]
+        bad = (v < 0) | (v >= hi)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            what = "batch_size" if col == 0 else "spatial_shape"
+            raise ValueError(
+                f"coords row {row} = {tuple(coords[row].tolist())} has {name}={int(v[row])} outside "
+                f"[0, {hi}) (from {what}); coordinates must be non-negative and inside the grid"
+            )
+
+
+def _check_unique(keys: torch.Tensor, coords: torch.Tensor) -> None:
+    if keys.numel() < 2:
+        return
+    sorted_keys, order = torch.sort(keys, stable=True)
+    dup = sorted_keys[1:] == sorted_keys[:-1]
+    if bool(dup.any()):
+        p = int(dup.nonzero()[0, 0])
+        a, b = int(order[p]), int(order[p + 1])
+        raise ValueError(
+            f"duplicate coordinates: rows {a} and {b} are both {tuple(coords[a].tolist())}; "
+            f"use SparseTensor.coalesce(...) to merge duplicates"
+        )
+
+
+class SparseTensor:
+    """Active sites ``coords`` (int32 ``[N, 3]``, rows ``(b, y, x)``) with ``features [N, C]``.
+
+    ``spatial_shape`` is the ``(H, W)`` grid the coordinates live on, ``stride`` that grid's
+    stride w.r.t. the network input. Rows keep the order they were given in (``from_dense``
+    and every strided op produce raster order). Tensors derived from one another share a
+    ``CoordinateManager`` that caches coordinates and kernel maps; ``replace`` makes a new
+    tensor on the same sites.
+    """
+
+    __slots__ = ("features", "_cs", "_manager")
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        coords: torch.Tensor,
+        spatial_shape: Sequence[int],
+        batch_size: Optional[int] = None,
+        *,
+        stride: Union[int, Sequence[int]] = 1,
+        check: bool = True,
+    ):
+        _check_features(features)
+        coords = _check_coords(coords, features.shape[0], features.device)
+        spatial_shape = _pair(spatial_shape, "spatial_shape")
+        if min(spatial_shape) < 1:
+            raise ValueError(f"spatial_shape must be positive, got {spatial_shape}")
+        if batch_size is None:
+            batch_size = int(coords[:, 0].max()) + 1 if coords.shape[0] else 1
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        coords = coords.to(torch.int32).contiguous()
+        keys = None
+        if check:
+            _check_range(coords, spatial_shape, int(batch_size))
+            keys = pack_keys(coords, spatial_shape, key_dtype(int(batch_size), spatial_shape))
+            _check_unique(keys, coords)
+        cs = CoordSet(coords, spatial_shape, batch_size, _pair(stride, "stride"), keys=keys)
+        self.features = features
+        self._manager = CoordinateManager()
+        self._cs = self._manager.add(cs)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def _from_coordset(cls, features: torch.Tensor, cs: CoordSet, manager: CoordinateManager) -> "SparseTensor":
+        obj = cls.__new__(cls)
+        obj.features = features
+        obj._cs = cs
+        obj._manager = manager
+        return obj
+
+    @classmethod
+    def from_dense(cls, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "SparseTensor":
+        """Active sites of ``images [B, C, H, W]``: where ``mask [B, H, W]`` is true, or (mask
+        None) where any channel is non-zero. Differentiable w.r.t. ``images``."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}")
+        B, C, H, W = images.shape
+        if mask is None:
+            mask = images.ne(0).any(1)
+        else:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+            if tuple(mask.shape) != (B, H, W):
+                raise ValueError(f"mask must have shape {(B, H, W)}, got {tuple(mask.shape)}")
+            if mask.device != images.device:
+                raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
+        coords = mask.nonzero().to(torch.int32)  # raster order: sorted by key
+        features = images.permute(0, 2, 3, 1)[mask]
+        return cls(features, coords, (H, W), B, check=False)
+
+    @classmethod
+    def coalesce(
+        cls,
+        features: torch.Tensor,
+        coords: torch.Tensor,
+        spatial_shape: Sequence[int],
+        batch_size: Optional[int] = None,
+        reduce: str = "sum",
+    ) -> "SparseTensor":
+        """Build a tensor from coordinates that may repeat, merging the features of equal
+        coordinates with ``reduce`` (``sum``, ``mean``, ``max`` or ``min``). Rows come out in
+        raster order."""
+        _check_features(features)
+        coords = _check_coords(coords, features.shape[0], features.device).to(torch.int32)
+        if reduce not in _REDUCTIONS:
+            raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+        spatial_shape = _pair(spatial_shape, "spatial_shape")
+        if batch_size is None:
+            batch_size = int(coords[:, 0].max()) + 1 if coords.shape[0] else 1
+        _check_range(coords, spatial_shape, batch_size)
+        keys = pack_keys(coords, spatial_shape, torch.int64)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        out = features.new_zeros(uniq.numel(), features.shape[1])
+        index = inv.unsqueeze(1).expand_as(features)
+        out = out.scatter_reduce(0, index, features, {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}[reduce],
+                                 include_self=False)
+        H, W = spatial_shape
+        ucoords = torch.stack((uniq // (H * W), (uniq // W) % H, uniq % W), 1).to(torch.int32)
+        return cls(out, ucoords, spatial_shape, batch_size, check=False)
+
+    def replace(self, features: torch.Tensor) -> "SparseTensor":
+        """Same sites (and cached maps), new ``features [N, C']``."""
+        _check_features(features)
+        if features.shape[0] != self.num_active:
+            raise ValueError(f"replace: features has {features.shape[0]} rows, the tensor has {self.num_active} sites")
+        if features.device != self.device:
+            raise ValueError(f"replace: features are on {features.device}, the tensor's coords on {self.device}")
+        return SparseTensor._from_coordset(features, self._cs, self._manager)
+
+    def to(self, *args, **kwargs) -> "SparseTensor":
+        """Like ``Tensor.to``: a dtype applies to the features; a new device moves both (the
+        kernel-map cache starts afresh there)."""
+        features = self.features.to(*args, **kwargs)
+        if features.device == self.device:
+            return self.replace(features)
+        cs = self._cs
+        return SparseTensor(features, cs.coords.to(features.device), cs.spatial_shape, cs.batch_size,
+                            stride=cs.stride, check=False)
+
+    def cpu(self) -> "SparseTensor":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "SparseTensor":
+        return self.to("cuda" if device is None else device)
+
+    def half(self) -> "SparseTensor":
+        return self.to(torch.float16)
+
+    def float(self) -> "SparseTensor":
+        return self.to(torch.float32)
+
+    def double(self) -> "SparseTensor":
+        return self.to(torch.float64)
+
+    def detach(self) -> "SparseTensor":
+        return self.replace(self.features.detach())
+
+    # -- views -------------------------------------------------------------------------
+    @property
+    def coords(self) -> torch.Tensor:
+        return self._cs.coords
+
+    @property
+    def spatial_shape(self) -> Tuple[int, int]:
+        return self._cs.spatial_shape
+
+    @property
+    def batch_size(self) -> int:
+        return self._cs.batch_size
+
+    @property
+    def stride(self) -> Tuple[int, int]:
+        return self._cs.stride
+
+    @property
+    def coordinate_manager(self) -> CoordinateManager:
+        return self._manager
+
+    @property
+    def num_active(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_channels(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.features.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.features.requires_grad
+
+    @property
+    def density(self) -> float:
+        """Fraction of the ``batch_size * H * W`` grid that is active."""
+        return self.num_active / self._cs.key_space
+
+    def to_dense(self) -> torch.Tensor:
+        """``[B, C, H, W]`` with zeros at inactive sites. Differentiable."""
+        B, (H, W), C = self.batch_size, self.spatial_shape, self.num_channels
+        dense = self.features.new_zeros(B * H * W, C)
+        dense = dense.index_copy(0, self._cs.keys.long(), self.features)
+        return dense.view(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+
+    def same_sites(self, other: "SparseTensor") -> bool:
+        """True when ``other`` has exactly these coordinates in the same row order."""
+        if self._cs is other._cs:
+            return True
+        return (
+            self.spatial_shape == other.spatial_shape
+            and self.batch_size == other.batch_size
+            and self.coords.shape == other.coords.shape
+            and self.coords.device == other.coords.device
+            and torch.equal(self.coords, other.coords)
+        )
+
+    # -- arithmetic --------------------------------------------------------------------
+    def __add__(self, other):
+        from .functional.basic import add
+
+        return add(self, other)
+
+    __radd__ = __add__
+
+    def __mul__(self, other):
+        if isinstance(other, (int, float)) or (isinstance(other, torch.Tensor) and other.dim() <= 1):
+            return self.replace(self.features * other)
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return self.replace(-self.features)
+
+    def __len__(self) -> int:
+        return self.num_active
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseTensor(active={self.num_active}, channels={self.num_channels}, "
+            f"batch_size={self.batch_size}, spatial_shape={self.spatial_shape}, stride={self.stride}, "
+            f"density={self.density:.2%}, dtype={self.dtype}, device={self.device})"
+        )

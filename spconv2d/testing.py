@@ -1,0 +1,98 @@
+"""The dense oracle (DESIGN §2) and random inputs, shared by the tests and the benchmarks.
+
+Every reference densifies the input, runs the PyTorch dense op, and reads the result at the
+output sites; the ``*_sites`` masks say which sites a sparse op must produce.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .tensor import SparseTensor, _pair
+
+
+def random_sparse(
+    batch_size: int = 3,
+    channels: int = 4,
+    spatial_shape: Tuple[int, int] = (11, 13),
+    density: float = 0.3,
+    *,
+    empty: Sequence[int] = (),
+    shuffle: bool = True,
+    dtype: torch.dtype = torch.float64,
+    device="cpu",
+    generator: Optional[torch.Generator] = None,
+    requires_grad: bool = False,
+) -> SparseTensor:
+    """Uniformly random active sites (none in the batch items listed in ``empty``), random
+    features, rows in shuffled order unless ``shuffle=False``."""
+    H, W = spatial_shape
+    mask = torch.rand(batch_size, H, W, generator=generator) < density
+    for b in empty:
+        mask[b] = False
+    coords = mask.nonzero().to(torch.int32)
+    if shuffle and coords.shape[0] > 1:
+        coords = coords[torch.randperm(coords.shape[0], generator=generator)]
+    feats = torch.randn(coords.shape[0], channels, generator=generator, dtype=torch.float64).to(dtype)
+    feats = feats.to(device).requires_grad_(requires_grad)
+    return SparseTensor(feats, coords.to(device), (H, W), batch_size)
+
+
+def active_mask(x: SparseTensor) -> torch.Tensor:
+    """``[B, 1, H, W]`` float mask of the active sites."""
+    B, (H, W) = x.batch_size, x.spatial_shape
+    m = torch.zeros(B * H * W, dtype=x.dtype, device=x.device)
+    m[x._cs.keys.long()] = 1
+    return m.view(B, 1, H, W)
+
+
+def at_sites(dense: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """``dense [B, C, H, W]`` read at ``coords`` rows ``(b, y, x)`` -> ``[N, C]``."""
+    c = coords.long()
+    return dense[c[:, 0], :, c[:, 1], c[:, 2]]
+
+
+def sites(mask: torch.Tensor) -> torch.Tensor:
+    """Raster-ordered int32 coordinates of the non-zero entries of a ``[B, 1, H, W]`` mask."""
+    return mask[:, 0].nonzero().to(torch.int32)
+
+
+def sort_rows(x: SparseTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(coords, features)`` in raster order (for comparing with :func:`sites`)."""
+    H, W = x.spatial_shape
+    c = x.coords.long()
+    order = torch.argsort((c[:, 0] * H + c[:, 1]) * W + c[:, 2])
+    return x.coords[order], x.features[order]
+
+
+def conv2d_sites(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    k, s, p, r = (_pair(v, n) for v, n in ((kernel_size, "k"), (stride, "s"), (padding, "p"), (dilation, "r")))
+    ones = torch.ones(1, 1, *k, dtype=x.dtype, device=x.device)
+    return F.conv2d(active_mask(x), ones, stride=s, padding=p, dilation=r) > 0
+
+
+def conv_transpose2d_sites(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=1, output_padding=0):
+    k = _pair(kernel_size, "k")
+    ones = torch.ones(1, 1, *k, dtype=x.dtype, device=x.device)
+    return F.conv_transpose2d(active_mask(x), ones, stride=stride, padding=padding, dilation=dilation,
+                              output_padding=output_padding) > 0
+
+
+def masked_dense(x: SparseTensor, fill: float) -> torch.Tensor:
+    """``x.to_dense()`` with ``fill`` (not zero) at inactive sites."""
+    m = active_mask(x)
+    return x.to_dense() * m + fill * (1 - m) if fill != float("-inf") else x.to_dense().masked_fill(m == 0, fill)
+
+
+def max_pool2d_dense(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> torch.Tensor:
+    """Max over active inputs: inactive sites are -inf (absent), as is F.max_pool2d's padding."""
+    return F.max_pool2d(masked_dense(x, float("-inf")), kernel_size, stride, padding, dilation)
+
+
+def avg_pool2d_dense(x: SparseTensor, kernel_size, stride=None, padding=0) -> torch.Tensor:
+    """Mean over active inputs: window sum / number of active pixels in the window."""
+    total = F.avg_pool2d(x.to_dense(), kernel_size, stride, padding, divisor_override=1)
+    count = F.avg_pool2d(active_mask(x), kernel_size, stride, padding, divisor_override=1)
+    return total / count.clamp(min=1)

