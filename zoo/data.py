@@ -220,6 +220,4 @@ def build_dataset(name: str, split: str, **kw) -> Dataset:
     builders = {"mnist": mnist, "cityscapes": cityscapes, "streets": streets}
     if name not in builders:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
-    if name == "cityscapes" and split == "val":
-        split = "val"
     return builders[name](split=split, **kw)

@@ -68,8 +68,8 @@ class ConvBNReLU(nn.Module):
         super().__init__()
         self.conv, self.bn, self.act = conv, bn, act
 
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
+    def forward(self, x, **kw):  # kw: e.g. output=skip for a sparse transposed conv
+        return self.act(self.bn(self.conv(x, **kw)))
 
 
 def _cbr(ops, conv, co):

@@ -1,0 +1,432 @@
+"""Training and evaluation: ``train(...)``, ``evaluate(...)``, ``train_one_epoch(...)``.
+
+The loop is deliberately plain (nanoGPT style): build data, model and optimizer, then for every
+epoch train, evaluate, checkpoint, and rewrite ``metrics.json`` and ``curves.png``. A run folder:
+
+    metrics.json             config, one entry per epoch, "final" (accuracy or miou in 0-1, loss,
+                             per-class scores, measured density, parameters, images per second)
+    checkpoint.safetensors   weights + optimizer + epoch + RNG + config + history (resumable)
+    model.safetensors        weights only (+ config), written at the end
+    curves.png               loss and metric per epoch
+    predictions.png          input | ground truth | prediction | active mask
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from . import models as _models  # noqa: F401  (registers the models)
+from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint,
+                         restore_rng, save_checkpoint, save_weights)
+from .data import build_dataset
+from .masks import MaskPolicy, measured_density
+from .models import count_parameters
+from .registry import create_model, model_entrypoint
+from .streets import IGNORE_INDEX
+
+log = logging.getLogger("spconv2d.zoo")
+
+# Per-model defaults (measured on a 2-core CPU; see docs/ZOO.md) and per-data defaults.
+MODEL_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "mlp": dict(data="mnist", epochs=20, batch_size=64, lr=2e-3, weight_decay=1e-4),
+    "cnn": dict(data="mnist", epochs=12, batch_size=64, lr=3e-3, weight_decay=5e-4),
+    "sparse_cnn": dict(data="mnist", epochs=12, batch_size=64, lr=3e-3, weight_decay=5e-4),
+    "unet": dict(data="streets", epochs=10, batch_size=16, lr=3e-3, weight_decay=1e-4),
+    "sparse_unet": dict(data="streets", epochs=10, batch_size=16, lr=3e-3, weight_decay=1e-4),
+}
+FALLBACK_DEFAULTS = dict(epochs=10, batch_size=32, lr=1e-3, weight_decay=1e-4)
+DATA_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "mnist": dict(mask_policy="nonzero", density=None, size=None, num_train=None, num_val=None),
+    "streets": dict(mask_policy="edge", density=0.25, size=(64, 128), num_train=1000, num_val=200),
+    "cityscapes": dict(mask_policy="edge", density=0.25, size=(128, 256), num_train=None, num_val=None),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``None`` means "the model's / data set's default"."""
+
+    model: str = "sparse_cnn"
+    data: Optional[str] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    density: Optional[float] = None        # target active-pixel fraction (edge/contrast policies)
+    mask_policy: Optional[str] = None      # nonzero | edge | contrast | full
+    size: Optional[Tuple[int, int]] = None  # segmentation image size (H, W)
+    num_train: Optional[int] = None        # streets: number of generated scenes
+    num_val: Optional[int] = None
+    device: str = "cpu"
+    out: Optional[str] = None
+    resume: bool = False
+    seed: int = 0
+    data_root: Optional[str] = None
+    download: bool = False                 # MNIST only, opt-in
+    aux_weight: float = 0.4                # segmentation: weight of the coarse-head loss
+    warmup: float = 0.05                   # fraction of the steps with linear LR warm-up
+    num_workers: int = 0
+    threads: Optional[int] = None
+    num_predictions: int = 6
+    progress: bool = True
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> "TrainConfig":
+        model_entrypoint(self.model)  # fail early on unknown names
+        c = dataclasses.replace(self)
+        md = MODEL_DEFAULTS.get(self.model, FALLBACK_DEFAULTS)
+        if c.data is None:
+            c.data = md.get("data", "mnist")
+        for k in ("epochs", "batch_size", "lr", "weight_decay"):
+            if getattr(c, k) is None:
+                setattr(c, k, md.get(k, FALLBACK_DEFAULTS[k]))
+        dd = DATA_DEFAULTS.get(c.data, {})
+        for k, v in dd.items():
+            if getattr(c, k) is None:
+                setattr(c, k, v)
+        if c.mask_policy == "nonzero" and self.density is not None:
+            log.warning("--density %.3g is ignored by the 'nonzero' mask policy (use --mask-policy edge)",
+                        self.density)
+        if c.density is None and c.mask_policy in ("edge", "contrast"):
+            c.density = 0.25
+        if c.size is not None:
+            c.size = tuple(int(s) for s in c.size)
+        if c.out is None:
+            c.out = os.path.join("runs", f"{c.model}-{c.data}")
+        return c
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["size"] = list(d["size"]) if d["size"] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if d.get("size") is not None:
+            d["size"] = tuple(d["size"])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+# small pieces (torchvision-reference style)
+# --------------------------------------------------------------------------------------------
+def get_datasets(cfg: TrainConfig):
+    common = dict(data_root=cfg.data_root, download=cfg.download, size=cfg.size, seed=cfg.seed)
+    train = build_dataset(cfg.data, "train", num_samples=cfg.num_train, **common)
+    val = build_dataset(cfg.data, "val", num_samples=cfg.num_val, **common)
+    return train, val
+
+
+def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
+    kw = dict(num_classes=dataset.num_classes, in_chans=dataset.in_chans, **cfg.model_kwargs)
+    if cfg.model == "sparse_unet":
+        kw.update(density=cfg.density or 0.25, mask_policy=cfg.mask_policy or "edge")
+    if cfg.model == "mlp":
+        kw.update(img_size=dataset.image_size[0])
+    return create_model(cfg.model, **kw)
+
+
+def mask_policy_for(cfg: TrainConfig, model) -> Optional[MaskPolicy]:
+    """The activity-mask policy a sparse model is fed with (None for dense models)."""
+    if not getattr(model, "sparse", False):
+        return None
+    return MaskPolicy(cfg.mask_policy or "nonzero", cfg.density or 0.25)
+
+
+def criterion(task: str, aux_weight: float = 0.0) -> Callable:
+    """Cross-entropy (255 = ignore for segmentation), plus ``aux_weight`` x the aux output's."""
+
+    def loss_fn(outputs, targets):
+        if isinstance(outputs, tuple):
+            main, aux = outputs
+            return (F.cross_entropy(main, targets, ignore_index=IGNORE_INDEX)
+                    + aux_weight * F.cross_entropy(aux, targets, ignore_index=IGNORE_INDEX))
+        return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
+
+    return loss_fn
+
+
+def augment(images: torch.Tensor, targets: torch.Tensor, task: str):
+    """MNIST: random shifts of up to 2 pixels; segmentation: random horizontal flips."""
+    if task == "classification":
+        B, C, H, W = images.shape
+        p = 2
+        padded = F.pad(images, (p, p, p, p))
+        iy = torch.randint(0, 2 * p + 1, (B, 1)) + torch.arange(H)[None]  # [B, H]
+        ix = torch.randint(0, 2 * p + 1, (B, 1)) + torch.arange(W)[None]  # [B, W]
+        rows = padded.gather(2, iy[:, None, :, None].expand(B, C, H, W + 2 * p))
+        return rows.gather(3, ix[:, None, None, :].expand(B, C, H, W)), targets
+    flip = torch.rand(images.shape[0]) < 0.5
+    images, targets = images.clone(), targets.clone()
+    images[flip] = images[flip].flip(-1)
+    targets[flip] = targets[flip].flip(-1)
+    return images, targets
+
+
+def get_lr(step: int, total: int, base_lr: float, warmup: float) -> float:
+    """Linear warm-up then cosine decay to 1 % of ``base_lr``."""
+    w = max(1, int(warmup * total))
+    if step < w:
+        return base_lr * (step + 1) / w
+    t = min(1.0, (step - w) / max(1, total - w))
+    return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def _forward(model, images, mask, train_seg: bool):
+    if train_seg:
+        return model(images, mask, return_aux=True)
+    return model(images, mask)
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, *, task: str, epoch: int, epochs: int,
+                    step0: int, total_steps: int, lr: float, warmup: float, device,
+                    policy: Optional[MaskPolicy], aux: bool, progress: bool = True) -> Dict[str, float]:
+    from tqdm import tqdm
+
+    model.train()
+    tot_loss, n_img, t_compute, dens = 0.0, 0, 0.0, []
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    step = step0
+    for images, targets in bar:
+        t0 = time.perf_counter()
+        images, targets = augment(images, targets, task)
+        images, targets = images.to(device), targets.to(device)
+        mask = policy(images) if policy is not None else None
+        if mask is not None:
+            dens.append(measured_density(mask))
+        for g in optimizer.param_groups:
+            g["lr"] = get_lr(step, total_steps, lr, warmup)
+        out = _forward(model, images, mask, aux and task == "segmentation")
+        loss = loss_fn(out, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        t_compute += time.perf_counter() - t0
+        tot_loss += loss.item() * len(images)
+        n_img += len(images)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{n_img / max(t_compute, 1e-9):.0f}")
+    bar.close()
+    return {"train_loss": tot_loss / max(n_img, 1), "train_images_per_s": n_img / max(t_compute, 1e-9),
+            "train_density": float(np.mean(dens)) if dens else 1.0, "steps": step - step0}
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, task: str, num_classes: int, device, policy: Optional[MaskPolicy],
+             class_names=None) -> Dict[str, Any]:
+    """Loss, accuracy (classification) or mIoU over all labelled pixels (segmentation),
+    per-class scores, mean measured density and inference images per second (mask included)."""
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    tot_loss, n_img, n_lab, t_compute, dens = 0.0, 0, 0, 0.0, []
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        t0 = time.perf_counter()
+        mask = policy(images) if policy is not None else None
+        logits = model(images, mask)
+        t_compute += time.perf_counter() - t0
+        if mask is not None:
+            dens.append(measured_density(mask))
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        pred = logits.argmax(1)
+        valid = targets != IGNORE_INDEX
+        t, p = targets[valid].cpu(), pred[valid].cpu()
+        conf += torch.bincount(t * num_classes + p, minlength=num_classes ** 2).view(num_classes, num_classes)
+        tot_loss += loss.item()
+        n_lab += int(valid.sum())
+        n_img += len(images)
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    tp = conf.diag().double()
+    res: Dict[str, Any] = {"loss": tot_loss / max(n_lab, 1), "images": n_img,
+                           "images_per_second": n_img / max(t_compute, 1e-9),
+                           "density": float(np.mean(dens)) if dens else 1.0}
+    if task == "classification":
+        support = conf.sum(1).double()
+        res["accuracy"] = float(tp.sum() / max(conf.sum(), 1))
+        res["per_class_accuracy"] = {n: (float(tp[i] / support[i]) if support[i] > 0 else None)
+                                     for i, n in enumerate(names)}
+    else:
+        union = conf.sum(0).double() + conf.sum(1).double() - tp
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+        present = union > 0
+        res["miou"] = float(iou[present].mean()) if present.any() else 0.0
+        res["pixel_accuracy"] = float(tp.sum() / max(conf.sum(), 1))
+        res["per_class_iou"] = {n: (float(iou[i]) if present[i] else None) for i, n in enumerate(names)}
+    return res
+
+
+@torch.no_grad()
+def save_prediction_sheet(model, dataset, cfg: TrainConfig, policy, path: str, device) -> None:
+    from .viz import save_classification_sheet, save_segmentation_sheet
+
+    n = min(cfg.num_predictions, len(dataset))
+    if n == 0:
+        return
+    model.eval()
+    images = torch.stack([dataset[i][0] for i in range(n)]).to(device)
+    targets = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(n)])
+    mask = policy(images) if policy is not None else None
+    preds = model(images, mask).argmax(1).cpu()
+    title = f"{cfg.model} on {cfg.data}" + (f", density {measured_density(mask):.2f}" if mask is not None else "")
+    if dataset.task == "classification":
+        save_classification_sheet(images.cpu(), targets, preds, None if mask is None else mask.cpu(), path,
+                                  dataset.class_names, title)
+    else:
+        save_segmentation_sheet(images.cpu(), targets, preds, None if mask is None else mask.cpu(), path, title)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+def train(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
+    """Train a zoo model; returns the metrics dict also written to ``<out>/metrics.json``.
+
+    ``train(model="cnn", data="mnist", epochs=3, out="runs/cnn")`` or ``train(TrainConfig(...))``.
+    ``resume=True`` continues from ``<out>/checkpoint.safetensors`` (its config, with ``epochs``
+    and ``device`` taken from the call when given).
+    """
+    cfg = dataclasses.replace(config, **kwargs) if config is not None else TrainConfig(**kwargs)
+    ckpt = None
+    if cfg.resume:
+        out = cfg.out or TrainConfig(model=cfg.model, data=cfg.data).resolved().out
+        path = os.path.join(out, CHECKPOINT_NAME)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"--resume: no checkpoint to resume from at {path}")
+        ckpt = load_checkpoint(path)
+        if ckpt["epoch"] is None or ckpt["optimizer_state"] is None:
+            raise CheckpointError(f"{path} holds weights only; it cannot be resumed")
+        saved = TrainConfig.from_dict(ckpt["config"])
+        if saved.model != cfg.model:
+            raise CheckpointError(f"{path} is a {saved.model!r} run, not {cfg.model!r}")
+        over = {"resume": True, "out": out, "device": cfg.device, "progress": cfg.progress,
+                "num_workers": cfg.num_workers, "threads": cfg.threads}
+        if config is not None and config.epochs is not None or kwargs.get("epochs") is not None:
+            over["epochs"] = cfg.epochs
+        cfg = dataclasses.replace(saved, **over)
+    cfg = cfg.resolved()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    device = torch.device(cfg.device)
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    ds_train, ds_val = get_datasets(cfg)
+    log.info("data: %s | %s", ds_train.source, ds_val.source)
+    model = build_model(cfg, ds_train).to(device)
+    n_params = count_parameters(model)
+    log.info("model: %s (%s parameters)", cfg.model, f"{n_params:,}")
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    policy = mask_policy_for(cfg, model)
+    start_epoch, history = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        restore_rng(ckpt["rng"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        log.info("resumed %s at epoch %d/%d", ckpt["path"], start_epoch, cfg.epochs)
+    elif os.path.exists(os.path.join(cfg.out, CHECKPOINT_NAME)):
+        log.warning("%s already holds a checkpoint; starting over (use --resume to continue)", cfg.out)
+
+    train_loader = DataLoader(ds_train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds_train) > cfg.batch_size,
+                              num_workers=cfg.num_workers)
+    val_loader = DataLoader(ds_val, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
+    task = ds_train.task
+    metric = "accuracy" if task == "classification" else "miou"
+    loss_fn = criterion(task, cfg.aux_weight)
+    total_steps = cfg.epochs * len(train_loader)
+    evaluation = None
+    t_run = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        tr = train_one_epoch(model, train_loader, optimizer, loss_fn, task=task, epoch=epoch, epochs=cfg.epochs,
+                             step0=epoch * len(train_loader), total_steps=total_steps, lr=cfg.lr,
+                             warmup=cfg.warmup, device=device, policy=policy, aux=cfg.aux_weight > 0,
+                             progress=cfg.progress)
+        evaluation = evaluate(model, val_loader, task=task, num_classes=ds_train.num_classes, device=device,
+                              policy=policy, class_names=ds_train.class_names)
+        entry = {"epoch": epoch + 1, "train_loss": tr["train_loss"], "val_loss": evaluation["loss"],
+                 metric: evaluation[metric], "lr": optimizer.param_groups[0]["lr"],
+                 "train_images_per_s": tr["train_images_per_s"],
+                 "val_images_per_s": evaluation["images_per_second"],
+                 "density": evaluation["density"], "time_s": time.perf_counter() - t0}
+        history.append(entry)
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s %.2f%%  density %.3f  %.1fs",
+                 epoch + 1, cfg.epochs, tr["train_loss"], evaluation["loss"], metric, 100 * evaluation[metric],
+                 evaluation["density"], entry["time_s"])
+        save_checkpoint(os.path.join(cfg.out, CHECKPOINT_NAME), model, optimizer, epoch + 1, cfg.to_dict(), history)
+        _write_outputs(cfg, history, evaluation, n_params, metric, ds_train)
+    if evaluation is None:  # nothing left to train (resumed a finished run): evaluate once
+        evaluation = evaluate(model, val_loader, task=task, num_classes=ds_train.num_classes, device=device,
+                              policy=policy, class_names=ds_train.class_names)
+    metrics = _write_outputs(cfg, history, evaluation, n_params, metric, ds_train)
+    save_weights(os.path.join(cfg.out, WEIGHTS_NAME), model, cfg.to_dict())
+    save_prediction_sheet(model, ds_val, cfg, policy, os.path.join(cfg.out, "predictions.png"), device)
+    log.info("done in %.1fs: val %s %.2f%% -> results in %s", time.perf_counter() - t_run, metric,
+             100 * evaluation[metric], os.path.abspath(cfg.out))
+    return metrics
+
+
+def _write_outputs(cfg, history, evaluation, n_params, metric, ds_train) -> Dict[str, Any]:
+    from .viz import save_curves
+
+    final = dict(evaluation)
+    final.update(parameters=n_params, epochs=len(history), metric=metric,
+                 train_time_s=sum(h["time_s"] for h in history))
+    metrics = {"model": cfg.model, "data": cfg.data, "data_source": ds_train.source,
+               "config": cfg.to_dict(), "epochs": history, "final": final}
+    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    if history:
+        save_curves(history, os.path.join(cfg.out, "curves.png"), metric)
+    return metrics
+
+
+def load_model(checkpoint: str, device: str = "cpu"):
+    """(model, config, checkpoint dict) from a checkpoint/weights file or a run folder."""
+    ck = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(ck["config"]).resolved()
+    from .data import MNIST_CLASSES
+    from .streets import CITYSCAPES_CLASSES
+
+    if cfg.data == "mnist":
+        info = dict(num_classes=10, in_chans=1, image_size=(28, 28), class_names=MNIST_CLASSES)
+    else:
+        info = dict(num_classes=19, in_chans=3, image_size=tuple(cfg.size), class_names=CITYSCAPES_CLASSES)
+    shim = type("DatasetInfo", (), info)()
+    model = build_model(cfg, shim)
+    try:
+        model.load_state_dict(ck["model_state"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{ck['path']} does not match model {cfg.model!r}: {e}") from e
+    model.to(device).eval()
+    return model, cfg, ck, shim
