@@ -36,7 +36,8 @@ Each offset's pairs are split into ``S`` equal chunks; one program computes one 
 summed over ``S`` with ``torch.sum`` (no atomics, deterministic). Result fp32, cast to
 ``out_dtype`` (default: the features' dtype).
 
-Precision: fp16/bf16 operands, fp32 accumulation, output in the input dtype. fp32 operands use
+Precision: fp16/bf16 operands, fp32 accumulation, output in the input dtype (fp64 operands
+accumulate in fp64: meant for the interpreter; untested on GPUs). fp32 operands use
 exact ``input_precision="ieee"`` dot products unless TF32 is requested (``allow_tf32=True``) or,
 with ``allow_tf32=None``, enabled in PyTorch (``torch.backends.cuda.matmul`` ``fp32_precision ==
 "tf32"`` or ``allow_tf32``). The interpreter ignores ``input_precision`` (always exact).
@@ -88,6 +89,10 @@ def _input_precision(dtype: torch.dtype, allow_tf32: Optional[bool]) -> str:
     if dtype == torch.float64:
         return "ieee"
     return "tf32"  # ignored for 16-bit operands
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def _sparse_conv_kernel(
     stride_x_n, stride_x_c, stride_w_k, stride_w_ci, stride_w_co, stride_nbr_k,
     stride_o_n, stride_o_c,
     HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MASKS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, SUB: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, SUB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """out[r] = bias + sum_k x[nbr[k, r]] @ w[k], r = perm[tile rows] (or the rows themselves)."""
@@ -159,7 +164,7 @@ def _sparse_conv_kernel(
     rows64 = rows.to(tl.int64)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask_co = offs_co < C_out
-    acc = tl.zeros((BLOCK_N, BLOCK_CO), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_CO), dtype=ACC_DTYPE)
 
     if HAS_MASKS:
         tile_mask = tl.zeros((), dtype=tl.int64)
@@ -185,10 +190,10 @@ def _sparse_conv_kernel(
                             mask=valid[:, None] & mask_ci[None, :], other=0.0)
                 w = tl.load(w_k + offs_ci[:, None] * stride_w_ci + offs_co[None, :] * stride_w_co,
                             mask=mask_ci[:, None] & mask_co[None, :], other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_co, mask=mask_co, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + offs_co, mask=mask_co, other=0.0).to(ACC_DTYPE)
         acc += b[None, :]
     out_ptrs = out_ptr + rows64[:, None] * stride_o_n + offs_co[None, :] * stride_o_c
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_co[None, :])
@@ -201,7 +206,7 @@ def _sparse_conv_wgrad_kernel(
     x_ptr, g_ptr, in_idx_ptr, out_idx_ptr, chunk_start_ptr, chunk_end_ptr, part_ptr,
     C_in, C_out,
     stride_x_n, stride_x_c, stride_g_n, stride_g_c, stride_p_chunk, stride_p_ci, stride_p_co,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """part[c] = sum_{p in chunk c} x[in_idx[p]].T (outer) g[out_idx[p]]  (fp32)."""
@@ -214,7 +219,7 @@ def _sparse_conv_wgrad_kernel(
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask_ci = offs_ci < C_in
     mask_co = offs_co < C_out
-    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=ACC_DTYPE)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < end
@@ -224,7 +229,7 @@ def _sparse_conv_wgrad_kernel(
                     mask=mask_p[None, :] & mask_ci[:, None], other=0.0)       # [CI, P]
         g = tl.load(g_ptr + oo[:, None] * stride_g_n + offs_co[None, :] * stride_g_c,
                     mask=mask_p[:, None] & mask_co[None, :], other=0.0)       # [P, CO]
-        acc = tl.dot(a, g, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, g, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     p_ptrs = (part_ptr + pid_c.to(tl.int64) * stride_p_chunk
               + offs_ci[:, None] * stride_p_ci + offs_co[None, :] * stride_p_co)
     tl.store(p_ptrs, acc, mask=mask_ci[:, None] & mask_co[None, :])
@@ -354,7 +359,8 @@ def sparse_conv(
         features.stride(0), features.stride(1), w.stride(0), w.stride(1), w.stride(2),
         nbr.stride(0), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, HAS_PERM=perm is not None, HAS_MASKS=has_masks,
-        INPUT_PRECISION=_input_precision(features.dtype, allow_tf32), SUB=SUBTILE,
+        INPUT_PRECISION=_input_precision(features.dtype, allow_tf32),
+        ACC_DTYPE=_acc_dtype(features.dtype), SUB=SUBTILE,
     )
     return out
 
@@ -388,7 +394,8 @@ def sparse_conv_weight_grad(
     n_pairs = plan.in_idx.numel()
     if n_pairs == 0 or C_in == 0 or C_out == 0:
         return torch.zeros((K, C_in, C_out), dtype=out_dtype, device=features.device)
-    part = torch.empty((K * S, C_in, C_out), dtype=torch.float32, device=features.device)
+    part_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    part = torch.empty((K * S, C_in, C_out), dtype=part_dtype, device=features.device)
     grid = lambda meta: (K * S, triton.cdiv(C_in, meta["BLOCK_CI"]),
                          triton.cdiv(C_out, meta["BLOCK_CO"]))
     _sparse_conv_wgrad_kernel[grid](
@@ -397,6 +404,7 @@ def sparse_conv_weight_grad(
         features.stride(0), features.stride(1), grad_out.stride(0), grad_out.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
         INPUT_PRECISION=_input_precision(features.dtype, allow_tf32),
+        ACC_DTYPE=_acc_dtype(features.dtype),
     )
     grad_w = part.view(K, S, C_in, C_out).sum(1) if S > 1 else part
     return grad_w.to(out_dtype)

@@ -38,7 +38,7 @@ def _kernel_offsets(ksize: Pair, device) -> torch.Tensor:
 
 
 def _index(cs: CoordSet, be, index: str = None):
-    return cs.index(be, _dispatch.resolve_index_strategy(be, cs.key_space, index))
+    return cs.index(be, _dispatch.resolve_index_strategy(be, cs.key_space, index, cs.num))
 
 
 def _mirror_fill(nbr: torch.Tensor, half: int) -> None:

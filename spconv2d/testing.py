@@ -82,8 +82,7 @@ def conv_transpose2d_sites(x: SparseTensor, kernel_size, stride=1, padding=0, di
 
 def masked_dense(x: SparseTensor, fill: float) -> torch.Tensor:
     """``x.to_dense()`` with ``fill`` (not zero) at inactive sites."""
-    m = active_mask(x)
-    return x.to_dense() * m + fill * (1 - m) if fill != float("-inf") else x.to_dense().masked_fill(m == 0, fill)
+    return x.to_dense().masked_fill(active_mask(x) == 0, fill)
 
 
 def max_pool2d_dense(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> torch.Tensor:

@@ -1,3 +1,9 @@
+import os
+
+# The Triton kernels run in Triton's interpreter on this CPU-only suite; the variable must be
+# set before anything imports triton. (On a GPU machine, run with TRITON_INTERPRET=0.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -250,6 +250,21 @@ def test_backward_weight_empty_and_deterministic(gen):
     assert torch.equal(kc.sparse_conv_weight_grad(x, g, plan), kc.sparse_conv_weight_grad(x, g, plan))
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp64 accumulation is meant for the interpreter")
+def test_float64_accumulates_in_float64(gen):
+    K, n_in, n_out = 9, 30, 40
+    nbr = random_kmap(gen, K, n_in, n_out).to(DEVICE)
+    x = torch.randn(n_in, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(K, 5, 6, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    out = kc.sparse_conv(x, w, nbr, b, kc.tile_plan(nbr))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref_forward(x, w, nbr, b), rtol=1e-12, atol=1e-12)
+    g = torch.randn(n_out, 6, generator=gen, dtype=torch.float64)
+    gw = kc.sparse_conv_weight_grad(x, g, kc.wgrad_plan(*kn.pair_lists(nbr), splits=2))
+    torch.testing.assert_close(gw, ref_backward_weight(x, g, nbr), rtol=1e-12, atol=1e-12)
+
+
 # -- precision and autotune policy -------------------------------------------------------
 def test_fp32_precision_policy(monkeypatch):
     assert kc._input_precision(torch.float32, None) in ("ieee", "tf32")

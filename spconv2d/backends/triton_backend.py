@@ -17,8 +17,8 @@ Convolution
     Forward and input gradient: the output-stationary, atomic-free gather-GEMM kernel of
     ``spconv2d.kernels.conv`` on ``kmap.nbr`` (forward) and ``kmap.rev`` with the per-offset
     transposed weight (input gradient). Each table gets a cached tile plan
-    (``kmap.cached("triton_tile_plan_nbr" / "..._rev")``): per-16-row offset masks so a tile
-    skips offsets none of its rows uses, and the mask-sorted row order when it pays
+    (``kmap.cached("triton_tile_plan_<nbr|rev>_<sort_rows>")``): per-16-row offset masks so a
+    tile skips offsets none of its rows uses, and the mask-sorted row order when it pays
     (``sort_rows=None``: automatic, see ``kernels.conv.tile_plan``). Weight gradient: split
     gathered GEMMs over ``kmap.pairs`` with fp32 partials summed by ``torch.sum``
     (``kmap.cached("triton_wgrad_plan")``). All deterministic, no atomics.
@@ -165,7 +165,7 @@ class TritonBackend:
     # -- derived structures -------------------------------------------------------------
     def tile_plan(self, kmap, which: str = "nbr"):
         table = kmap.nbr if which == "nbr" else kmap.rev
-        return kmap.cached(f"triton_tile_plan_{which}",
+        return kmap.cached(f"triton_tile_plan_{which}_{self.sort_rows}",
                            lambda: _conv.tile_plan(table, sort=self.sort_rows))
 
     def wgrad_plan(self, kmap):

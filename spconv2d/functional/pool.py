@@ -35,8 +35,7 @@ def _gather(x: SparseTensor, kernel_size, stride, padding, dilation, fill: float
 
 def max_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> SparseTensor:
     gathered, _, out_cs = _gather(x, kernel_size, stride, padding, dilation, float("-inf"))
-    out = gathered.max(0).values if gathered.shape[1] else gathered.sum(0)
-    return SparseTensor._from_coordset(out, out_cs, x._manager)
+    return SparseTensor._from_coordset(gathered.max(0).values, out_cs, x._manager)
 
 
 def avg_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> SparseTensor:

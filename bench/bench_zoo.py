@@ -1,0 +1,97 @@
+"""Model-zoo inference benchmarks: dense vs sparse twins, side by side, same inputs.
+
+    pytest bench/bench_zoo.py -o addopts="" --benchmark-group-by=group \
+        --benchmark-json=bench_zoo.json
+
+Groups
+    unet-streets-64x128-b16   unet | sparse_unet (mask given) | sparse_unet (mask policy included)
+                              at densities 0.1 / 0.25 / 0.3, eval mode, no grad
+    cnn-mnist-b256            cnn | sparse_cnn (active = non-zero pixels)
+Weights come from runs/<model>-<data>/model.safetensors when present (speed does not depend on
+them); otherwise random init. ``extra_info`` records density, threads and parameters.
+"""
+import os
+
+import pytest
+import torch
+
+import spconv2d.zoo as zoo
+from spconv2d.zoo.data import build_dataset
+from spconv2d.zoo.engine import auto_threads
+from spconv2d.zoo.masks import make_mask, measured_density
+
+THREADS = int(os.environ.get("BENCH_THREADS", 0)) or auto_threads()
+DENSITIES = (0.1, 0.25, 0.3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(old)
+
+
+def _model(name, **kw):
+    m = zoo.create_model(name, **kw)
+    data = "mnist" if "cnn" in name else "streets"
+    path = os.path.join("runs", f"{name}-{data}", "model.safetensors")
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        m.load_state_dict(load_file(path))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def streets_batch():
+    return build_dataset("streets", "val", num_samples=16).images
+
+
+@pytest.fixture(scope="module")
+def mnist_batch():
+    return build_dataset("mnist", "val").images[::4][:256].contiguous()
+
+
+def _run(benchmark, fn, rounds=5):
+    with torch.no_grad():
+        fn()  # warm-up (first-call allocations, map caches are per batch anyway)
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="unet-streets-64x128-b16")
+def test_unet_dense(benchmark, streets_batch):
+    m = _model("unet")
+    benchmark.extra_info.update(density=1.0, threads=THREADS, parameters=sum(p.numel() for p in m.parameters()))
+    _run(benchmark, lambda: m(streets_batch))
+
+
+@pytest.mark.benchmark(group="unet-streets-64x128-b16")
+@pytest.mark.parametrize("density", DENSITIES)
+def test_sparse_unet_given_mask(benchmark, streets_batch, density):
+    m = _model("sparse_unet", density=density)
+    mask = make_mask(streets_batch, "edge", density)
+    benchmark.extra_info.update(density=measured_density(mask), threads=THREADS)
+    _run(benchmark, lambda: m(streets_batch, mask))
+
+
+@pytest.mark.benchmark(group="unet-streets-64x128-b16")
+@pytest.mark.parametrize("density", DENSITIES)
+def test_sparse_unet_with_mask_policy(benchmark, streets_batch, density):
+    m = _model("sparse_unet", density=density)
+    benchmark.extra_info.update(density=density, threads=THREADS, mask="edge policy inside the timing")
+    _run(benchmark, lambda: m(streets_batch))
+
+
+@pytest.mark.benchmark(group="cnn-mnist-b256")
+def test_cnn_dense(benchmark, mnist_batch):
+    m = _model("cnn")
+    benchmark.extra_info.update(density=1.0, threads=THREADS)
+    _run(benchmark, lambda: m(mnist_batch))
+
+
+@pytest.mark.benchmark(group="cnn-mnist-b256")
+def test_sparse_cnn(benchmark, mnist_batch):
+    m = _model("sparse_cnn")
+    benchmark.extra_info.update(density=measured_density((mnist_batch != 0).any(1)), threads=THREADS)
+    _run(benchmark, lambda: m(mnist_batch))

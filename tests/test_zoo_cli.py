@@ -1,0 +1,89 @@
+"""The `spconv2d` command line, end to end, in-process on tiny settings."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spconv2d.zoo import engine
+from spconv2d.zoo.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _idle_core_threads():
+    """On a shared CPU, more torch threads than idle cores is many times slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(engine.auto_threads())
+    yield
+    torch.set_num_threads(old)
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mlp", "cnn", "sparse_cnn", "unet", "sparse_unet", "streets", "cityscapes"):
+        assert name in out
+
+
+def test_train_eval_predict_segmentation(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "sparse_unet", "--data", "streets", "--epochs", "2", "--num-train", "8", "--num-val", "4",
+            "--batch-size", "4", "--size", "32", "64", "--density", "0.2", "--out", str(out), "--no-progress",
+            "--seed", "3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "miou" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["epochs"]) == 2 and m["config"]["density"] == 0.2 and m["config"]["seed"] == 3
+    assert abs(m["final"]["density"] - 0.2) < 0.01
+    for f in ("checkpoint.safetensors", "model.safetensors", "curves.png", "predictions.png"):
+        assert (out / f).is_file()
+
+    assert main(["eval", str(out), "--out", str(tmp_path / "eval.json")]) == 0
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["miou"] == pytest.approx(m["final"]["miou"], abs=1e-6)
+    assert main(["eval", str(out / "model.safetensors")]) == 0  # weights-only file works too
+
+    img = (np.random.default_rng(0).random((40, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "street.png")
+    assert main(["predict", str(out), str(tmp_path / "street.png"), "--out", str(tmp_path / "pred")]) == 0
+    assert (tmp_path / "pred" / "street_pred.png").is_file()
+    ids = np.asarray(Image.open(tmp_path / "pred" / "street_trainids.png"))
+    assert ids.shape == (32, 64) and ids.max() < 19
+    preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert abs(preds[0]["density"] - 0.2) < 0.02
+
+
+def test_train_resume_and_predict_classification(tmp_path, capsys):
+    out = tmp_path / "cnn"
+    base = ["train", "mlp", "--data", "mnist", "--num-train", "64", "--num-val", "32", "--batch-size", "32",
+            "--out", str(out), "--no-progress"]
+    assert main(base + ["--epochs", "1"]) == 0
+    assert main(base + ["--epochs", "2", "--resume"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]
+    digit = np.zeros((28, 28), np.uint8)
+    digit[5:23, 13:15] = 255
+    Image.fromarray(digit).save(tmp_path / "one.png")
+    assert main(["predict", str(out / "checkpoint.safetensors"), str(tmp_path / "one.png"),
+                 "--out", str(tmp_path / "p")]) == 0
+    preds = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert preds[0]["label"] in [str(i) for i in range(10)] and 0 < preds[0]["probability"] <= 1
+
+
+def test_errors_are_clear(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nope.safetensors")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert main(["eval", str(bad)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert main(["train", "mlp", "--out", str(tmp_path / "x"), "--resume"]) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+    assert main(["train", "cnn", "--data", "cityscapes", "--data-root", str(tmp_path), "--out",
+                 str(tmp_path / "cs")]) == 2
+    err = capsys.readouterr().err
+    assert "leftImg8bit" in err and "cityscapes-dataset.com" in err
+    assert main(["train", "bogus_model"]) == 2
+    assert "unknown model" in capsys.readouterr().err

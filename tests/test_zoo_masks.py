@@ -1,0 +1,54 @@
+"""Activity-mask policies."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spconv2d.zoo.masks import MaskPolicy, make_mask, measured_density, sobel_energy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _idle_core_threads():
+    """On a shared CPU, more torch threads than idle cores is many times slower."""
+    from spconv2d.zoo.engine import auto_threads
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(auto_threads())
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("policy", ["edge", "contrast"])
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5])
+def test_energy_policies_hit_the_target_density(policy, density):
+    x = torch.rand(3, 3, 32, 64)
+    m = make_mask(x, policy, density)
+    assert m.shape == (3, 32, 64) and m.dtype == torch.bool
+    for i in range(3):  # per image
+        assert abs(measured_density(m[i]) - density) < 0.01
+
+
+def test_edge_policy_is_threshold_then_dilation_and_prefers_edges():
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 10:20, 10:20] = 1.0  # a square: energy only on its border
+    x = x + 0.001 * torch.rand_like(x)
+    m = make_mask(x, "edge", 0.3, dilation=3)
+    e = sobel_energy(x)
+    # the strongest energy pixels are active, the flat interior/background far away is not
+    assert m[0][e[0] > 0.2].all()
+    assert not m[0, 0:5, 0:5].any() and not m[0, 14:16, 14:16].any()
+    # equals dilation of the thresholded energy
+    t = F.max_pool2d(e[:, None], 3, 1, 1)[:, 0].flatten().kthvalue(int(32 * 32 * 0.7)).values
+    dil = F.max_pool2d((e > t).float()[:, None], 3, 1, 1)[:, 0] > 0
+    assert (m == dil).float().mean() > 0.98
+
+
+def test_nonzero_full_and_errors():
+    x = torch.zeros(2, 1, 8, 8)
+    x[0, 0, 2, 3] = 0.5
+    assert make_mask(x, "nonzero").sum() == 1
+    assert make_mask(x, "full").all()
+    with pytest.raises(ValueError, match="density"):
+        make_mask(x, "edge", 0.0)
+    with pytest.raises(ValueError, match="unknown mask policy"):
+        MaskPolicy("bogus")
+    assert "edge" in repr(MaskPolicy("edge", 0.3))

@@ -1,0 +1,136 @@
+"""Model zoo: registry, forward/backward of every model, dense <-> sparse twins."""
+import pytest
+import torch
+
+import spconv2d.zoo as zoo
+from spconv2d.zoo.masks import make_mask
+from spconv2d.zoo.registry import register_model
+
+MNIST_MODELS = ("mlp", "cnn", "sparse_cnn")
+SEG_MODELS = ("unet", "sparse_unet")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _idle_core_threads():
+    """On a shared CPU, more torch threads than idle cores is many times slower."""
+    from spconv2d.zoo.engine import auto_threads
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(auto_threads())
+    yield
+    torch.set_num_threads(old)
+
+
+def _input_for(name):
+    g = torch.Generator().manual_seed(0)
+    if name in MNIST_MODELS:
+        x = torch.rand(3, 1, 28, 28, generator=g)
+        x[x < 0.75] = 0  # strokes: ~25 % non-zero pixels
+        return x, torch.randint(0, 10, (3,), generator=g)
+    return torch.rand(2, 3, 32, 64, generator=g), torch.randint(0, 19, (2, 32, 64), generator=g)
+
+
+def test_registry_lists_the_five_models():
+    assert set(zoo.list_models()) >= {"mlp", "cnn", "sparse_cnn", "unet", "sparse_unet"}
+    assert zoo.list_models("sparse_*") == ["sparse_cnn", "sparse_unet"]
+    with pytest.raises(KeyError, match="unknown model"):
+        zoo.create_model("no_such_model")
+
+
+def test_register_model_decorator_and_duplicates():
+    @register_model(name="_test_tiny")
+    def tiny(num_classes=3):
+        return torch.nn.Linear(4, num_classes)
+
+    m = zoo.create_model("_test_tiny", num_classes=5)
+    assert m.out_features == 5 and m.model_name == "_test_tiny"
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(lambda: None, name="_test_tiny")
+
+
+@pytest.mark.parametrize("name", sorted(set(zoo.list_models()) - {"_test_tiny"}))
+def test_forward_backward_every_model(name):
+    torch.manual_seed(0)
+    model = zoo.create_model(name)
+    x, y = _input_for(name)
+    if name in MNIST_MODELS:
+        out = model(x)
+        assert out.shape == (len(x), 10)
+        loss = torch.nn.functional.cross_entropy(out, y)
+    else:  # the coarse head is trained through the auxiliary output
+        out, aux = model(x, return_aux=True)
+        assert out.shape == aux.shape == (len(x), 19, *x.shape[-2:])
+        loss = torch.nn.functional.cross_entropy(out, y) + torch.nn.functional.cross_entropy(aux, y)
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert sum(float(p.grad.abs().sum()) for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("dense,sparse", [("unet", "sparse_unet"), ("cnn", "sparse_cnn")])
+def test_state_dict_exchange(dense, sparse):
+    torch.manual_seed(0)
+    d, s = zoo.create_model(dense), zoo.create_model(sparse)
+    assert {k: v.shape for k, v in d.state_dict().items()} == {k: v.shape for k, v in s.state_dict().items()}
+    s.load_state_dict(d.state_dict())          # dense -> sparse
+    torch.manual_seed(1)
+    d2 = zoo.create_model(dense)
+    d2.load_state_dict(s.state_dict())         # sparse -> dense
+    for k, v in d.state_dict().items():
+        assert torch.equal(v, d2.state_dict()[k]), k
+
+
+def test_sparse_unet_with_every_pixel_active_equals_unet():
+    torch.manual_seed(0)
+    d, s = zoo.create_model("unet").eval(), zoo.create_model("sparse_unet").eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for bn in [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+            bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 2)
+    s.load_state_dict(d.state_dict())
+    x = torch.rand(2, 3, 32, 64)
+    with torch.no_grad():
+        a = d(x)
+        b = s(x, torch.ones(2, 32, 64, dtype=torch.bool))
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_unet_inactive_pixels_take_the_coarse_prediction():
+    torch.manual_seed(0)
+    s = zoo.create_model("sparse_unet", density=0.2).eval()
+    x = torch.rand(2, 3, 32, 64)
+    mask = make_mask(x, "edge", 0.2)
+    with torch.no_grad():
+        out, coarse = s(x, mask, return_aux=True)
+    inactive = ~mask[:, None].expand_as(out)
+    assert torch.equal(out[inactive], coarse[inactive])
+    assert not torch.allclose(out[~inactive], coarse[~inactive])
+
+
+def test_sparse_cnn_ignores_background_when_mask_is_nonzero():
+    torch.manual_seed(0)
+    m = zoo.create_model("sparse_cnn").eval()
+    x, _ = _input_for("sparse_cnn")
+    with torch.no_grad():
+        a = m(x)
+        b = m(x, (x != 0).any(1))  # explicit mask = the default (non-zero pixels)
+    torch.testing.assert_close(a, b)
+
+
+def test_unet_rejects_sizes_not_multiple_of_4():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        zoo.create_model("unet")(torch.rand(1, 3, 30, 64))
+
+
+def test_sparse_models_handle_an_image_without_active_pixels():
+    torch.manual_seed(0)
+    x = torch.zeros(2, 1, 28, 28)
+    x[1, 0, 10:15, 10:12] = 1.0
+    m = zoo.create_model("sparse_cnn")
+    out = m(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    s = zoo.create_model("sparse_unet")
+    mask = torch.zeros(2, 32, 64, dtype=torch.bool)
+    mask[1, 4:9, 4:9] = True
+    o = s(torch.rand(2, 3, 32, 64), mask)
+    assert o.shape == (2, 19, 32, 64) and torch.isfinite(o).all()

@@ -1,0 +1,127 @@
+"""Training loop: loss goes down, outputs, resume after an interruption, checkpoint errors."""
+import json
+import os
+
+import pytest
+import torch
+
+import spconv2d.zoo as zoo
+from spconv2d.zoo import engine
+from spconv2d.zoo.checkpoint import CheckpointError, load_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _idle_core_threads():
+    """On a shared CPU, more torch threads than idle cores is many times slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(engine.auto_threads())
+    yield
+    torch.set_num_threads(old)
+
+
+TINY_MNIST = dict(data="mnist", num_train=256, num_val=64, batch_size=32, progress=False, threads=None)
+TINY_STREETS = dict(data="streets", num_train=8, num_val=4, batch_size=4, size=(32, 64), progress=False,
+                    num_predictions=2)
+
+
+def test_tiny_training_run_loss_goes_down(tmp_path):
+    m = zoo.train(model="mlp", epochs=4, lr=3e-3, out=str(tmp_path), **TINY_MNIST)
+    losses = [e["train_loss"] for e in m["epochs"]]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.7, losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    f = m["final"]
+    assert 0 <= f["accuracy"] <= 1 and f["accuracy"] > 0.3
+    assert f["parameters"] == sum(p.numel() for p in zoo.create_model("mlp").parameters())
+    assert f["density"] == 1.0 and f["images_per_second"] > 0 and len(f["per_class_accuracy"]) == 10
+    for name in ("metrics.json", "checkpoint.safetensors", "model.safetensors", "curves.png", "predictions.png"):
+        assert (tmp_path / name).is_file(), name
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["final"]["accuracy"] == f["accuracy"] and len(on_disk["epochs"]) == 4
+
+
+def test_sparse_segmentation_run_reports_density_and_miou(tmp_path):
+    m = zoo.train(model="sparse_unet", epochs=1, density=0.3, out=str(tmp_path), **TINY_STREETS)
+    f = m["final"]
+    assert 0 <= f["miou"] <= 1 and abs(f["density"] - 0.3) < 0.01
+    assert set(f["per_class_iou"]) == set(zoo.data.CITYSCAPES_CLASSES)
+    assert m["config"]["mask_policy"] == "edge" and m["config"]["size"] == [32, 64]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_and_matches_uninterrupted(tmp_path, monkeypatch):
+    kw = dict(model="sparse_cnn", epochs=3, **dict(TINY_MNIST, num_train=96, num_val=32))
+    ref = zoo.train(out=str(tmp_path / "ref"), **kw)
+
+    real = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # dies during the second epoch
+            raise Interrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "train_one_epoch", flaky)
+    with pytest.raises(Interrupt):
+        zoo.train(out=str(tmp_path / "run"), **kw)
+    ck = load_checkpoint(str(tmp_path / "run"))
+    assert ck["epoch"] == 1 and len(ck["history"]) == 1  # only the current epoch's work is lost
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    res = zoo.train(model="sparse_cnn", out=str(tmp_path / "run"), resume=True, progress=False)
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3]
+    assert res["final"]["epochs"] == 3
+    a = load_checkpoint(str(tmp_path / "ref"))["model_state"]
+    b = load_checkpoint(str(tmp_path / "run"))["model_state"]
+    for k in a:  # resuming reproduces the uninterrupted run exactly
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert res["final"]["accuracy"] == pytest.approx(ref["final"]["accuracy"], abs=1e-9)
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+    zoo.train(model="mlp", epochs=1, out=str(tmp_path), **TINY_MNIST)
+    res = zoo.train(model="mlp", epochs=2, out=str(tmp_path), resume=True, progress=False)
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2]
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
+        zoo.train(model="mlp", out=str(tmp_path / "none"), resume=True, **TINY_MNIST)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "missing.safetensors"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.safetensors").write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(str(bad))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        zoo.train(model="mlp", out=str(bad), resume=True, **TINY_MNIST)
+    # a valid run, truncated mid-file
+    zoo.train(model="mlp", epochs=1, out=str(tmp_path / "ok"), **TINY_MNIST)
+    p = tmp_path / "ok" / "checkpoint.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(str(p))
+    with pytest.raises(CheckpointError, match="is a 'mlp' run"):
+        (tmp_path / "ok" / "checkpoint.safetensors").unlink()
+        zoo.train(model="mlp", epochs=1, out=str(tmp_path / "ok2"), **TINY_MNIST)
+        zoo.train(model="cnn", out=str(tmp_path / "ok2"), resume=True, progress=False)
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    zoo.train(model="mlp", epochs=1, out=str(tmp_path), **TINY_MNIST)
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    import safetensors.torch
+
+    def boom(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        zoo.train(model="mlp", epochs=2, out=str(tmp_path), resume=True, progress=False)
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before  # previous one intact
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
