@@ -39,25 +39,23 @@ def _check(value: str, allowed, what: str) -> str:
 
 
 @contextlib.contextmanager
+def _override(stack_name: str, value: str):
+    stack = _stack(stack_name)
+    stack.append(value)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def backend(name: str):
     """``with sp.backend("torch"): ...`` forces a backend for the ops inside the block."""
-    stack = _stack("backend")
-    stack.append(_check(name, BACKENDS, "backend"))
-    try:
-        yield
-    finally:
-        stack.pop()
+    return _override("backend", _check(name, BACKENDS, "backend"))
 
 
-@contextlib.contextmanager
 def index_strategy(name: str):
     """``with sp.index_strategy("grid"): ...`` forces the coordinate index strategy."""
-    stack = _stack("index")
-    stack.append(_check(name, INDEX_STRATEGIES, "index strategy"))
-    try:
-        yield
-    finally:
-        stack.pop()
+    return _override("index", _check(name, INDEX_STRATEGIES, "index strategy"))
 
 
 def triton_available() -> bool:

@@ -96,42 +96,35 @@ class TorchBackend:
         return index.lookup(keys).to(torch.int32)
 
     # -- convolution ------------------------------------------------------------------
-    def conv_forward(self, features, weight, bias, kmap) -> torch.Tensor:
-        dtype = features.dtype
+    @staticmethod
+    def _gather_gemm_scatter(src, weight, bias, n_dst, ident, ptr, src_idx, dst_idx):
+        """``dst[dst_idx] += src[src_idx] @ weight[k]`` over every offset's pairs (one GEMM
+        for the identity offset). Forward: src = features; input gradient: src = grad_out
+        with the pair roles and the weights transposed."""
+        dtype = src.dtype
         cdt = _compute_dtype(dtype)
-        f, w = features.to(cdt), weight.to(cdt)
-        n_out, c_out = kmap.n_out, w.shape[2]
-        ident = kmap.identity_offset
+        src, weight = src.to(cdt), weight.to(cdt)
+        c_dst = weight.shape[2]
         if ident is not None:
-            out = f @ w[ident] if bias is None else torch.addmm(bias.to(cdt), f, w[ident])
+            dst = src @ weight[ident] if bias is None else torch.addmm(bias.to(cdt), src, weight[ident])
         elif bias is not None:
-            out = bias.to(cdt).expand(n_out, c_out).clone()
+            dst = bias.to(cdt).expand(n_dst, c_dst).clone()
         else:
-            out = f.new_zeros(n_out, c_out)
-        ptr, in_idx, out_idx = kmap.pairs
-        for k in range(kmap.kernel_volume):
+            dst = src.new_zeros(n_dst, c_dst)
+        for k in range(weight.shape[0]):
             s, e = ptr[k], ptr[k + 1]
-            if k == ident or s == e:
-                continue
-            out.index_add_(0, out_idx[s:e], f.index_select(0, in_idx[s:e]) @ w[k])
-        return out.to(dtype)
+            if k != ident and s != e:
+                dst.index_add_(0, dst_idx[s:e], src.index_select(0, src_idx[s:e]) @ weight[k])
+        return dst.to(dtype)
+
+    def conv_forward(self, features, weight, bias, kmap) -> torch.Tensor:
+        ptr, in_idx, out_idx = kmap.pairs
+        return self._gather_gemm_scatter(features, weight, bias, kmap.n_out, kmap.identity_offset, ptr, in_idx, out_idx)
 
     def conv_backward_input(self, grad_out, weight, kmap) -> torch.Tensor:
-        dtype = grad_out.dtype
-        cdt = _compute_dtype(dtype)
-        g, wt = grad_out.to(cdt), weight.to(cdt).transpose(1, 2)
-        ident = kmap.identity_offset
-        if ident is not None:
-            grad_in = g @ wt[ident]
-        else:
-            grad_in = g.new_zeros(kmap.n_in, wt.shape[2])
         ptr, in_idx, out_idx = kmap.pairs
-        for k in range(kmap.kernel_volume):
-            s, e = ptr[k], ptr[k + 1]
-            if k == ident or s == e:
-                continue
-            grad_in.index_add_(0, in_idx[s:e], g.index_select(0, out_idx[s:e]) @ wt[k])
-        return grad_in.to(dtype)
+        return self._gather_gemm_scatter(grad_out, weight.transpose(1, 2), None, kmap.n_in, kmap.identity_offset,
+                                         ptr, out_idx, in_idx)
 
     def conv_backward_weight(self, features, grad_out, kmap) -> torch.Tensor:
         cdt = _compute_dtype(features.dtype)
