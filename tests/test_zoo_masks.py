@@ -30,16 +30,18 @@ def test_energy_policies_hit_the_target_density(policy, density):
 def test_edge_policy_is_threshold_then_dilation_and_prefers_edges():
     x = torch.zeros(1, 1, 32, 32)
     x[..., 10:20, 10:20] = 1.0  # a square: energy only on its border
-    x = x + 0.001 * torch.rand_like(x)
-    m = make_mask(x, "edge", 0.3, dilation=3)
+    x = x + 0.001 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    m = make_mask(x, "edge", 0.2, dilation=3)
     e = sobel_energy(x)
-    # the strongest energy pixels are active, the flat interior/background far away is not
-    assert m[0][e[0] > 0.2].all()
-    assert not m[0, 0:5, 0:5].any() and not m[0, 14:16, 14:16].any()
-    # equals dilation of the thresholded energy
-    t = F.max_pool2d(e[:, None], 3, 1, 1)[:, 0].flatten().kthvalue(int(32 * 32 * 0.7)).values
-    dil = F.max_pool2d((e > t).float()[:, None], 3, 1, 1)[:, 0] > 0
-    assert (m == dil).float().mean() > 0.98
+    # the dilated band around the square's border is active and is most of the active set;
+    # the rest of the budget goes to the noise
+    ring = F.max_pool2d((e > 0.2).float()[:, None], 3, 1, 1)[:, 0] > 0
+    assert m[ring].all() and ring.sum() > 0.7 * m.sum()
+    assert abs(int(m.sum()) - round(0.2 * 32 * 32)) <= 6  # up to ties of the dilated energy
+    # equals the dilation of the energy thresholded at the same value
+    t = F.max_pool2d(e[:, None], 3, 1, 1).flatten().topk(round(0.2 * 32 * 32)).values[-1]
+    dil = F.max_pool2d((e >= t).float()[:, None], 3, 1, 1)[:, 0] > 0
+    assert torch.equal(m, dil)
 
 
 def test_nonzero_full_and_errors():

@@ -180,16 +180,35 @@ def cmd_predict(args) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (pytest and notebooks
+    swap the stream; a handler bound to the old one would write to a closed file)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .checkpoint import CheckpointError
 
     args = _parser().parse_args(argv)
     root = logging.getLogger("spconv2d.zoo")
     if not root.handlers:
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(h)
     root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.cmd in ("eval", "predict"):
+        import torch
+
+        from .engine import auto_threads
+
+        torch.set_num_threads(auto_threads())
     try:
         return {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.cmd](args)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:

@@ -138,8 +138,8 @@ def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
     if cfg.model == "mlp":
         kw.update(img_size=dataset.image_size[0])
     model = create_model(cfg.model, **kw)
-    task = getattr(model, "task", dataset.task)
-    if task != dataset.task:
+    task = getattr(model, "task", None)
+    if task is not None and task != dataset.task:
         raise ValueError(f"model {cfg.model!r} does {task} but data set {cfg.data!r} is {dataset.task}")
     return model
 
@@ -438,9 +438,11 @@ def load_model(checkpoint: str, device: str = "cpu"):
     from .streets import CITYSCAPES_CLASSES
 
     if cfg.data == "mnist":
-        info = dict(num_classes=10, in_chans=1, image_size=(28, 28), class_names=MNIST_CLASSES)
+        info = dict(num_classes=10, in_chans=1, image_size=(28, 28), class_names=MNIST_CLASSES,
+                    task="classification")
     else:
-        info = dict(num_classes=19, in_chans=3, image_size=tuple(cfg.size), class_names=CITYSCAPES_CLASSES)
+        info = dict(num_classes=19, in_chans=3, image_size=tuple(cfg.size), class_names=CITYSCAPES_CLASSES,
+                    task="segmentation")
     shim = type("DatasetInfo", (), info)()
     model = build_model(cfg, shim)
     try:

@@ -167,8 +167,9 @@ class _UNetBase(nn.Module):
     down2: conv k2 s2, enc2: 2x conv3   (H/4, W/4)   <- coarsest level
     up2: convT k2 s2, cat enc1, dec1: 2x conv3
     up1: convT k2 s2, cat enc0, dec0: 2x conv3, head: conv1x1 -> logits
-    coarse: dense head on the coarsest level: cat(enc2 features, avg-pooled image, occupancy)
-            -> conv3 -> BN -> ReLU -> conv1x1 -> logits at H/4 x W/4.
+    coarse: dense head on the coarsest level: cat(enc2 features, avg-pooled image, occupancy,
+            row coordinate) -> conv3 -> BN -> ReLU -> conv3 (dilation 2) -> BN -> ReLU -> conv1x1
+            -> logits at H/4 x W/4.
     Every conv is followed by BN + ReLU (except the heads). H and W must be multiples of 4.
     """
 
@@ -191,14 +192,20 @@ class _UNetBase(nn.Module):
         self.head = ops.conv(c0, num_classes, 1, bias=True)
         # the coarse head is dense in both twins (it runs on H/4 x W/4)
         self.coarse = nn.Sequential(
-            nn.Conv2d(c2 + in_chans + 1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2),
-            nn.ReLU(inplace=True), nn.Conv2d(c2, num_classes, 1))
+            nn.Conv2d(c2 + in_chans + 2, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c2, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, num_classes, 1))
         _init_weights(self)
 
     def coarse_logits(self, coarse_feats, images, occupancy):
-        """``coarse_feats`` dense [B, 4c, H/4, W/4]; ``occupancy`` [B, 1, H/4, W/4] in [0, 1]."""
+        """``coarse_feats`` dense [B, 4c, H/4, W/4]; ``occupancy`` [B, 1, H/4, W/4] in [0, 1].
+
+        Inputs: the coarsest features, the 4x4-average-pooled image, the occupancy and the
+        normalised row coordinate (a vertical position prior: sky above, road below)."""
         pooled = F.avg_pool2d(images, 4)
-        return self.coarse(torch.cat([coarse_feats, pooled, occupancy], 1))
+        B, _, h, w = pooled.shape
+        rows = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype).view(1, 1, h, 1).expand(B, 1, h, w)
+        return self.coarse(torch.cat([coarse_feats, pooled, occupancy, rows], 1))
 
     @staticmethod
     def _check(images):

@@ -3,7 +3,7 @@
 ``render_street(seed, height, width)`` draws one scene, deterministically for a seed (numpy
 ``default_rng(seed)`` only): sky (flat gradient), a row of buildings with window grids, trees,
 a road in perspective with lane markings, sidewalks with tiles, terrain, poles with traffic
-signs and traffic lights, cars and people; then lighting jitter and sensor noise. Labels are the
+signs, cars and people; then lighting jitter and sensor noise. Labels are the
 19 Cityscapes train ids (``CITYSCAPES_CLASSES``); the image colours are plausible appearance
 colours, while ``CITYSCAPES_COLORS`` (the official palette) is used to draw label maps.
 
@@ -30,8 +30,7 @@ CITYSCAPES_COLORS = (
 IGNORE_INDEX = 255
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON = range(12)
 CAR = 13
-STREET_CLASSES = (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN,
-                  SKY, PERSON, CAR)
+STREET_CLASSES = (ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR)
 
 
 def colorize(labels: np.ndarray) -> np.ndarray:
@@ -119,16 +118,6 @@ def render_street(seed: int, height: int = 64, width: int = 128):
     terrain = below & (d >= hw + sw) & (lab != BUILDING) & (lab != VEGETATION)
     paint(terrain, np.array([0.45, 0.5, 0.3]) + rng.uniform(-0.05, 0.05, 3), TERRAIN,
           _noise(rng, H, W, 2, 0.05))
-    if rng.random() < 0.5:  # a low wall or fence along the sidewalk's outer edge
-        top = yy > hz - 0.06 * H
-        if rng.random() < 0.5:
-            wall = (d >= hw + sw) & (d < hw + sw + 0.03 * W) & top & (yy < hz + 0.1 * H)
-            paint(wall, [0.55, 0.55, 0.6], WALL, _noise(rng, H, W, 2, 0.03))
-        else:
-            fence = (d >= hw + sw) & (d < hw + sw + 0.04 * W) & top & (yy < hz + 0.08 * H)
-            slats = fence & ((xx.astype(int) % 3) == 0)
-            paint(fence, [0.5, 0.42, 0.35], FENCE)
-            paint(slats, [0.3, 0.25, 0.2])
     side = below & (d >= hw) & (d < hw + sw)
     tiles = ((xx.astype(int) % 4 == 0) | (yy.astype(int) % 3 == 0)) * -0.06
     paint(side, np.array([0.68, 0.62, 0.62]) + rng.uniform(-0.05, 0.05, 3), SIDEWALK,
@@ -146,7 +135,7 @@ def render_street(seed: int, height: int = 64, width: int = 128):
         s = tt * (sw.max() - 0.5) + 0.5
         return c + side_sign * (h + offset * s), hz + tt * (H - hz)
 
-    # ---- poles with traffic signs / lights
+    # ---- poles with traffic signs
     for _ in range(rng.integers(1, 5)):
         tt = rng.uniform(0.15, 0.9)
         px, py = ground_x(tt, rng.choice([-1, 1]), rng.uniform(0.3, 0.8))
@@ -154,13 +143,8 @@ def render_street(seed: int, height: int = 64, width: int = 128):
         pw = max(1.0, 0.012 * W * (0.5 + tt))
         pole = (np.abs(xx - px) < pw / 2 + 0.25) & (yy < py) & (yy > py - ph)
         paint(pole, [0.35, 0.35, 0.37], POLE)
-        s = max(2.5, 0.06 * H * (0.5 + tt))
-        if rng.random() < 0.3:  # traffic light: dark box with a lit lamp
-            box = (np.abs(xx - px) < s * 0.35) & (yy > py - ph - s * 0.9) & (yy < py - ph + 0.2 * s)
-            paint(box, [0.1, 0.1, 0.1], LIGHT)
-            lamp = box & (((xx - px) ** 2 + (yy - (py - ph - s * 0.5)) ** 2) < (0.25 * s) ** 2)
-            paint(lamp, rng.choice([[0.9, 0.2, 0.1], [0.2, 0.9, 0.3], [0.95, 0.7, 0.1]]))
-        elif rng.random() < 0.85:  # traffic sign: a coloured disc or square on top
+        s = max(3.5, 0.08 * H * (0.5 + tt))
+        if rng.random() < 0.85:  # traffic sign: a coloured disc or square on top
             cy = py - ph - s * 0.4
             if rng.random() < 0.5:
                 sign = ((xx - px) ** 2 + (yy - cy) ** 2) < (s * 0.5) ** 2
