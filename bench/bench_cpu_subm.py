@@ -7,7 +7,11 @@ skipped when absent).
 
     python -m pytest bench/bench_cpu_subm.py --benchmark-json=bench/results/cpu_subm.json
     python bench/report.py bench/results/cpu_subm.json
+
+``BENCH_THREADS=N`` fixes torch's CPU threads for every implementation (default: torch's own).
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,16 @@ import spconv2d as sp
 H, W, C = 512, 1024, 64
 DENSITIES = [0.01, 0.05, 0.10, 0.25, 0.50]
 ROUNDS = 5
+THREADS = int(os.environ.get("BENCH_THREADS", 0))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    old = torch.get_num_threads()
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(old)
 
 
 def _inputs(density):
@@ -32,7 +46,8 @@ def _inputs(density):
 def _run(benchmark, fn, group, name, density, n):
     benchmark.group = group
     benchmark.name = name
-    benchmark.extra_info.update(density=density, active=n, channels=C, shape=[H, W], impl=name)
+    benchmark.extra_info.update(density=density, active=n, channels=C, shape=[H, W], impl=name,
+                                threads=torch.get_num_threads())
     with torch.no_grad():
         benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1)
 

@@ -1,6 +1,6 @@
 """Model-zoo inference benchmarks: dense vs sparse twins, side by side, same inputs.
 
-    pytest bench/bench_zoo.py -o addopts="" --benchmark-group-by=group \
+    pytest bench/bench_zoo.py --benchmark-group-by=group \
         --benchmark-json=bench_zoo.json
 
 Groups

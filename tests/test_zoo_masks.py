@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spconv2d.zoo.masks import MaskPolicy, make_mask, measured_density, sobel_energy
+from spconv2d.zoo.masks import MaskPolicy, make_mask, measured_density, residual_energy, sobel_energy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -17,7 +17,7 @@ def _idle_core_threads():
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("policy", ["edge", "contrast"])
+@pytest.mark.parametrize("policy", ["edge", "contrast", "residual"])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5])
 def test_energy_policies_hit_the_target_density(policy, density):
     x = torch.rand(3, 3, 32, 64)
@@ -42,6 +42,39 @@ def test_edge_policy_is_threshold_then_dilation_and_prefers_edges():
     t = F.max_pool2d(e[:, None], 3, 1, 1).flatten().topk(round(0.2 * 32 * 32)).values[-1]
     dil = F.max_pool2d((e >= t).float()[:, None], 3, 1, 1)[:, 0] > 0
     assert torch.equal(m, dil)
+
+
+def test_residual_policy_covers_what_the_coarse_level_misses():
+    """Residual = image - bilinear_up(avg_pool4(image)): ~0 on flat areas and smooth gradients
+    (the coarse level reproduces them), large at a thin pole and on both sides of a step."""
+    H, W = 32, 64
+    rows = torch.linspace(0, 0.6, H)[:, None].expand(H, W)
+    x = torch.stack([rows, rows * 0.5, 1 - rows])[None].clone()  # a smooth 'sky/road' gradient
+    x[..., :, 40:] = 0.2  # a step: a second flat region
+    x[..., 4:28, 21] = 0.9  # a one-pixel 'pole'
+    x[..., 20:30, 48:60] += 0.15 * (torch.arange(12) % 2)  # fine stripes (texture)
+    e = residual_energy(x)
+    assert e.shape == (1, H, W)
+    # flat interiors / the gradient away from any boundary: (near) zero energy
+    assert e[0, 2:30, 4:16].max() < 0.02 and e[0, 2:18, 46:62].max() < 1e-5
+    m = make_mask(x, "residual", 0.1)
+    assert abs(measured_density(m) - 0.1) < 0.01
+    assert m[0, 4:28, 21].all()  # the whole pole is active
+    assert m[0, 8:24, 39:41].all()  # both sides of the step boundary
+    assert not m[0, 2:30, 4:16].any()
+    # no dilation by default (a dilated residual would be a different, wider mask)
+    assert MaskPolicy("residual").dilation == 1 and MaskPolicy("edge").dilation == 3
+    assert not torch.equal(make_mask(x, "residual", 0.1, dilation=3), m)
+
+
+def test_segmentation_defaults_use_the_residual_policy():
+    import spconv2d.zoo as zoo
+    from spconv2d.zoo.engine import TrainConfig
+
+    assert zoo.create_model("sparse_unet").policy.policy == "residual"
+    c = TrainConfig(model="sparse_unet", data="streets").resolved()
+    assert c.mask_policy == "residual" and c.density == 0.25
+    assert TrainConfig(model="sparse_cnn").resolved().mask_policy == "nonzero"
 
 
 def test_nonzero_full_and_errors():

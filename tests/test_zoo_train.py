@@ -44,7 +44,7 @@ def test_sparse_segmentation_run_reports_density_and_miou(tmp_path):
     f = m["final"]
     assert 0 <= f["miou"] <= 1 and abs(f["density"] - 0.3) < 0.01
     assert set(f["per_class_iou"]) == set(zoo.data.CITYSCAPES_CLASSES)
-    assert m["config"]["mask_policy"] == "edge" and m["config"]["size"] == [32, 64]
+    assert m["config"]["mask_policy"] == "residual" and m["config"]["size"] == [32, 64]
 
 
 class Interrupt(Exception):

@@ -49,8 +49,8 @@ MODEL_DEFAULTS: Dict[str, Dict[str, Any]] = {
 FALLBACK_DEFAULTS = dict(epochs=10, batch_size=32, lr=1e-3, weight_decay=1e-4)
 DATA_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "mnist": dict(mask_policy="nonzero", density=None, size=None, num_train=None, num_val=None),
-    "streets": dict(mask_policy="edge", density=0.25, size=(64, 128), num_train=1000, num_val=200),
-    "cityscapes": dict(mask_policy="edge", density=0.25, size=(128, 256), num_train=None, num_val=None),
+    "streets": dict(mask_policy="residual", density=0.25, size=(64, 128), num_train=1000, num_val=200),
+    "cityscapes": dict(mask_policy="residual", density=0.25, size=(128, 256), num_train=None, num_val=None),
 }
 
 
@@ -64,8 +64,8 @@ class TrainConfig:
     batch_size: Optional[int] = None
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
-    density: Optional[float] = None        # target active-pixel fraction (edge/contrast policies)
-    mask_policy: Optional[str] = None      # nonzero | edge | contrast | full
+    density: Optional[float] = None        # target active-pixel fraction (edge/contrast/residual)
+    mask_policy: Optional[str] = None      # nonzero | edge | contrast | residual | full
     size: Optional[Tuple[int, int]] = None  # segmentation image size (H, W)
     num_train: Optional[int] = None        # streets: number of generated scenes
     num_val: Optional[int] = None
@@ -97,9 +97,9 @@ class TrainConfig:
             if getattr(c, k) is None:
                 setattr(c, k, v)
         if c.mask_policy == "nonzero" and self.density is not None:
-            log.warning("--density %.3g is ignored by the 'nonzero' mask policy (use --mask-policy edge)",
+            log.warning("--density %.3g is ignored by the 'nonzero' mask policy (use --mask-policy residual)",
                         self.density)
-        if c.density is None and c.mask_policy in ("edge", "contrast"):
+        if c.density is None and c.mask_policy in ("edge", "contrast", "residual"):
             c.density = 0.25
         if c.size is not None:
             c.size = tuple(int(s) for s in c.size)
@@ -134,7 +134,7 @@ def get_datasets(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
     kw = dict(num_classes=dataset.num_classes, in_chans=dataset.in_chans, **cfg.model_kwargs)
     if cfg.model == "sparse_unet":
-        kw.update(density=cfg.density or 0.25, mask_policy=cfg.mask_policy or "edge")
+        kw.update(density=cfg.density or 0.25, mask_policy=cfg.mask_policy or "residual")
     if cfg.model == "mlp":
         kw.update(img_size=dataset.image_size[0])
     model = create_model(cfg.model, **kw)

@@ -9,16 +9,27 @@ A policy turns dense images ``[B, C, H, W]`` into a bool mask ``[B, H, W]``:
   energy is the same as thresholding the energy and dilating the mask (max-pool commutes with a
   threshold), and it makes the measured density equal to the target (up to ties).
 * ``"contrast"`` — the same with local standard deviation over a 5x5 window as the energy.
+* ``"residual"`` (segmentation default) — what a 1/``cell`` resolution level cannot represent:
+  ``|image - upsample(avg_pool(image, cell))|`` (``cell`` 4, bilinear upsampling, max over
+  channels), i.e. the image minus its own coarse (H/4) approximation, thresholded per image at its
+  ``(1 - density)`` quantile without dilation. Flat regions and smooth gradients (sky, road,
+  walls) have ~0 energy wherever they are, fine texture within a cell is averaged by the pooling
+  only partly, and class boundaries, thin structures (poles) and small objects — exactly where the
+  sparse U-Net's coarse prediction is wrong — have the largest residual.
 * ``"full"`` — every pixel (density 1; a sparse model then computes what its dense twin does).
 
 ``measured_density(mask)`` is the fraction of active pixels, reported in every metrics file.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-POLICIES = ("nonzero", "edge", "contrast", "full")
+POLICIES = ("nonzero", "edge", "contrast", "residual", "full")
+# default dilation per energy policy (the residual is already a band around each boundary)
+DEFAULT_DILATION = {"edge": 3, "contrast": 3, "residual": 1}
 
 
 def sobel_energy(images: torch.Tensor) -> torch.Tensor:
@@ -39,6 +50,19 @@ def contrast_energy(images: torch.Tensor, window: int = 5) -> torch.Tensor:
     return (sq - mean * mean).clamp_min(0).sqrt().amax(1)
 
 
+def residual_energy(images: torch.Tensor, cell: int = 4) -> torch.Tensor:
+    """``|images - bilinear_up(avg_pool(images, cell))|``, max over channels, ``[B, H, W]``.
+
+    The local-contrast energy w.r.t. the coarse level: 0 where a ``cell``-times coarser image
+    (what the sparse U-Net's coarse head sees) reproduces the pixel, large at boundaries and
+    thin structures. ``H`` and ``W`` need not be multiples of ``cell`` (the pooling floors, the
+    upsampling goes back to ``H x W``)."""
+    B, C, H, W = images.shape
+    coarse = F.avg_pool2d(images, cell, ceil_mode=True)
+    up = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
+    return (images - up).abs().amax(1)
+
+
 def threshold_density(energy: torch.Tensor, density: float, dilation: int = 3) -> torch.Tensor:
     """Per image: dilate ``energy`` [B, H, W] and keep its top ``density`` fraction of pixels."""
     if not 0.0 < density <= 1.0:
@@ -53,8 +77,11 @@ def threshold_density(energy: torch.Tensor, density: float, dilation: int = 3) -
 
 
 def make_mask(images: torch.Tensor, policy: str = "edge", density: float = 0.25,
-              dilation: int = 3) -> torch.Tensor:
-    """The activity mask ``[B, H, W]`` bool of ``images`` ``[B, C, H, W]`` under ``policy``."""
+              dilation: Optional[int] = None) -> torch.Tensor:
+    """The activity mask ``[B, H, W]`` bool of ``images`` ``[B, C, H, W]`` under ``policy``
+    (``dilation`` None: the policy's default, 3 for edge/contrast, 1 for residual)."""
+    if dilation is None:
+        dilation = DEFAULT_DILATION.get(policy, 1)
     if policy == "nonzero":
         return (images != 0).any(1)
     if policy == "full":
@@ -63,6 +90,8 @@ def make_mask(images: torch.Tensor, policy: str = "edge", density: float = 0.25,
         return threshold_density(sobel_energy(images), density, dilation)
     if policy == "contrast":
         return threshold_density(contrast_energy(images), density, dilation)
+    if policy == "residual":
+        return threshold_density(residual_energy(images), density, dilation)
     raise ValueError(f"unknown mask policy {policy!r}; choose from {POLICIES}")
 
 
@@ -73,9 +102,11 @@ def measured_density(mask: torch.Tensor) -> float:
 class MaskPolicy:
     """A callable ``images -> mask`` carrying its configuration (picklable, no parameters)."""
 
-    def __init__(self, policy: str = "edge", density: float = 0.25, dilation: int = 3):
+    def __init__(self, policy: str = "edge", density: float = 0.25, dilation: Optional[int] = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown mask policy {policy!r}; choose from {POLICIES}")
+        if dilation is None:
+            dilation = DEFAULT_DILATION.get(policy, 1)
         self.policy, self.density, self.dilation = policy, float(density), int(dilation)
 
     @torch.no_grad()

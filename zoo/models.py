@@ -250,7 +250,7 @@ class SparseUNet(_UNetBase):
 
     sparse = True
 
-    def __init__(self, density: float = 0.25, mask_policy: str = "edge", **kw):
+    def __init__(self, density: float = 0.25, mask_policy: str = "residual", **kw):
         super().__init__(sparse_ops(), **kw)
         self.policy = MaskPolicy(mask_policy, density)
 
@@ -307,7 +307,7 @@ def unet(num_classes: int = 19, in_chans: int = 3, **kw) -> nn.Module:
 
 @register_model
 def sparse_unet(num_classes: int = 19, in_chans: int = 3, density: float = 0.25,
-                mask_policy: str = "edge", **kw) -> nn.Module:
+                mask_policy: str = "residual", **kw) -> nn.Module:
     """``unet`` on the active pixels (same state_dict layout as ``unet``)."""
     return SparseUNet(in_chans=in_chans, num_classes=num_classes, density=density,
                       mask_policy=mask_policy, **kw)
