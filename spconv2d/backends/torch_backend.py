@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .base import CoordIndex  # noqa: F401  (protocol, for readers)
 
@@ -28,6 +29,11 @@ GRID_MAX_KEYS = 1 << 26
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``src[idx]``; ``F.embedding`` gathers rows about 3x faster than ``index_select`` on CPU."""
+    return F.embedding(idx, src)
 
 
 class SortIndex:
@@ -59,9 +65,8 @@ class GridIndex:
         self.table[keys.long()] = torch.arange(keys.numel(), dtype=torch.int32, device=keys.device)
 
     def lookup(self, query_keys: torch.Tensor) -> torch.Tensor:
-        valid = query_keys >= 0
-        rows = self.table[torch.where(valid, query_keys, torch.zeros_like(query_keys)).long()]
-        return torch.where(valid, rows, torch.full_like(rows, -1))
+        rows = self.table[query_keys.clamp(min=0).long()]
+        return rows.masked_fill_(query_keys < 0, -1)
 
 
 class TorchBackend:
@@ -79,21 +84,24 @@ class TorchBackend:
 
     def neighbor_table(self, index, out_coords, in_shape, scale, offsets, divisor) -> torch.Tensor:
         H, W = in_shape
-        c = out_coords.long()
-        off = offsets.to(c.device).long()
-        qy = c[:, 1].unsqueeze(0) * scale[0] + off[:, 0:1]  # [K, N]
-        qx = c[:, 2].unsqueeze(0) * scale[1] + off[:, 1:2]
-        valid = torch.ones_like(qy, dtype=torch.bool)
-        if divisor[0] != 1:
-            valid &= torch.remainder(qy, divisor[0]) == 0
-            qy = torch.div(qy, divisor[0], rounding_mode="floor")
-        if divisor[1] != 1:
-            valid &= torch.remainder(qx, divisor[1]) == 0
-            qx = torch.div(qx, divisor[1], rounding_mode="floor")
-        valid &= (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
-        keys = (c[:, 0].unsqueeze(0) * H + qy) * W + qx
-        keys = torch.where(valid, keys, torch.full_like(keys, -1))
-        return index.lookup(keys).to(torch.int32)
+        b, oy, ox = out_coords.long().unbind(1)
+        ys, xs, base = oy * scale[0], ox * scale[1], b * H
+        nbr = torch.empty((offsets.shape[0], out_coords.shape[0]), dtype=torch.int32, device=out_coords.device)
+        for k, (dy, dx) in enumerate(offsets.tolist()):  # one pass per offset: no [K, N] temporaries
+            qy, qx = ys + dy, xs + dx
+            valid = None
+            if divisor[0] != 1:
+                valid = torch.remainder(qy, divisor[0]) == 0
+                qy = torch.div(qy, divisor[0], rounding_mode="floor")
+            if divisor[1] != 1:
+                vx = torch.remainder(qx, divisor[1]) == 0
+                valid = vx if valid is None else valid & vx
+                qx = torch.div(qx, divisor[1], rounding_mode="floor")
+            inside = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+            valid = inside if valid is None else valid & inside
+            keys = (base + qy) * W + qx
+            nbr[k] = index.lookup(keys.masked_fill_(~valid, -1))
+        return nbr
 
     # -- convolution ------------------------------------------------------------------
     @staticmethod
@@ -114,7 +122,7 @@ class TorchBackend:
         for k in range(weight.shape[0]):
             s, e = ptr[k], ptr[k + 1]
             if k != ident and s != e:
-                dst.index_add_(0, dst_idx[s:e], src.index_select(0, src_idx[s:e]) @ weight[k])
+                dst.index_add_(0, dst_idx[s:e], _gather_rows(src, src_idx[s:e]) @ weight[k])
         return dst.to(dtype)
 
     def conv_forward(self, features, weight, bias, kmap) -> torch.Tensor:
@@ -138,7 +146,7 @@ class TorchBackend:
             if k == ident:
                 torch.mm(f.t(), g, out=grad_w[k])
             elif s != e:
-                torch.mm(f.index_select(0, in_idx[s:e]).t(), g.index_select(0, out_idx[s:e]), out=grad_w[k])
+                torch.mm(_gather_rows(f, in_idx[s:e]).t(), _gather_rows(g, out_idx[s:e]), out=grad_w[k])
         return grad_w.to(features.dtype)
 
 
