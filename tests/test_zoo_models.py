@@ -1,6 +1,7 @@
 """Model zoo: registry, forward/backward of every model, dense <-> sparse twins."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import spconv2d.zoo as zoo
 from spconv2d.zoo.masks import make_mask
@@ -104,6 +105,24 @@ def test_sparse_unet_inactive_pixels_take_the_coarse_prediction():
     inactive = ~mask[:, None].expand_as(out)
     assert torch.equal(out[inactive], coarse[inactive])
     assert not torch.allclose(out[~inactive], coarse[~inactive])
+
+
+def test_guided_upsample_follows_colour_inside_mixed_cells():
+    from spconv2d.zoo.models import guided_upsample
+
+    # two flat regions whose boundary crosses a 4x4 cell (x = 13: cell 12..15 is 3/4 bright)
+    x = torch.zeros(1, 3, 16, 32)
+    x[..., :, 13:] = 1.0
+    bright = (F.avg_pool2d(x, 4)[0, 0] > 0.5).float()  # the cells' majority class
+    logits = torch.stack([1 - bright, bright])[None] * 10
+    g = guided_upsample(logits, x).argmax(1)[0]
+    b = F.interpolate(logits, size=(16, 32), mode="bilinear", align_corners=False).argmax(1)[0]
+    truth = (x[0, 0] > 0.5).long()
+    assert torch.equal(g, truth)  # every pixel follows its colour
+    assert not torch.equal(b, truth)  # bilinear gets the mixed cell wrong
+    # flat image: a smooth (weights sum to 1) interpolation; constant logits stay constant
+    flat = torch.full((1, 4, 4, 8), 3.0)
+    torch.testing.assert_close(guided_upsample(flat, torch.rand(1, 3, 16, 32)), torch.full((1, 4, 16, 32), 3.0))
 
 
 def test_sparse_cnn_ignores_background_when_mask_is_nonzero():

@@ -156,6 +156,30 @@ class SparseCNN(_CNNBase):
         return self.fc(self.drop(self.gpool(x)))
 
 
+def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
+                    sigma_r: float = 0.1, sigma_s: float = 2.0) -> torch.Tensor:
+    """Joint bilateral upsampling of cell logits ``[B, K, H/cell, W/cell]`` to ``[B, K, H, W]``.
+
+    Every pixel takes a weighted mean of the logits of the 3x3 cells around its own, weighted by
+    ``exp(-d^2 / 2 sigma_s^2)`` (``d``: pixel-to-cell-centre distance in pixels) times
+    ``exp(-|pixel colour - cell mean colour|^2 / 2 sigma_r^2)``: a pixel in a mixed cell (a class
+    boundary crossing it) takes the prediction of the neighbouring cell whose colour it has,
+    where bilinear upsampling would blend the two. Parameter-free; with ``sigma_r`` -> inf it is
+    a Gaussian-weighted (bilinear-like) upsampling."""
+    B, K, h, w = logits.shape
+    C = images.shape[1]
+    pooled = F.avg_pool2d(images, cell)
+    Ln = F.unfold(F.pad(logits, (1, 1, 1, 1), mode="replicate"), 3).view(B, K, 9, h, w)
+    Pn = F.unfold(F.pad(pooled, (1, 1, 1, 1), mode="replicate"), 3).view(B, C, 9, h, w)
+    d2 = (images.view(B, C, 1, h, cell, w, cell) - Pn.view(B, C, 9, h, 1, w, 1)).pow(2).sum(1)
+    pos = (torch.arange(cell, dtype=images.dtype, device=images.device) + 0.5) - cell / 2
+    off = torch.tensor([-cell, 0.0, cell], dtype=images.dtype, device=images.device)
+    sy = (pos[None, :] - off[:, None]).pow(2)  # [3 neighbours, cell] squared pixel distances
+    ds = (sy[:, None, :, None] + sy[None, :, None, :]).reshape(9, 1, cell, 1, cell)
+    wgt = torch.softmax(-ds / (2 * sigma_s ** 2) - d2 / (2 * sigma_r ** 2), 1)  # [B, 9, h, c, w, c]
+    return torch.einsum("bnhawc,bknhw->bkhawc", wgt, Ln).reshape(B, K, h * cell, w * cell)
+
+
 # --------------------------------------------------------------------------------------------
 # U-Nets
 # --------------------------------------------------------------------------------------------
@@ -244,15 +268,19 @@ class SparseUNet(_UNetBase):
     head on the active pixels. The coarsest level is made dense (``to_dense``) and the dense
     coarse head gives logits for every H/4 x W/4 cell (with the avg-pooled image and the cell's
     fraction of active pixels as extra inputs, so cells with no active pixel still see their
-    colour); they are bilinearly upsampled to H x W and the active pixels' full-resolution logits
-    are scattered over them.
+    colour); they are brought to H x W by ``guided_upsample`` (colour-guided joint bilateral
+    upsampling; ``upsample="bilinear"``: plain bilinear) and the active pixels' full-resolution
+    logits are scattered over them. The returned aux logits are the same upsampled coarse logits.
     """
 
     sparse = True
 
-    def __init__(self, density: float = 0.25, mask_policy: str = "residual", **kw):
+    def __init__(self, density: float = 0.25, mask_policy: str = "residual", upsample: str = "guided", **kw):
         super().__init__(sparse_ops(), **kw)
+        if upsample not in ("guided", "bilinear"):
+            raise ValueError(f"upsample must be 'guided' or 'bilinear', got {upsample!r}")
         self.policy = MaskPolicy(mask_policy, density)
+        self.upsample = upsample
 
     def forward(self, images, mask=None, return_aux: bool = False):
         sp = _sp()
@@ -268,9 +296,11 @@ class SparseUNet(_UNetBase):
         d1 = self.dec1(sp.cat([self.up2(e2, output=e1), e1]))
         d0 = self.dec0(sp.cat([self.up1(d1, output=e0), e0]))
         fine = self.head(d0)  # logits at the active pixels, [N, classes]
-        # channels-last: the bilinear kernel is ~2.5x faster and the permute below is a free view
-        up = F.interpolate(coarse.contiguous(memory_format=torch.channels_last), size=images.shape[-2:],
-                           mode="bilinear", align_corners=False)
+        if self.upsample == "guided":
+            up = guided_upsample(coarse, images)
+        else:  # channels-last: the bilinear kernel is ~2.5x faster and the permute below is a free view
+            up = F.interpolate(coarse.contiguous(memory_format=torch.channels_last), size=images.shape[-2:],
+                               mode="bilinear", align_corners=False)
         c = fine.coords.long()
         out = up.permute(0, 2, 3, 1).index_put((c[:, 0], c[:, 1], c[:, 2]), fine.features)
         out = out.permute(0, 3, 1, 2)
