@@ -174,3 +174,23 @@ def test_maps_are_built_once_and_shared(gen):
     kmap_up = mgr.maps[("convT_to", z._cs.name, x._cs.name, (2, 2), (2, 2), (0, 0), (1, 1))]
     kmap_down = mgr.maps[("conv", x._cs.name, (2, 2), (2, 2), (0, 0), (1, 1))][1]
     assert kmap_up.rev is kmap_down.nbr
+
+
+@pytest.mark.parametrize("dense_fallback", [True, False])
+def test_subm_dense_fallback_and_pair_lists_agree(dense_fallback, gen, monkeypatch):
+    """Above a density threshold the PyTorch path runs SubMConv2d through F.conv2d; both
+    routes equal the oracle, forward and backward."""
+    from spconv2d.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend.TorchBackend, "dense_fallback", dense_fallback)
+    x = random_sparse(3, 4, (9, 10), 0.9, empty=[2], generator=gen, requires_grad=True)
+    assert torch_backend.backend.prefers_dense_subm(x.density, 4, 4) == dense_fallback
+    w = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = sp.functional.subm_conv2d(x, w, b)
+    built = x.coordinate_manager.builds
+    assert built == (0 if dense_fallback else 1)
+    feats = x.features.detach().clone().requires_grad_()
+    ref = at_sites(F.conv2d(x.replace(feats).to_dense(), w, b, padding=1), x.coords)
+    torch.testing.assert_close(y.features, ref, rtol=1e-10, atol=1e-10)
+    _check_backward(y.features, ref, [x.features, w, b], [feats, w, b], gen)

@@ -69,8 +69,21 @@ class GridIndex:
         return rows.masked_fill_(query_keys < 0, -1)
 
 
+def dense_subm_threshold(c_in: int, c_out: int) -> float:
+    """Density above which a submanifold conv on this path runs as ``F.conv2d`` on the dense
+    image (then read at the active sites): the pair-list GEMMs lose to the dense kernels once
+    most neighbours exist, sooner for few channels. Measured on a 2-core x86 CPU, 1 and 2
+    threads, ``B=16, 32x64`` (``bench/bench_cpu_subm.py`` covers 64 channels at 512x1024)."""
+    c = max(c_in, c_out)
+    return 0.5 if c <= 16 else 0.7 if c <= 32 else 0.9
+
+
 class TorchBackend:
     name = "torch"
+    dense_fallback = True  # see dense_subm_threshold; False keeps every conv on the pair lists
+
+    def prefers_dense_subm(self, density: float, c_in: int, c_out: int) -> bool:
+        return self.dense_fallback and density >= dense_subm_threshold(c_in, c_out)
 
     def default_index_strategy(self, key_space: int, n_keys: Optional[int] = None) -> str:
         return "grid" if key_space <= GRID_MAX_KEYS else "sort"
