@@ -18,7 +18,7 @@ import torch
 import spconv2d.zoo as zoo
 from spconv2d.zoo.data import build_dataset
 from spconv2d.zoo.engine import auto_threads
-from spconv2d.zoo.masks import make_mask, measured_density
+from spconv2d.zoo.masks import measured_density
 
 THREADS = int(os.environ.get("BENCH_THREADS", 0)) or auto_threads()
 DENSITIES = (0.1, 0.25, 0.3)
@@ -70,8 +70,8 @@ def test_unet_dense(benchmark, streets_batch):
 @pytest.mark.parametrize("density", DENSITIES)
 def test_sparse_unet_given_mask(benchmark, streets_batch, density):
     m = _model("sparse_unet", density=density)
-    mask = make_mask(streets_batch, "edge", density)
-    benchmark.extra_info.update(density=measured_density(mask), threads=THREADS)
+    mask = m.policy(streets_batch)  # the model's own policy, computed outside the timing
+    benchmark.extra_info.update(density=measured_density(mask), threads=THREADS, mask=f"{m.policy.policy}, precomputed")
     _run(benchmark, lambda: m(streets_batch, mask))
 
 
@@ -79,7 +79,7 @@ def test_sparse_unet_given_mask(benchmark, streets_batch, density):
 @pytest.mark.parametrize("density", DENSITIES)
 def test_sparse_unet_with_mask_policy(benchmark, streets_batch, density):
     m = _model("sparse_unet", density=density)
-    benchmark.extra_info.update(density=density, threads=THREADS, mask="edge policy inside the timing")
+    benchmark.extra_info.update(density=density, threads=THREADS, mask=f"{m.policy.policy} policy inside the timing")
     _run(benchmark, lambda: m(streets_batch))
 
 
