@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 
 from . import backends as _dispatch
-from .coords import CoordSet, pack_keys, unpack_keys
+from .coords import CoordSet, unpack_keys
 from .kernel_map import KernelMap
 from .tensor import SparseTensor
 

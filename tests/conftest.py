@@ -8,6 +8,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _idle_core_threads():
+    """On a shared CPU, more torch threads than idle cores is many times slower."""
+    from spconv2d.zoo.engine import auto_threads
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(auto_threads())
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def gen():
     """A seeded generator: every test draws its own reproducible random inputs."""

@@ -1,7 +1,6 @@
 """Dense <-> sparse state_dict exchange; fp32 / fp16 / bf16 / autocast on the PyTorch path."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import spconv2d as sp
 from spconv2d.testing import at_sites, random_sparse

@@ -3,20 +3,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from spconv2d.zoo import engine
 from spconv2d.zoo.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _idle_core_threads():
-    """On a shared CPU, more torch threads than idle cores is many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(engine.auto_threads())
-    yield
-    torch.set_num_threads(old)
 
 
 def test_list(capsys):

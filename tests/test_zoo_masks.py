@@ -7,16 +7,6 @@ from spconv2d.zoo.masks import (MaskPolicy, make_mask, measured_density, residua
                                 sobel_energy)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _idle_core_threads():
-    """On a shared CPU, more torch threads than idle cores is many times slower."""
-    from spconv2d.zoo.engine import auto_threads
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(auto_threads())
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.mark.parametrize("policy", ["edge", "contrast", "residual"])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5])

@@ -11,16 +11,6 @@ MNIST_MODELS = ("mlp", "cnn", "sparse_cnn")
 SEG_MODELS = ("unet", "sparse_unet")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _idle_core_threads():
-    """On a shared CPU, more torch threads than idle cores is many times slower."""
-    from spconv2d.zoo.engine import auto_threads
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(auto_threads())
-    yield
-    torch.set_num_threads(old)
-
 
 def _input_for(name):
     g = torch.Generator().manual_seed(0)

@@ -1,6 +1,5 @@
 """Training loop: loss goes down, outputs, resume after an interruption, checkpoint errors."""
 import json
-import os
 
 import pytest
 import torch
@@ -9,14 +8,6 @@ import spconv2d.zoo as zoo
 from spconv2d.zoo import engine
 from spconv2d.zoo.checkpoint import CheckpointError, load_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _idle_core_threads():
-    """On a shared CPU, more torch threads than idle cores is many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(engine.auto_threads())
-    yield
-    torch.set_num_threads(old)
 
 
 TINY_MNIST = dict(data="mnist", num_train=256, num_val=64, batch_size=32, progress=False, threads=None)

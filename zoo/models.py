@@ -14,7 +14,6 @@ coarse head's logits upsampled to ``[B, classes, H, W]``, used as an auxiliary l
 """
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import torch

@@ -1,7 +1,7 @@
 """Figures: training curves and prediction sheets (matplotlib, Agg backend, no display)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch

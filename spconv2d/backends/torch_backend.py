@@ -21,8 +21,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import CoordIndex  # noqa: F401  (protocol, for readers)
-
 # Largest key space for which ``auto`` builds a dense grid index (int32 entries: 4 bytes each).
 GRID_MAX_KEYS = 1 << 26
 

@@ -3,8 +3,6 @@ kernel map); the max / mean runs over *active* inputs only: an inactive pixel is
 zero. Global pools reduce each batch item to one vector (an empty item gives zeros)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import maps
