@@ -70,6 +70,12 @@ def _check_unique(keys: torch.Tensor, coords: torch.Tensor) -> None:
         )
 
 
+def at_sites(dense: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """``dense [B, C, H, W]`` read at ``coords`` rows ``(b, y, x)`` -> ``[N, C]``."""
+    c = coords.long()
+    return dense[c[:, 0], :, c[:, 1], c[:, 2]]
+
+
 class SparseTensor:
     """Active sites ``coords`` (int32 ``[N, 3]``, rows ``(b, y, x)``) with ``features [N, C]``.
 

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .tensor import SparseTensor, _pair
+from .tensor import SparseTensor, _pair, at_sites  # noqa: F401  (re-exported)
 
 
 def random_sparse(
@@ -46,12 +46,6 @@ def active_mask(x: SparseTensor) -> torch.Tensor:
     m = torch.zeros(B * H * W, dtype=x.dtype, device=x.device)
     m[x._cs.keys.long()] = 1
     return m.view(B, 1, H, W)
-
-
-def at_sites(dense: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """``dense [B, C, H, W]`` read at ``coords`` rows ``(b, y, x)`` -> ``[N, C]``."""
-    c = coords.long()
-    return dense[c[:, 0], :, c[:, 1], c[:, 2]]
 
 
 def sites(mask: torch.Tensor) -> torch.Tensor:

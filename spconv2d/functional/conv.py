@@ -12,7 +12,7 @@ import torch
 
 from .. import backends as _dispatch
 from .. import maps
-from ..tensor import SparseTensor, _pair
+from ..tensor import SparseTensor, _pair, at_sites
 
 
 class SparseConvFunction(torch.autograd.Function):
@@ -93,8 +93,7 @@ def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Opti
         # Nearly every pixel is active: the dense oracle itself is the fastest exact answer.
         pad = (dilation[0] * (ksize[0] // 2), dilation[1] * (ksize[1] // 2))
         dense = torch.nn.functional.conv2d(x.to_dense(), weight, bias, padding=pad, dilation=dilation)
-        c = x.coords.long()
-        return x.replace(dense[c[:, 0], :, c[:, 1], c[:, 2]])
+        return x.replace(at_sites(dense, x.coords))
     kmap = maps.subm_map(x, ksize, dilation, be, index)
     return x.replace(_run(x.features, _as_kio(weight, False), bias, kmap, be))
 
