@@ -1,11 +1,20 @@
 """Every convolution against its dense oracle (DESIGN §2) in float64, forward and backward:
-random sites in shuffled row order, odd sizes, several batch items (one empty), N = 0."""
+random sites in shuffled row order, odd sizes, several batch items (one empty), N = 0.
+Each test runs with both forms of the PyTorch path's convolution (pair lists, neighbour table)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import spconv2d as sp
 from spconv2d.testing import at_sites, conv2d_sites, conv_transpose2d_sites, random_sparse, sites, sort_rows
+
+
+@pytest.fixture(autouse=True, params=["pairs", "table"])
+def gather_form(request, monkeypatch):
+    from spconv2d.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend.TorchBackend, "gather", request.param)
+    return request.param
 
 
 def _check_backward(out_sparse, out_dense_sites, leaves_sparse, leaves_dense, gen):

@@ -6,13 +6,18 @@ Index strategies
     (-1 = empty), lookups by one gather. ``auto`` picks ``grid`` while the table stays small
     (see ``GRID_MAX_KEYS``; the choice is measured by ``bench/bench_index.py``).
 
-Convolution
-    Per-offset gather-GEMM-scatter over the kernel map's pair lists: for each offset ``k``,
+Convolution, two forms chosen per kernel map by its *fill* (pairs / (offsets x outputs)):
+    ``pairs``: per-offset gather-GEMM-scatter over the map's pair lists: for each offset ``k``,
     ``out[out_idx] += features[in_idx] @ W[k]`` (``index_add_``; within one offset every
-    output row appears at most once). The identity offset of a submanifold map (the centre)
-    is a plain GEMM with the bias fused (``addmm``). Only pairs that exist are computed, so the
-    work scales with the number of active neighbours, not with ``K * N``. fp16/bf16 compute in
-    fp32 and round once at the end.
+    output row appears at most once). Only pairs that exist are computed, so the work scales
+    with the number of active neighbours, not with ``K * N``: the form for sparse maps.
+    ``table``: per offset, gather every output's neighbour row from the neighbour table (a zero
+    row stands in for a missing neighbour) and accumulate ``out += rows @ W[k]`` in place
+    (``addmm_``): ``K * N`` rows instead of the pairs, but no scatter, which is the expensive
+    step on a CPU; the form for well-filled maps (clustered or line-like active sites), above
+    ``table_fill_threshold``. ``TorchBackend.gather`` forces one form.
+    In both, the identity offset of a submanifold map (the centre) is a plain GEMM with the
+    bias fused (``addmm``). fp16/bf16 compute in fp32 and round once at the end.
 """
 from __future__ import annotations
 
@@ -69,16 +74,28 @@ class GridIndex:
 
 def dense_subm_threshold(c_in: int, c_out: int) -> float:
     """Density above which a submanifold conv on this path runs as ``F.conv2d`` on the dense
-    image (then read at the active sites): the pair-list GEMMs lose to the dense kernels once
-    most neighbours exist, sooner for few channels. Measured on a 2-core x86 CPU, 1 and 2
-    threads, ``B=16, 32x64`` (``bench/bench_cpu_subm.py`` covers 64 channels at 512x1024)."""
+    image (then read at the active sites): the sparse forms lose to the dense kernels once most
+    neighbours exist, sooner for few channels. Measured on a 2-core x86 CPU, 1 and 2 threads,
+    ``B=16, 32x64``; ``bench/bench_cpu_forms.py`` puts both sparse forms next to ``F.conv2d`` at
+    ``B=16, 64x128``, ``bench/bench_cpu_subm.py`` at 64 channels and 512x1024."""
     c = max(c_in, c_out)
     return 0.5 if c <= 16 else 0.7 if c <= 32 else 0.9
 
 
+def table_fill_threshold(c_in: int, c_out: int) -> float:
+    """Fill above which a conv on this path gathers from the neighbour table instead of the pair
+    lists. The table form does ``1 / fill`` times the GEMM work but no scatter, whose share of
+    the time shrinks as the channels grow, so the break-even rises with the channels. Measured
+    on a 2-core x86 CPU, ``B=16, 64x128``, 3x3 maps of random and line-like masks
+    (``bench/bench_cpu_forms.py``; results in ``bench/results/cpu_forms.json``)."""
+    c = max(c_in, c_out)
+    return 0.45 if c <= 16 else 0.6 if c <= 32 else 0.65
+
+
 class TorchBackend:
     name = "torch"
-    dense_fallback = True  # see dense_subm_threshold; False keeps every conv on the pair lists
+    dense_fallback = True  # see dense_subm_threshold; False keeps every conv on the sparse maps
+    gather = "auto"  # "pairs" | "table" | "auto" (by the map's fill, see table_fill_threshold)
 
     def prefers_dense_subm(self, density: float, c_in: int, c_out: int) -> bool:
         return self.dense_fallback and density >= dense_subm_threshold(c_in, c_out)
@@ -115,21 +132,50 @@ class TorchBackend:
         return nbr
 
     # -- convolution ------------------------------------------------------------------
+    def _use_table(self, kmap, c_in: int, c_out: int, n_dst: int) -> bool:
+        if self.gather != "auto":
+            if self.gather not in ("pairs", "table"):
+                raise ValueError(f"TorchBackend.gather must be 'pairs', 'table' or 'auto', got {self.gather!r}")
+            return self.gather == "table"
+        n_pairs = kmap.cached("n_pairs", lambda: int((kmap.nbr >= 0).sum()))
+        return n_pairs >= table_fill_threshold(c_in, c_out) * kmap.kernel_volume * max(n_dst, 1)
+
     @staticmethod
-    def _gather_gemm_scatter(src, weight, bias, n_dst, ident, ptr, src_idx, dst_idx):
-        """``dst[dst_idx] += src[src_idx] @ weight[k]`` over every offset's pairs (one GEMM
-        for the identity offset). Forward: src = features; input gradient: src = grad_out
-        with the pair roles and the weights transposed."""
+    def _table(kmap, reverse: bool) -> torch.Tensor:
+        """``[K, N_dst]`` int64 source rows, missing neighbours -> ``N_src`` (the zero row)."""
+        if reverse:
+            return kmap.cached("table_rev", lambda: torch.where(kmap.rev < 0, kmap.n_out, kmap.rev).long())
+        return kmap.cached("table", lambda: torch.where(kmap.nbr < 0, kmap.n_in, kmap.nbr).long())
+
+    @staticmethod
+    def _start(src, weight, bias, n_dst, ident):
+        """The accumulator: the identity offset's GEMM (+ bias) or the broadcast bias / zeros."""
+        if ident is not None:
+            return src @ weight[ident] if bias is None else torch.addmm(bias, src, weight[ident])
+        if bias is not None:
+            return bias.expand(n_dst, weight.shape[2]).clone()
+        return src.new_zeros(n_dst, weight.shape[2])
+
+    def _conv(self, src, weight, bias, kmap, reverse: bool):
+        """``dst = bias + sum_k src[map_k] @ weight[k]`` in the form the map's fill prefers.
+        Forward: src = features over ``kmap``; input gradient (``reverse``): src = grad_out over
+        the reverse map with the weights transposed."""
         dtype = src.dtype
         cdt = _compute_dtype(dtype)
         src, weight = src.to(cdt), weight.to(cdt)
-        c_dst = weight.shape[2]
-        if ident is not None:
-            dst = src @ weight[ident] if bias is None else torch.addmm(bias.to(cdt), src, weight[ident])
-        elif bias is not None:
-            dst = bias.to(cdt).expand(n_dst, c_dst).clone()
-        else:
-            dst = src.new_zeros(n_dst, c_dst)
+        bias = bias.to(cdt) if bias is not None else None
+        n_dst = kmap.n_in if reverse else kmap.n_out
+        ident = kmap.identity_offset
+        dst = self._start(src, weight, bias, n_dst, ident)
+        if self._use_table(kmap, weight.shape[1], weight.shape[2], n_dst):
+            table = self._table(kmap, reverse)
+            padded = torch.cat([src, src.new_zeros(1, src.shape[1])])
+            for k in range(weight.shape[0]):
+                if k != ident:
+                    dst.addmm_(_gather_rows(padded, table[k]), weight[k])
+            return dst.to(dtype)
+        ptr, in_idx, out_idx = kmap.pairs
+        src_idx, dst_idx = (out_idx, in_idx) if reverse else (in_idx, out_idx)
         for k in range(weight.shape[0]):
             s, e = ptr[k], ptr[k + 1]
             if k != ident and s != e:
@@ -137,13 +183,10 @@ class TorchBackend:
         return dst.to(dtype)
 
     def conv_forward(self, features, weight, bias, kmap) -> torch.Tensor:
-        ptr, in_idx, out_idx = kmap.pairs
-        return self._gather_gemm_scatter(features, weight, bias, kmap.n_out, kmap.identity_offset, ptr, in_idx, out_idx)
+        return self._conv(features, weight, bias, kmap, reverse=False)
 
     def conv_backward_input(self, grad_out, weight, kmap) -> torch.Tensor:
-        ptr, in_idx, out_idx = kmap.pairs
-        return self._gather_gemm_scatter(grad_out, weight.transpose(1, 2), None, kmap.n_in, kmap.identity_offset,
-                                         ptr, out_idx, in_idx)
+        return self._conv(grad_out, weight.transpose(1, 2), None, kmap, reverse=True)
 
     def conv_backward_weight(self, features, grad_out, kmap) -> torch.Tensor:
         cdt = _compute_dtype(features.dtype)
@@ -151,6 +194,15 @@ class TorchBackend:
         K = kmap.kernel_volume
         grad_w = f.new_zeros(K, f.shape[1], g.shape[1])
         ident = kmap.identity_offset
+        if self._use_table(kmap, f.shape[1], g.shape[1], kmap.n_out):
+            table = self._table(kmap, reverse=False)
+            padded = torch.cat([f, f.new_zeros(1, f.shape[1])])
+            for k in range(K):
+                if k == ident:
+                    torch.mm(f.t(), g, out=grad_w[k])
+                else:
+                    torch.mm(_gather_rows(padded, table[k]).t(), g, out=grad_w[k])
+            return grad_w.to(features.dtype)
         ptr, in_idx, out_idx = kmap.pairs
         for k in range(K):
             s, e = ptr[k], ptr[k + 1]
