@@ -89,7 +89,7 @@ def table_fill_threshold(c_in: int, c_out: int) -> float:
     on a 2-core x86 CPU, ``B=16, 64x128``, 3x3 maps of random and line-like masks
     (``bench/bench_cpu_forms.py``; results in ``bench/results/cpu_forms.json``)."""
     c = max(c_in, c_out)
-    return 0.45 if c <= 16 else 0.6 if c <= 32 else 0.65
+    return 0.45 if c <= 16 else 0.5 if c <= 32 else 0.65
 
 
 class TorchBackend:
