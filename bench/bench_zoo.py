@@ -53,7 +53,7 @@ def mnist_batch():
     return build_dataset("mnist", "val").images[::4][:256].contiguous()
 
 
-def _run(benchmark, fn, rounds=5):
+def _run(benchmark, fn, rounds=15):
     with torch.no_grad():
         fn()  # warm-up (first-call allocations, map caches are per batch anyway)
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)

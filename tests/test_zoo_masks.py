@@ -84,7 +84,7 @@ def test_segmentation_defaults_use_the_residual_policy():
 
     assert zoo.create_model("sparse_unet").policy.policy == "residual"
     c = TrainConfig(model="sparse_unet", data="streets").resolved()
-    assert c.mask_policy == "residual" and c.density == 0.25
+    assert c.mask_policy == "residual" and c.density == 0.3
     assert TrainConfig(model="sparse_cnn").resolved().mask_policy == "nonzero"
 
 

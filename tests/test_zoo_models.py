@@ -115,6 +115,35 @@ def test_guided_upsample_follows_colour_inside_mixed_cells():
     torch.testing.assert_close(guided_upsample(flat, torch.rand(1, 3, 16, 32)), torch.full((1, 4, 16, 32), 3.0))
 
 
+def test_guided_upsample_equals_its_formula():
+    """Against the docstring's formula, pixel by pixel (replicate-padded cell neighbourhoods)."""
+    from spconv2d.zoo.models import guided_upsample
+
+    g = torch.Generator().manual_seed(0)
+    cell, sr, ss = 4, 0.3, 2.0
+    logits = torch.randn(2, 3, 2, 3, generator=g, dtype=torch.float64)
+    images = torch.rand(2, 3, 8, 12, generator=g, dtype=torch.float64)
+    means = F.avg_pool2d(images, cell)
+    ref = torch.empty(2, 3, 8, 12, dtype=torch.float64)
+    for b in range(2):
+        for y in range(8):
+            for x in range(12):
+                cy, cx = y // cell, x // cell
+                scores, cands = [], []
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        ny, nx = min(max(cy + dy, 0), 1), min(max(cx + dx, 0), 2)  # replicate
+                        # distance to the centre of the (unclamped) neighbour cell position
+                        py, px = (cy + dy) * cell + cell / 2, (cx + dx) * cell + cell / 2
+                        d2s = (y + 0.5 - py) ** 2 + (x + 0.5 - px) ** 2
+                        d2r = float((images[b, :, y, x] - means[b, :, ny, nx]).pow(2).sum())
+                        scores.append(-d2s / (2 * ss ** 2) - d2r / (2 * sr ** 2))
+                        cands.append(logits[b, :, ny, nx])
+                wgt = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
+                ref[b, :, y, x] = (wgt[:, None] * torch.stack(cands)).sum(0)
+    torch.testing.assert_close(guided_upsample(logits, images, cell, sr, ss), ref)
+
+
 def test_sparse_cnn_ignores_background_when_mask_is_nonzero():
     torch.manual_seed(0)
     m = zoo.create_model("sparse_cnn").eval()

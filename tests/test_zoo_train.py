@@ -38,6 +38,35 @@ def test_sparse_segmentation_run_reports_density_and_miou(tmp_path):
     assert m["config"]["mask_policy"] == "residual" and m["config"]["size"] == [32, 64]
 
 
+class _FixedPredictor(torch.nn.Module):
+    """Segmenter returning the logits it was built with, whatever the input."""
+
+    def __init__(self, pred, num_classes=19):
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(pred, num_classes).permute(0, 3, 1, 2).float()
+
+    def forward(self, images, mask=None):
+        return self.logits
+
+
+def test_miou_averages_the_data_sets_classes_and_counts_every_pixel():
+    """Road (0) and sky (10) labelled; the prediction gets 2 road pixels right, calls 1 road
+    pixel 'motorcycle' (17, not a streets class) and 1 sky pixel 'road'."""
+    target = torch.tensor([[[0, 0, 0, 10]]])
+    pred = torch.tensor([[[0, 0, 17, 0]]])
+    loader = [(torch.zeros(1, 3, 1, 4), target)]
+    kw = dict(task="segmentation", num_classes=19, device="cpu", policy=None, class_names=zoo.data.CITYSCAPES_CLASSES)
+    res = engine.evaluate(_FixedPredictor(pred), loader, eval_classes=zoo.data.STREET_CLASSES, **kw)
+    road, sky = 2 / 4, 0.0  # road: 2 hits / (3 labelled + 1 false positive); sky: 0 / 1
+    assert res["miou"] == pytest.approx((road + sky) / 2)
+    assert res["per_class_iou"]["motorcycle"] == 0.0  # still reported
+    everything = engine.evaluate(_FixedPredictor(pred), loader, **kw)  # all 19 classes evaluated
+    assert everything["miou"] == pytest.approx((road + sky + 0.0) / 3)
+    streets = zoo.data.build_dataset("streets", "val", num_samples=2, size=(32, 64))
+    assert streets.eval_classes == zoo.data.STREET_CLASSES
+    assert zoo.data.limit(streets, 1).eval_classes == zoo.data.STREET_CLASSES
+
+
 class Interrupt(Exception):
     pass
 

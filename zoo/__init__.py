@@ -2,7 +2,7 @@
 
     import spconv2d.zoo as zoo
     zoo.list_models()                      # ['cnn', 'mlp', 'sparse_cnn', 'sparse_unet', 'unet']
-    model = zoo.create_model("sparse_unet", density=0.25)
+    model = zoo.create_model("sparse_unet", density=0.3)
     metrics = zoo.train(model="sparse_cnn", data="mnist", epochs=3, out="runs/demo")
 
 See docs/ZOO.md.

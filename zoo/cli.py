@@ -1,7 +1,7 @@
 """``spconv2d`` command line: ``list``, ``train``, ``eval``, ``predict``.
 
     spconv2d train sparse_cnn --data mnist            # the main one: ~3 min on a 2-core CPU
-    spconv2d train sparse_unet --data streets --density 0.25
+    spconv2d train sparse_unet --data streets --density 0.3
     spconv2d eval runs/sparse_cnn-mnist
     spconv2d predict runs/sparse_unet-streets street.png --out preds/
     spconv2d list
@@ -119,7 +119,8 @@ def cmd_eval(args) -> int:
             model.policy.density = args.density
     val, loader = _data_loader_for(cfg, args)
     res = evaluate(model, loader, task=val.task, num_classes=val.num_classes, device=args.device,
-                   policy=mask_policy_for(cfg, model), class_names=val.class_names)
+                   policy=mask_policy_for(cfg, model), class_names=val.class_names,
+                   eval_classes=getattr(val, "eval_classes", None))
     res.update(model=cfg.model, data=cfg.data, data_source=val.source, checkpoint=ck["path"])
     m = "accuracy" if val.task == "classification" else "miou"
     print(f"{cfg.model} on {val.source}: {m} {100 * res[m]:.2f}%  loss {res['loss']:.4f}  "

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .streets import CITYSCAPES_CLASSES, IGNORE_INDEX, render_street
+from .streets import CITYSCAPES_CLASSES, IGNORE_INDEX, STREET_CLASSES, render_street
 
 log = logging.getLogger("spconv2d.zoo")
 
@@ -42,11 +42,13 @@ class TensorImageDataset(Dataset):
     """Images and targets held in memory as tensors."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, *, task: str,
-                 class_names: Sequence[str], source: str):
+                 class_names: Sequence[str], source: str, eval_classes: Optional[Sequence[int]] = None):
         assert len(images) == len(targets)
         self.images, self.targets = images, targets
         self.task, self.class_names, self.source = task, tuple(class_names), source
         self.num_classes = len(self.class_names)
+        # the classes the data set's labels can contain: mIoU averages over these (see evaluate)
+        self.eval_classes = tuple(eval_classes) if eval_classes is not None else tuple(range(self.num_classes))
         self.in_chans = images.shape[1]
         self.image_size = tuple(images.shape[-2:])
 
@@ -141,6 +143,7 @@ class CityscapesSegmentation(Dataset):
     task = "segmentation"
     class_names = CITYSCAPES_CLASSES
     num_classes = 19
+    eval_classes = tuple(range(19))
     in_chans = 3
 
     def __init__(self, root: str, split: str = "train", size: Tuple[int, int] = (128, 256)):
@@ -220,7 +223,7 @@ def streets(split: str = "train", size: Optional[Tuple[int, int]] = None, num_sa
         imgs[i] = im.transpose(2, 0, 1)
         labs[i] = lab
     return TensorImageDataset(torch.from_numpy(imgs), torch.from_numpy(labs), task="segmentation",
-                              class_names=CITYSCAPES_CLASSES,
+                              class_names=CITYSCAPES_CLASSES, eval_classes=STREET_CLASSES,
                               source=f"streets procedural ({split}: {n} scenes {H}x{W}, seeds {base}..{base + n - 1})")
 
 
@@ -229,7 +232,7 @@ class SubsetWithInfo(Dataset):
 
     def __init__(self, ds, indices):
         self.ds, self.indices = ds, [int(i) for i in indices]
-        for k in ("task", "num_classes", "class_names", "in_chans", "image_size"):
+        for k in ("task", "num_classes", "class_names", "eval_classes", "in_chans", "image_size"):
             setattr(self, k, getattr(ds, k))
         self.source = f"{ds.source}, subset of {len(self.indices)}"
 
@@ -247,7 +250,7 @@ def limit(ds, n: Optional[int], seed: int = 0):
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     if isinstance(ds, TensorImageDataset):
         return TensorImageDataset(ds.images[idx], ds.targets[idx], task=ds.task, class_names=ds.class_names,
-                                  source=f"{ds.source}, subset of {n}")
+                                  eval_classes=ds.eval_classes, source=f"{ds.source}, subset of {n}")
     return SubsetWithInfo(ds, idx.tolist())
 
 

@@ -31,7 +31,7 @@ from . import models as _models  # noqa: F401  (registers the models)
 from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint,
                          restore_rng, save_checkpoint, save_weights)
 from .data import build_dataset
-from .masks import MaskPolicy, measured_density
+from .masks import DEFAULT_DENSITY, MaskPolicy, measured_density
 from .models import count_parameters
 from .registry import create_model, model_entrypoint
 from .streets import IGNORE_INDEX
@@ -49,8 +49,8 @@ MODEL_DEFAULTS: Dict[str, Dict[str, Any]] = {
 FALLBACK_DEFAULTS = dict(epochs=10, batch_size=32, lr=1e-3, weight_decay=1e-4)
 DATA_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "mnist": dict(mask_policy="nonzero", density=None, size=None, num_train=None, num_val=None),
-    "streets": dict(mask_policy="residual", density=0.25, size=(64, 128), num_train=1000, num_val=200),
-    "cityscapes": dict(mask_policy="residual", density=0.25, size=(128, 256), num_train=None, num_val=None),
+    "streets": dict(mask_policy="residual", density=DEFAULT_DENSITY, size=(64, 128), num_train=1000, num_val=200),
+    "cityscapes": dict(mask_policy="residual", density=DEFAULT_DENSITY, size=(128, 256), num_train=None, num_val=None),
 }
 
 
@@ -100,7 +100,7 @@ class TrainConfig:
             log.warning("--density %.3g is ignored by the 'nonzero' mask policy (use --mask-policy residual)",
                         self.density)
         if c.density is None and c.mask_policy in ("edge", "contrast", "residual"):
-            c.density = 0.25
+            c.density = DEFAULT_DENSITY
         if c.size is not None:
             c.size = tuple(int(s) for s in c.size)
         if c.out is None:
@@ -134,7 +134,7 @@ def get_datasets(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
     kw = dict(num_classes=dataset.num_classes, in_chans=dataset.in_chans, **cfg.model_kwargs)
     if cfg.model == "sparse_unet":
-        kw.update(density=cfg.density or 0.25, mask_policy=cfg.mask_policy or "residual")
+        kw.update(density=cfg.density or DEFAULT_DENSITY, mask_policy=cfg.mask_policy or "residual")
     if cfg.model == "mlp":
         kw.update(img_size=dataset.image_size[0])
     model = create_model(cfg.model, **kw)
@@ -148,7 +148,7 @@ def mask_policy_for(cfg: TrainConfig, model) -> Optional[MaskPolicy]:
     """The activity-mask policy a sparse model is fed with (None for dense models)."""
     if not getattr(model, "sparse", False):
         return None
-    return MaskPolicy(cfg.mask_policy or "nonzero", cfg.density or 0.25)
+    return MaskPolicy(cfg.mask_policy or "nonzero", cfg.density or DEFAULT_DENSITY)
 
 
 def criterion(task: str, aux_weight: float = 0.0) -> Callable:
@@ -239,9 +239,14 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, task: str, epoch: int,
 
 @torch.no_grad()
 def evaluate(model, loader, *, task: str, num_classes: int, device, policy: Optional[MaskPolicy],
-             class_names=None) -> Dict[str, Any]:
+             class_names=None, eval_classes=None) -> Dict[str, Any]:
     """Loss, accuracy (classification) or mIoU over all labelled pixels (segmentation),
-    per-class scores, mean measured density and inference images per second (mask included)."""
+    per-class scores, mean measured density and inference images per second (mask included).
+
+    mIoU averages the IoU of the data set's ``eval_classes`` (default: all) that occur in the
+    ground truth or the prediction, like Cityscapes' fixed list of evaluated classes. Every
+    labelled pixel counts: a pixel predicted as a class outside the list is an error of its true
+    class (it lowers that class's IoU), it just does not add a class of its own."""
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     tot_loss, n_img, n_lab, t_compute, dens = 0.0, 0, 0, 0.0, []
@@ -275,7 +280,10 @@ def evaluate(model, loader, *, task: str, num_classes: int, device, policy: Opti
         union = conf.sum(0).double() + conf.sum(1).double() - tp
         iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
         present = union > 0
-        res["miou"] = float(iou[present].mean()) if present.any() else 0.0
+        evaluated = torch.zeros_like(present)
+        evaluated[list(eval_classes) if eval_classes is not None else slice(None)] = True
+        counted = present & evaluated
+        res["miou"] = float(iou[counted].mean()) if counted.any() else 0.0
         res["pixel_accuracy"] = float(tp.sum() / max(conf.sum(), 1))
         res["per_class_iou"] = {n: (float(iou[i]) if present[i] else None) for i, n in enumerate(names)}
     return res
@@ -393,7 +401,8 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
                              warmup=cfg.warmup, device=device, policy=policy, aux=cfg.aux_weight > 0,
                              progress=cfg.progress)
         evaluation = evaluate(model, val_loader, task=task, num_classes=ds_train.num_classes, device=device,
-                              policy=policy, class_names=ds_train.class_names)
+                              policy=policy, class_names=ds_train.class_names,
+                              eval_classes=getattr(ds_val, "eval_classes", None))
         entry = {"epoch": epoch + 1, "train_loss": tr["train_loss"], "val_loss": evaluation["loss"],
                  metric: evaluation[metric], "lr": optimizer.param_groups[0]["lr"],
                  "train_images_per_s": tr["train_images_per_s"],
@@ -407,7 +416,8 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
         _write_outputs(cfg, history, evaluation, n_params, metric, ds_train)
     if evaluation is None:  # nothing left to train (resumed a finished run): evaluate once
         evaluation = evaluate(model, val_loader, task=task, num_classes=ds_train.num_classes, device=device,
-                              policy=policy, class_names=ds_train.class_names)
+                              policy=policy, class_names=ds_train.class_names,
+                              eval_classes=getattr(ds_val, "eval_classes", None))
     metrics = _write_outputs(cfg, history, evaluation, n_params, metric, ds_train)
     save_weights(os.path.join(cfg.out, WEIGHTS_NAME), model, cfg.to_dict())
     save_prediction_sheet(model, ds_val, cfg, policy, os.path.join(cfg.out, "predictions.png"), device)

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 POLICIES = ("nonzero", "edge", "contrast", "residual", "full")
+# target density of the energy policies unless told otherwise: the operating point the zoo's
+# sparse U-Net is trained and measured at (docs/ZOO.md)
+DEFAULT_DENSITY = 0.3
 # default dilation per energy policy (the residual is already a band around each boundary)
 DEFAULT_DILATION = {"edge": 3, "contrast": 3, "residual": 1}
 
@@ -91,11 +94,11 @@ def threshold_density(energy: torch.Tensor, density: float, dilation: int = 3) -
         energy = F.max_pool2d(energy[:, None], dilation, 1, dilation // 2)[:, 0, :H, :W]
     flat = energy.reshape(B, -1)
     k = max(1, min(flat.shape[1], round(density * flat.shape[1])))
-    thresh = flat.topk(k, dim=1).values[:, -1:]  # k-th largest per image
+    thresh = flat.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values  # k-th largest per image
     return (flat >= thresh).view(B, H, W)
 
 
-def make_mask(images: torch.Tensor, policy: str = "edge", density: float = 0.25,
+def make_mask(images: torch.Tensor, policy: str = "edge", density: float = DEFAULT_DENSITY,
               dilation: Optional[int] = None) -> torch.Tensor:
     """The activity mask ``[B, H, W]`` bool of ``images`` ``[B, C, H, W]`` under ``policy``
     (``dilation`` None: the policy's default, 3 for edge/contrast, 1 for residual)."""
@@ -122,7 +125,7 @@ def measured_density(mask: torch.Tensor) -> float:
 class MaskPolicy:
     """A callable ``images -> mask`` carrying its configuration (picklable, no parameters)."""
 
-    def __init__(self, policy: str = "edge", density: float = 0.25, dilation: Optional[int] = None):
+    def __init__(self, policy: str = "edge", density: float = DEFAULT_DENSITY, dilation: Optional[int] = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown mask policy {policy!r}; choose from {POLICIES}")
         if dilation is None:

@@ -20,7 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .masks import MaskPolicy
+from spconv2d.tensor import at_sites
+
+from .masks import DEFAULT_DENSITY, MaskPolicy
 from .registry import register_model
 
 
@@ -155,8 +157,16 @@ class SparseCNN(_CNNBase):
         return self.fc(self.drop(self.gpool(x)))
 
 
+def _neighbours(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B, h, w, 9, C]``: every cell's 3x3 neighbourhood, raster order,
+    replicate-padded borders."""
+    B, C, h, w = x.shape
+    xp = F.pad(x, (1, 1, 1, 1), mode="replicate").permute(0, 2, 3, 1)
+    return torch.stack([xp[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], 3)
+
+
 def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
-                    sigma_r: float = 0.1, sigma_s: float = 2.0) -> torch.Tensor:
+                    sigma_r: float = 0.05, sigma_s: float = 3.0) -> torch.Tensor:
     """Joint bilateral upsampling of cell logits ``[B, K, H/cell, W/cell]`` to ``[B, K, H, W]``.
 
     Every pixel takes a weighted mean of the logits of the 3x3 cells around its own, weighted by
@@ -164,35 +174,50 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     ``exp(-|pixel colour - cell mean colour|^2 / 2 sigma_r^2)``: a pixel in a mixed cell (a class
     boundary crossing it) takes the prediction of the neighbouring cell whose colour it has,
     where bilinear upsampling would blend the two. Parameter-free; with ``sigma_r`` -> inf it is
-    a Gaussian-weighted (bilinear-like) upsampling."""
+    a Gaussian-weighted (bilinear-like) upsampling. The defaults were chosen on held-out
+    ``streets`` scenes (docs/ZOO.md).
+
+    Computed cell by cell as two batched GEMMs (colour distances, then the weighted sum of the
+    9 neighbours' logits); the result is an NCHW view of channels-last memory."""
     B, K, h, w = logits.shape
     C = images.shape[1]
-    pooled = F.avg_pool2d(images, cell)
-    Ln = F.unfold(F.pad(logits, (1, 1, 1, 1), mode="replicate"), 3).view(B, K, 9, h, w)
-    Pn = F.unfold(F.pad(pooled, (1, 1, 1, 1), mode="replicate"), 3).view(B, C, 9, h, w)
-    d2 = (images.view(B, C, 1, h, cell, w, cell) - Pn.view(B, C, 9, h, 1, w, 1)).pow(2).sum(1)
+    n = B * h * w
+    pix = images.view(B, C, h, cell, w, cell).permute(0, 2, 4, 1, 3, 5).reshape(n, C, cell * cell)
+    nb = _neighbours(F.avg_pool2d(images, cell)).reshape(n, 9, C)
+    # |pixel - neighbour mean|^2 = |p|^2 - 2 p.m + |m|^2: one batched GEMM, [n, 9, cell^2]
+    d2 = torch.baddbmm(nb.pow(2).sum(2, keepdim=True) + pix.pow(2).sum(1, keepdim=True), nb, pix, alpha=-2)
     pos = (torch.arange(cell, dtype=images.dtype, device=images.device) + 0.5) - cell / 2
     off = torch.tensor([-cell, 0.0, cell], dtype=images.dtype, device=images.device)
     sy = (pos[None, :] - off[:, None]).pow(2)  # [3 neighbours, cell] squared pixel distances
-    ds = (sy[:, None, :, None] + sy[None, :, None, :]).reshape(9, 1, cell, 1, cell)
-    wgt = torch.softmax(-ds / (2 * sigma_s ** 2) - d2 / (2 * sigma_r ** 2), 1)  # [B, 9, h, c, w, c]
-    return torch.einsum("bnhawc,bknhw->bkhawc", wgt, Ln).reshape(B, K, h * cell, w * cell)
+    ds = (sy[:, None, :, None] + sy[None, :, None, :]).reshape(9, cell * cell)
+    wgt = torch.softmax(ds / (-2 * sigma_s ** 2) + d2.clamp_min_(0) / (-2 * sigma_r ** 2), 1)
+    out = torch.bmm(wgt.transpose(1, 2), _neighbours(logits).reshape(n, 9, K))  # [n, cell^2, K]
+    out = out.view(B, h, w, cell, cell, K).permute(0, 1, 3, 2, 4, 5).reshape(B, h * cell, w * cell, K)
+    return out.permute(0, 3, 1, 2)
+
+
+def _bilinear(logits: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear upsampling in channels-last (~2.5x faster on a CPU; permutes to NHWC are free)."""
+    return F.interpolate(logits.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
+                         align_corners=False)
 
 
 # --------------------------------------------------------------------------------------------
 # U-Nets
 # --------------------------------------------------------------------------------------------
 class _UNetBase(nn.Module):
-    """A 3-level mini U-Net (channels c, 2c, 4c; default 16/32/64).
+    """A 3-level mini U-Net (channels c, 2c, 4c; default 16/32/64) with a dense context head.
 
     enc0: 2x conv3            (H,   W)
     down1: conv k2 s2, enc1: 2x conv3   (H/2, W/2)
     down2: conv k2 s2, enc2: 2x conv3   (H/4, W/4)   <- coarsest level
-    up2: convT k2 s2, cat enc1, dec1: 2x conv3
-    up1: convT k2 s2, cat enc0, dec0: 2x conv3, head: conv1x1 -> logits
-    coarse: dense head on the coarsest level: cat(enc2 features, avg-pooled image, occupancy,
-            row coordinate) -> conv3 -> BN -> ReLU -> conv3 (dilation 2) -> BN -> ReLU -> conv1x1
-            -> logits at H/4 x W/4.
+    coarse (dense in both twins, H/4 x W/4 = 1/16 of the pixels): cat(enc2 features, the 4x4
+            cells' colour mean and standard deviation, occupancy, row coordinate) -> conv3 -> BN
+            -> ReLU -> conv3 (dilation 2) -> BN -> ReLU = *context* (4c channels); -> conv1x1 =
+            *coarse logits*
+    up2: convT k2 s2 of (enc2 + context), cat enc1, dec1: 2x conv3
+    up1: convT k2 s2, cat enc0, dec0: 2x conv3, head: conv1x1
+    logits = head + the coarse logits upsampled (the fine path predicts a correction)
     Every conv is followed by BN + ReLU (except the heads). H and W must be multiples of 4.
     """
 
@@ -215,20 +240,24 @@ class _UNetBase(nn.Module):
         self.head = ops.conv(c0, num_classes, 1, bias=True)
         # the coarse head is dense in both twins (it runs on H/4 x W/4)
         self.coarse = nn.Sequential(
-            nn.Conv2d(c2 + in_chans + 2, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),
+            nn.Conv2d(c2 + 2 * in_chans + 2, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),
             nn.Conv2d(c2, c2, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),
             nn.Conv2d(c2, num_classes, 1))
         _init_weights(self)
 
-    def coarse_logits(self, coarse_feats, images, occupancy):
-        """``coarse_feats`` dense [B, 4c, H/4, W/4]; ``occupancy`` [B, 1, H/4, W/4] in [0, 1].
+    def context(self, coarse_feats, images, occupancy):
+        """Dense context at H/4 x W/4: ``(features [B, 4c, h, w], logits [B, classes, h, w])``.
 
-        Inputs: the coarsest features, the 4x4-average-pooled image, the occupancy and the
-        normalised row coordinate (a vertical position prior: sky above, road below)."""
+        ``coarse_feats`` dense [B, 4c, H/4, W/4]; ``occupancy`` [B, 1, H/4, W/4] in [0, 1].
+        Inputs: the coarsest features, each 4x4 cell's colour mean and standard deviation (its
+        texture: the sparse twin has no features in cells without active pixels), the occupancy
+        and the normalised row coordinate (a vertical position prior: sky above, road below)."""
         pooled = F.avg_pool2d(images, 4)
+        std = (F.avg_pool2d(images * images, 4) - pooled * pooled).clamp_min(0).sqrt()  # texture
         B, _, h, w = pooled.shape
         rows = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype).view(1, 1, h, 1).expand(B, 1, h, w)
-        return self.coarse(torch.cat([coarse_feats, pooled, occupancy, rows], 1))
+        feats = self.coarse[:-1](torch.cat([coarse_feats, pooled, std, occupancy, rows], 1))
+        return feats, self.coarse[-1](feats)
 
     @staticmethod
     def _check(images):
@@ -248,15 +277,12 @@ class UNet(_UNetBase):
         e0 = self.enc0(images)
         e1 = self.enc1(self.down1(e0))
         e2 = self.enc2(self.down2(e1))
-        d1 = self.dec1(torch.cat([self.up2(e2), e1], 1))
+        ctx, coarse = self.context(e2, images, e2.new_ones(e2.shape[0], 1, *e2.shape[2:]))
+        d1 = self.dec1(torch.cat([self.up2(e2 + ctx), e1], 1))
         d0 = self.dec0(torch.cat([self.up1(d1), e0], 1))
-        logits = self.head(d0)
-        if not return_aux:
-            return logits
-        occ = e2.new_ones(e2.shape[0], 1, *e2.shape[2:])
-        aux = F.interpolate(self.coarse_logits(e2, images, occ), size=images.shape[-2:],
-                            mode="bilinear", align_corners=False)
-        return logits, aux
+        up = _bilinear(coarse, images.shape[-2:])
+        logits = self.head(d0) + up  # the fine head corrects the upsampled coarse prediction
+        return (logits, up) if return_aux else logits
 
 
 class SparseUNet(_UNetBase):
@@ -264,17 +290,19 @@ class SparseUNet(_UNetBase):
 
     Encoder on the active pixels (SubMConv2d, SparseConv2d k2 s2), decoder with
     ``up(x, output=skip)`` so each level is computed exactly at its encoder sites, full-resolution
-    head on the active pixels. The coarsest level is made dense (``to_dense``) and the dense
-    coarse head gives logits for every H/4 x W/4 cell (with the avg-pooled image and the cell's
-    fraction of active pixels as extra inputs, so cells with no active pixel still see their
-    colour); they are brought to H x W by ``guided_upsample`` (colour-guided joint bilateral
-    upsampling; ``upsample="bilinear"``: plain bilinear) and the active pixels' full-resolution
-    logits are scattered over them. The returned aux logits are the same upsampled coarse logits.
+    head on the active pixels. The coarsest level is made dense (``to_dense``) for the dense
+    context head, which gives logits for every H/4 x W/4 cell (cells without an active pixel
+    still see their colour and texture) and context features that join the decoder at the
+    coarsest level's sites. Inactive pixels take the coarse logits brought to H x W by
+    ``guided_upsample`` (colour-guided joint bilateral upsampling; ``upsample="bilinear"``: plain
+    bilinear); active pixels take the head's correction plus the bilinearly upsampled coarse
+    logits, as every pixel does in ``unet``: with every pixel active the twins compute the same.
+    The returned aux logits are the upsampled coarse logits everywhere.
     """
 
     sparse = True
 
-    def __init__(self, density: float = 0.25, mask_policy: str = "residual", upsample: str = "guided", **kw):
+    def __init__(self, density: float = DEFAULT_DENSITY, mask_policy: str = "residual", upsample: str = "guided", **kw):
         super().__init__(sparse_ops(), **kw)
         if upsample not in ("guided", "bilinear"):
             raise ValueError(f"upsample must be 'guided' or 'bilinear', got {upsample!r}")
@@ -291,18 +319,16 @@ class SparseUNet(_UNetBase):
         e1 = self.enc1(self.down1(e0))
         e2 = self.enc2(self.down2(e1))
         occ = F.avg_pool2d(mask[:, None].to(images.dtype), 4)
-        coarse = self.coarse_logits(e2.to_dense(), images, occ)
+        ctx, coarse = self.context(e2.to_dense(), images, occ)
+        e2 = e2.replace(e2.features + at_sites(ctx, e2.coords))
         d1 = self.dec1(sp.cat([self.up2(e2, output=e1), e1]))
         d0 = self.dec0(sp.cat([self.up1(d1, output=e0), e0]))
-        fine = self.head(d0)  # logits at the active pixels, [N, classes]
-        if self.upsample == "guided":
-            up = guided_upsample(coarse, images)
-        else:  # channels-last: the bilinear kernel is ~2.5x faster and the permute below is a free view
-            up = F.interpolate(coarse.contiguous(memory_format=torch.channels_last), size=images.shape[-2:],
-                               mode="bilinear", align_corners=False)
-        c = fine.coords.long()
-        out = up.permute(0, 2, 3, 1).index_put((c[:, 0], c[:, 1], c[:, 2]), fine.features)
-        out = out.permute(0, 3, 1, 2)
+        bil = _bilinear(coarse, images.shape[-2:])
+        fine = self.head(d0).features + at_sites(bil, d0.coords)  # as in unet: a correction
+        up = guided_upsample(coarse, images) if self.upsample == "guided" else bil
+        c = d0.coords.long()
+        out = up.clone() if return_aux else up  # the aux output keeps the coarse prediction everywhere
+        out.permute(0, 2, 3, 1).index_put_((c[:, 0], c[:, 1], c[:, 2]), fine)
         return (out, up) if return_aux else out
 
 
@@ -335,7 +361,7 @@ def unet(num_classes: int = 19, in_chans: int = 3, **kw) -> nn.Module:
 
 
 @register_model
-def sparse_unet(num_classes: int = 19, in_chans: int = 3, density: float = 0.25,
+def sparse_unet(num_classes: int = 19, in_chans: int = 3, density: float = DEFAULT_DENSITY,
                 mask_policy: str = "residual", **kw) -> nn.Module:
     """``unet`` on the active pixels (same state_dict layout as ``unet``)."""
     return SparseUNet(in_chans=in_chans, num_classes=num_classes, density=density,
