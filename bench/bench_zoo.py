@@ -1,7 +1,10 @@
 """Model-zoo inference benchmarks: dense vs sparse twins, side by side, same inputs.
 
-    pytest bench/bench_zoo.py --benchmark-group-by=group \
-        --benchmark-json=bench_zoo.json
+    BENCH_THREADS=2 python -m pytest bench/bench_zoo.py --benchmark-group-by=group \
+        --benchmark-json=bench/results/zoo_2thread_run1.json
+
+On a VM whose speed drifts, run it a few times in a row and compare the runs' medians (docs/ZOO.md
+quotes the median of three runs' medians and the fastest round).
 
 Groups
     unet-streets-64x128-b16   unet | sparse_unet (mask given) | sparse_unet (mask policy included)
