@@ -1,6 +1,6 @@
 """``spconv2d`` command line: ``list``, ``train``, ``eval``, ``predict``.
 
-    spconv2d train sparse_cnn --data mnist            # the main one: ~3 min on a 2-core CPU
+    spconv2d train sparse_cnn --data mnist            # the main one: ~1-2 min on a 2-core CPU
     spconv2d train sparse_unet --data streets --density 0.3
     spconv2d eval runs/sparse_cnn-mnist
     spconv2d predict runs/sparse_unet-streets street.png --out preds/

@@ -39,6 +39,11 @@ def _gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return F.embedding(idx, src)
 
 
+def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a row of zeros appended: what a neighbour table's missing entries gather."""
+    return torch.cat([x, x.new_zeros(1, x.shape[1])])
+
+
 class SortIndex:
     strategy = "sort"
 
@@ -168,8 +173,7 @@ class TorchBackend:
         ident = kmap.identity_offset
         dst = self._start(src, weight, bias, n_dst, ident)
         if self._use_table(kmap, weight.shape[1], weight.shape[2], n_dst):
-            table = self._table(kmap, reverse)
-            padded = torch.cat([src, src.new_zeros(1, src.shape[1])])
+            table, padded = self._table(kmap, reverse), _with_zero_row(src)
             for k in range(weight.shape[0]):
                 if k != ident:
                     dst.addmm_(_gather_rows(padded, table[k]), weight[k])
@@ -195,8 +199,7 @@ class TorchBackend:
         grad_w = f.new_zeros(K, f.shape[1], g.shape[1])
         ident = kmap.identity_offset
         if self._use_table(kmap, f.shape[1], g.shape[1], kmap.n_out):
-            table = self._table(kmap, reverse=False)
-            padded = torch.cat([f, f.new_zeros(1, f.shape[1])])
+            table, padded = self._table(kmap, reverse=False), _with_zero_row(f)
             for k in range(K):
                 if k == ident:
                     torch.mm(f.t(), g, out=grad_w[k])
