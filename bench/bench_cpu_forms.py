@@ -14,7 +14,6 @@ boundaries, ~0.7 of each active pixel's neighbours active). The group name carri
 
 ``BENCH_THREADS=N`` fixes torch's CPU threads (default: torch's own).
 """
-import os
 
 import pytest
 import torch
@@ -30,16 +29,6 @@ B, H, W = 16, 64, 128
 CHANNELS = [16, 32, 64]
 MASKS = ["random-0.10", "random-0.30", "random-0.50", "residual-0.10", "residual-0.25", "residual-0.30"]
 ROUNDS = 7
-THREADS = int(os.environ.get("BENCH_THREADS", 0))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    old = torch.get_num_threads()
-    if THREADS:
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(old)
 
 
 _CACHE = {}

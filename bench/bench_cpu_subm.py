@@ -10,7 +10,6 @@ skipped when absent).
 
 ``BENCH_THREADS=N`` fixes torch's CPU threads for every implementation (default: torch's own).
 """
-import os
 
 import pytest
 import torch
@@ -21,16 +20,6 @@ import spconv2d as sp
 H, W, C = 512, 1024, 64
 DENSITIES = [0.01, 0.05, 0.10, 0.25, 0.50]
 ROUNDS = 5
-THREADS = int(os.environ.get("BENCH_THREADS", 0))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    old = torch.get_num_threads()
-    if THREADS:
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(old)
 
 
 def _inputs(density):

@@ -23,16 +23,8 @@ from spconv2d.zoo.data import build_dataset
 from spconv2d.zoo.engine import auto_threads
 from spconv2d.zoo.masks import measured_density
 
-THREADS = int(os.environ.get("BENCH_THREADS", 0)) or auto_threads()
+DEFAULT_THREADS = auto_threads  # without BENCH_THREADS: the idle cores (bench/conftest.py)
 DENSITIES = (0.1, 0.25, 0.3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(old)
 
 
 def _model(name, **kw):
@@ -65,7 +57,7 @@ def _run(benchmark, fn, rounds=15):
 @pytest.mark.benchmark(group="unet-streets-64x128-b16")
 def test_unet_dense(benchmark, streets_batch):
     m = _model("unet")
-    benchmark.extra_info.update(density=1.0, threads=THREADS, parameters=sum(p.numel() for p in m.parameters()))
+    benchmark.extra_info.update(density=1.0, threads=torch.get_num_threads(), parameters=sum(p.numel() for p in m.parameters()))
     _run(benchmark, lambda: m(streets_batch))
 
 
@@ -74,7 +66,7 @@ def test_unet_dense(benchmark, streets_batch):
 def test_sparse_unet_given_mask(benchmark, streets_batch, density):
     m = _model("sparse_unet", density=density)
     mask = m.policy(streets_batch)  # the model's own policy, computed outside the timing
-    benchmark.extra_info.update(density=measured_density(mask), threads=THREADS, mask=f"{m.policy.policy}, precomputed")
+    benchmark.extra_info.update(density=measured_density(mask), threads=torch.get_num_threads(), mask=f"{m.policy.policy}, precomputed")
     _run(benchmark, lambda: m(streets_batch, mask))
 
 
@@ -82,19 +74,19 @@ def test_sparse_unet_given_mask(benchmark, streets_batch, density):
 @pytest.mark.parametrize("density", DENSITIES)
 def test_sparse_unet_with_mask_policy(benchmark, streets_batch, density):
     m = _model("sparse_unet", density=density)
-    benchmark.extra_info.update(density=density, threads=THREADS, mask=f"{m.policy.policy} policy inside the timing")
+    benchmark.extra_info.update(density=density, threads=torch.get_num_threads(), mask=f"{m.policy.policy} policy inside the timing")
     _run(benchmark, lambda: m(streets_batch))
 
 
 @pytest.mark.benchmark(group="cnn-mnist-b256")
 def test_cnn_dense(benchmark, mnist_batch):
     m = _model("cnn")
-    benchmark.extra_info.update(density=1.0, threads=THREADS)
+    benchmark.extra_info.update(density=1.0, threads=torch.get_num_threads())
     _run(benchmark, lambda: m(mnist_batch))
 
 
 @pytest.mark.benchmark(group="cnn-mnist-b256")
 def test_sparse_cnn(benchmark, mnist_batch):
     m = _model("sparse_cnn")
-    benchmark.extra_info.update(density=measured_density((mnist_batch != 0).any(1)), threads=THREADS)
+    benchmark.extra_info.update(density=measured_density((mnist_batch != 0).any(1)), threads=torch.get_num_threads())
     _run(benchmark, lambda: m(mnist_batch))
