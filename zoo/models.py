@@ -20,16 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import spconv2d as sp  # the core library; the zoo depends on it, never the other way
 from spconv2d.tensor import at_sites
 
 from .masks import DEFAULT_DENSITY, MaskPolicy
 from .registry import register_model
-
-
-def _sp():
-    import spconv2d as sp  # the core library; the zoo depends on it, never the other way
-
-    return sp
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,7 +44,6 @@ def dense_ops() -> SimpleNamespace:
 
 
 def sparse_ops() -> SimpleNamespace:
-    sp = _sp()
     return SimpleNamespace(
         sparse=True,
         conv=lambda ci, co, k, bias=False: sp.nn.SubMConv2d(ci, co, k, bias=bias),
@@ -149,10 +143,10 @@ class SparseCNN(_CNNBase):
 
     def __init__(self, **kw):
         super().__init__(sparse_ops(), **kw)
-        self.gpool = _sp().nn.SparseGlobalAvgPool()
+        self.gpool = sp.nn.SparseGlobalAvgPool()
 
     def forward(self, images, mask=None):
-        x = _sp().SparseTensor.from_dense(images, mask)
+        x = sp.SparseTensor.from_dense(images, mask)
         x = self.features(x)
         return self.fc(self.drop(self.gpool(x)))
 
@@ -310,7 +304,6 @@ class SparseUNet(_UNetBase):
         self.upsample = upsample
 
     def forward(self, images, mask=None, return_aux: bool = False):
-        sp = _sp()
         self._check(images)
         if mask is None:
             mask = self.policy(images)
