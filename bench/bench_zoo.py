@@ -8,10 +8,12 @@ quotes the median of three runs' medians and the fastest round).
 
 Groups
     unet-streets-64x128-b16   unet | sparse_unet (mask given) | sparse_unet (mask policy included)
-                              at densities 0.1 / 0.25 / 0.3, eval mode, no grad
+                              at densities 0.1 / 0.25 / 0.3 | sparse_unet 0.3 without the
+                              refinement of uncertain pixels (refine=False); eval mode, no grad
     cnn-mnist-b256            cnn | sparse_cnn (active = non-zero pixels)
-Weights come from runs/<model>-<data>/model.safetensors when present (speed does not depend on
-them); otherwise random init. ``extra_info`` records density, threads and parameters.
+Weights come from runs/<model>-<data>/model.safetensors when present, otherwise random init. Use
+trained weights for sparse_unet: how many pixels it refines depends on how certain the model is
+(an untrained one hits the refine_fraction cap and guides every cell). ``extra_info`` records density, threads and parameters.
 """
 import os
 
@@ -27,10 +29,18 @@ DEFAULT_THREADS = auto_threads  # without BENCH_THREADS: the idle cores (bench/c
 DENSITIES = (0.1, 0.25, 0.3)
 
 
+def _weights(name):
+    data = "mnist" if "cnn" in name else "streets"
+    return os.path.join("runs", f"{name}-{data}", "model.safetensors")
+
+
+def _trained(name):
+    return os.path.isfile(_weights(name))
+
+
 def _model(name, **kw):
     m = zoo.create_model(name, **kw)
-    data = "mnist" if "cnn" in name else "streets"
-    path = os.path.join("runs", f"{name}-{data}", "model.safetensors")
+    path = _weights(name)
     if os.path.isfile(path):
         from safetensors.torch import load_file
 
@@ -57,7 +67,8 @@ def _run(benchmark, fn, rounds=15):
 @pytest.mark.benchmark(group="unet-streets-64x128-b16")
 def test_unet_dense(benchmark, streets_batch):
     m = _model("unet")
-    benchmark.extra_info.update(density=1.0, threads=torch.get_num_threads(), parameters=sum(p.numel() for p in m.parameters()))
+    benchmark.extra_info.update(density=1.0, threads=torch.get_num_threads(), parameters=sum(p.numel() for p in m.parameters()),
+                                trained=_trained("unet"))
     _run(benchmark, lambda: m(streets_batch))
 
 
@@ -66,7 +77,8 @@ def test_unet_dense(benchmark, streets_batch):
 def test_sparse_unet_given_mask(benchmark, streets_batch, density):
     m = _model("sparse_unet", density=density)
     mask = m.policy(streets_batch)  # the model's own policy, computed outside the timing
-    benchmark.extra_info.update(density=measured_density(mask), threads=torch.get_num_threads(), mask=f"{m.policy.policy}, precomputed")
+    benchmark.extra_info.update(density=measured_density(mask), threads=torch.get_num_threads(), mask=f"{m.policy.policy}, precomputed",
+                                trained=_trained("sparse_unet"))
     _run(benchmark, lambda: m(streets_batch, mask))
 
 
@@ -74,7 +86,15 @@ def test_sparse_unet_given_mask(benchmark, streets_batch, density):
 @pytest.mark.parametrize("density", DENSITIES)
 def test_sparse_unet_with_mask_policy(benchmark, streets_batch, density):
     m = _model("sparse_unet", density=density)
-    benchmark.extra_info.update(density=density, threads=torch.get_num_threads(), mask=f"{m.policy.policy} policy inside the timing")
+    benchmark.extra_info.update(density=density, threads=torch.get_num_threads(), mask=f"{m.policy.policy} policy inside the timing",
+                                trained=_trained("sparse_unet"))
+    _run(benchmark, lambda: m(streets_batch))
+
+
+@pytest.mark.benchmark(group="unet-streets-64x128-b16")
+def test_sparse_unet_without_refinement(benchmark, streets_batch):
+    m = _model("sparse_unet", refine=False)
+    benchmark.extra_info.update(density=m.policy.density, threads=torch.get_num_threads(), mask=f"{m.policy.policy} policy inside the timing", refine=False)
     _run(benchmark, lambda: m(streets_batch))
 
 

@@ -87,14 +87,102 @@ def test_sparse_unet_with_every_pixel_active_equals_unet():
 
 def test_sparse_unet_inactive_pixels_take_the_coarse_prediction():
     torch.manual_seed(0)
-    s = zoo.create_model("sparse_unet", density=0.2).eval()
     x = torch.rand(2, 3, 32, 64)
     mask = make_mask(x, "edge", 0.2)
+    for upsample in ("guided", "bilinear"):
+        s = zoo.create_model("sparse_unet", density=0.2, upsample=upsample, refine=False).eval()
+        with torch.no_grad():
+            out, coarse = s(x, mask, return_aux=True)
+        inactive = ~mask[:, None].expand_as(out)
+        assert torch.equal(out[inactive], coarse[inactive])
+        assert not torch.allclose(out[~inactive], coarse[~inactive])
+
+
+def _window_mean(logits, images, b, y, x, radius, sigma_r):
+    """The refinement formula for one pixel, written out."""
+    H, W = logits.shape[-2:]
+    num, den = 0.0, 0.0
+    for qy in range(max(0, y - radius), min(H, y + radius + 1)):
+        for qx in range(max(0, x - radius), min(W, x + radius + 1)):
+            wq = torch.exp(-(images[b, :, y, x] - images[b, :, qy, qx]).pow(2).sum() / (2 * sigma_r ** 2))
+            num, den = num + wq * logits[b, :, qy, qx], den + wq
+    return num / den
+
+
+def test_refine_at_equals_its_formula():
+    from spconv2d.zoo.models import refine_at
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)
+    images = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    idx = torch.tensor([0, 5, 10, 50, 98, 99, 120, 197])  # corners, borders, both images
+    got = refine_at(logits, images, idx, radius=2, sigma_r=0.3)
+    for i, f in enumerate(idx.tolist()):
+        b, y, x = f // 99, (f // 11) % 9, f % 11
+        torch.testing.assert_close(got[i], _window_mean(logits, images, b, y, x, 2, 0.3))
+    # differentiable w.r.t. the logits (the CSR product), like the gather it stands for
+    lg = logits.clone().requires_grad_(True)
+    refine_at(lg, images, idx, radius=2, sigma_r=0.3).sum().backward()
+    assert lg.grad is not None and lg.grad.abs().sum() > 0
+
+
+def test_guided_upsample_of_some_cells_writes_only_those():
+    from spconv2d.zoo.models import guided_upsample
+
+    g = torch.Generator().manual_seed(1)
+    logits, images = torch.randn(2, 4, 4, 6, generator=g), torch.rand(2, 3, 16, 24, generator=g)
+    cells = torch.rand(2, 4, 6, generator=g) < 0.5
+    out = torch.full((2, 4, 16, 24), 7.0)
+    guided_upsample(logits, images, out=out, cells=cells)
+    inside = cells.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None].expand_as(out)
+    torch.testing.assert_close(out[inside], guided_upsample(logits, images)[inside])
+    assert torch.equal(out[~inside], torch.full_like(out[~inside], 7.0))
+
+
+def test_sure_cells_keep_their_label_under_any_upsampling():
+    """The shortcut behind the sparse U-Net's refinement: in a cell whose 3x3 neighbourhood
+    agrees on a label with margins >= ``margin``, bilinear and guided upsampling give that label
+    with margin >= ``margin``, so neither guided upsampling nor refinement is needed there."""
+    from spconv2d.zoo.models import _bilinear, guided_upsample, logit_margin
+
+    s = zoo.create_model("sparse_unet")
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 3, (2, 4, 8), generator=g).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    coarse = 4.0 * F.one_hot(labels, 5).permute(0, 3, 1, 2).float() + 0.5 * torch.rand(2, 5, 8, 16, generator=g)
+    images = torch.rand(2, 3, 32, 64, generator=g)
+    sure = ~s._unsure_cells(coarse)
+    assert 0 < sure.sum() < sure.numel()
+    px = sure.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    for up in (_bilinear(coarse, (32, 64)), guided_upsample(coarse, images)):
+        assert torch.equal(up.argmax(1)[px], coarse.argmax(1).repeat_interleave(4, 1).repeat_interleave(4, 2)[px])
+        assert (logit_margin(up)[px] >= s.margin - 1e-5).all()
+
+
+def test_sparse_unet_refines_exactly_the_uncertain_inactive_pixels():
+    torch.manual_seed(0)
+    s = zoo.create_model("sparse_unet", density=0.3).eval()
+    s.refine_fraction = 1.0  # no cap: every uncertain pixel
+    x = torch.rand(2, 3, 32, 64)
+    mask = make_mask(x, "residual", 0.3)
     with torch.no_grad():
-        out, coarse = s(x, mask, return_aux=True)
-    inactive = ~mask[:, None].expand_as(out)
-    assert torch.equal(out[inactive], coarse[inactive])
-    assert not torch.allclose(out[~inactive], coarse[~inactive])
+        s.refine = False
+        base = s(x, mask)
+        s.refine = True
+        out = s(x, mask)
+    from spconv2d.zoo.models import logit_margin
+
+    chosen = ~mask & (logit_margin(base) < s.margin)  # (pixels of sure cells never are)
+    assert chosen.any() and (~chosen).any()
+    assert torch.equal(out.permute(0, 2, 3, 1)[~chosen], base.permute(0, 2, 3, 1)[~chosen])
+    for b, y, xx in chosen.nonzero().tolist()[::37]:
+        torch.testing.assert_close(out[b, :, y, xx], _window_mean(base, x, b, y, xx, s.refine_radius, s.refine_sigma_r),
+                                   rtol=1e-4, atol=1e-4)
+    # the cap keeps the least certain ones
+    s.refine_fraction = 0.01
+    with torch.no_grad():
+        capped = s(x, mask)
+    changed = (capped != base).any(1)
+    assert 0 < changed.sum() <= int(0.01 * changed.numel())
 
 
 def test_guided_upsample_follows_colour_inside_mixed_cells():
