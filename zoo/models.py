@@ -249,9 +249,10 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
     inside = (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
     # clamped neighbours outside the image (weight 0) keep each row's columns non-decreasing
     cols = (idx - y * W - x)[:, None] + ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)
-    colour = _rows(images)
-    diff = colour.index_select(0, cols.view(-1)).view(-1, k * k, colour.shape[1]) - colour.index_select(0, idx)[:, None]
-    wgt = torch.exp(diff.pow_(2).sum(2) / (-2 * sigma_r ** 2)) * inside
+    d2 = torch.zeros_like(cols, dtype=images.dtype)
+    for plane in images.transpose(0, 1).reshape(images.shape[1], -1):  # colour planes: long rows
+        d2 += (plane.index_select(0, cols.view(-1)).view_as(cols) - plane.index_select(0, idx)[:, None]).pow_(2)
+    wgt = torch.exp(d2 / (-2 * sigma_r ** 2)) * inside
     wgt = wgt / wgt.sum(1, keepdim=True)
     return _weighted_rows(wgt, cols, _rows(logits))
 
@@ -410,11 +411,13 @@ class SparseUNet(_UNetBase):
         of the neighbourhood's cell logits), have that label with a margin >= ``margin``: guided
         upsampling would not change the label there (bilinear stands in for it) and no pixel
         is uncertain enough to refine. On ``streets`` about half of the cells are unsure."""
-        coarse = coarse.detach()
-        lab = coarse.argmax(1, keepdim=True).to(coarse.dtype)
+        coarse = coarse.detach().contiguous()
+        top1, lab = coarse.max(1, keepdim=True)  # (argmax is ~4x slower on a CPU)
+        marg = top1 - coarse.masked_fill(coarse == top1, float("-inf")).amax(1, keepdim=True)
         pad = lambda t: F.pad(t, (1, 1, 1, 1), mode="replicate")  # noqa: E731
+        lab = lab.to(coarse.dtype)
         mixed = F.max_pool2d(pad(lab), 3, 1) != -F.max_pool2d(pad(-lab), 3, 1)
-        low = -F.max_pool2d(pad(-logit_margin(coarse)[:, None]), 3, 1) < self.margin
+        low = -F.max_pool2d(pad(-marg), 3, 1) < self.margin
         return (mixed | low)[:, 0]
 
     def _refine(self, out, images, mask, unsure):
@@ -427,7 +430,7 @@ class SparseUNet(_UNetBase):
         cell = W // unsure.shape[-1]
         cand = unsure.repeat_interleave(cell, 1).repeat_interleave(cell, 2) & ~mask
         idx = cand.view(-1).nonzero().squeeze(1)
-        marg = logit_margin(_rows(out).detach().index_select(0, idx))
+        marg = logit_margin(_rows(out).detach().index_select(0, idx).t(), 0)  # class rows: vectorised
         idx, marg = idx[marg < self.margin], marg[marg < self.margin]
         cap = int(self.refine_fraction * B * H * W)
         if idx.numel() > cap:
