@@ -22,6 +22,11 @@ from .tensor import SparseTensor
 
 Pair = Tuple[int, int]
 
+# Non-overlapping strided maps (k == s) find their output sites on an occupancy grid over the
+# output key space (no sort) while it has at most this many keys per input site, or this many.
+OCCUPANCY_KEYS_PER_SITE = 8
+OCCUPANCY_MIN_KEYS = 1 << 16
+
 
 def conv_output_size(size: int, k: int, s: int, p: int, r: int) -> int:
     return (size + 2 * p - r * (k - 1) - 1) // s + 1
@@ -58,10 +63,15 @@ def subm_map(x: SparseTensor, ksize: Pair, dilation: Pair, be, index: str = None
         c = K // 2
         offsets = (_kernel_offsets(ksize, cs.coords.device) - torch.tensor([ksize[0] // 2, ksize[1] // 2], device=cs.coords.device)) \
             * torch.tensor(dilation, device=cs.coords.device)
+        index_ = _index(cs, be, index)
+        if c > 0 and getattr(be, "full_subm_lookup", lambda i: False)(index_):
+            # one gather per offset is cheaper than the mirror scatter (grid index)
+            nbr = be.neighbor_table(index_, cs.coords, cs.spatial_shape, (1, 1), offsets, (1, 1))
+            return KernelMap(nbr, n, ksize, symmetric=True, identity_offset=c)
         nbr = torch.empty((K, n), dtype=torch.int32, device=cs.coords.device)
         if c > 0:
             # Look up half the offsets; the map is symmetric, so the mirror half is a scatter.
-            nbr[:c] = be.neighbor_table(_index(cs, be, index), cs.coords, cs.spatial_shape, (1, 1), offsets[:c], (1, 1))
+            nbr[:c] = be.neighbor_table(index_, cs.coords, cs.spatial_shape, (1, 1), offsets[:c], (1, 1))
             nbr[c + 1:] = -1
             _mirror_fill(nbr, c)
         nbr[c] = torch.arange(n, dtype=torch.int32, device=nbr.device)
@@ -107,6 +117,21 @@ def conv_map(x: SparseTensor, ksize: Pair, stride: Pair, padding: Pair, dilation
             k = (iy % stride[0]) * ksize[1] + (ix % stride[1])
             valid = (oy < Ho) & (ox < Wo)
             okeys = (b * Ho + oy) * Wo + ox
+            key_space = cs.batch_size * Ho * Wo
+            if key_space <= max(OCCUPANCY_KEYS_PER_SITE * cs.num, OCCUPANCY_MIN_KEYS):
+                # Occupancy over the output grid: its non-zeros are the sorted unique output
+                # keys and its running count their rows, with no sort of the candidates.
+                src = None if bool(valid.all()) else valid.nonzero().squeeze(1)  # all: H, W even
+                if src is not None:
+                    k, okeys = k.index_select(0, src), okeys.index_select(0, src)
+                occupied = torch.zeros(key_space, dtype=torch.bool, device=device)
+                occupied[okeys] = True
+                out_keys = occupied.nonzero().squeeze(1)
+                row = torch.cumsum(occupied, 0) - 1
+                nbr = torch.full((K, out_keys.numel()), -1, dtype=torch.int32, device=device)
+                rows = torch.arange(cs.num, dtype=torch.int32, device=device) if src is None else src.to(torch.int32)
+                nbr[k, row.index_select(0, okeys)] = rows
+                return _strided_out(x, cs, key, out_keys, out_shape, stride, nbr, ksize)
             cand = torch.full((K, cs.num), -1, dtype=torch.long, device=device)
             vmask = torch.zeros((K, cs.num), dtype=torch.bool, device=device)
             rows = torch.arange(cs.num, device=device)
@@ -121,15 +146,21 @@ def conv_map(x: SparseTensor, ksize: Pair, stride: Pair, padding: Pair, dilation
             vmask = (oy * stride[0] == qy) & (ox * stride[1] == qx) & (oy >= 0) & (oy < Ho) & (ox >= 0) & (ox < Wo)
             cand = (b.unsqueeze(0) * Ho + oy) * Wo + ox
         out_keys, nbr = _scatter_candidates(cand, vmask, out_shape, cs.batch_size, cs.num, K, device)
-        out_cs = CoordSet(
-            unpack_keys(out_keys, out_shape), out_shape, cs.batch_size,
-            (cs.stride[0] * stride[0], cs.stride[1] * stride[1]), name=key,
-        )
-        out_cs._keys = out_keys.to(out_cs.key_dtype)
-        out_cs = x._manager.add(out_cs)
-        return out_cs, KernelMap(nbr, cs.num, ksize)
+        return _strided_out(x, cs, key, out_keys, out_shape, stride, nbr, ksize)
 
     return x._manager.get_or_build(key, build)
+
+
+def _strided_out(x, cs, key, out_keys, out_shape, stride, nbr, ksize):
+    """The output ``CoordSet`` (registered with the manager) and the ``KernelMap`` of a strided
+    conv / pool from its sorted unique output keys."""
+    out_cs = CoordSet(
+        unpack_keys(out_keys, out_shape), out_shape, cs.batch_size,
+        (cs.stride[0] * stride[0], cs.stride[1] * stride[1]), name=key,
+    )
+    out_cs._keys = out_keys.to(out_cs.key_dtype)
+    out_cs = x._manager.add(out_cs)
+    return out_cs, KernelMap(nbr, cs.num, ksize)
 
 
 # -- transposed convolution ---------------------------------------------------------------

@@ -39,6 +39,18 @@ def test_index_strategies_build_identical_maps(strategy, gen):
     assert torch.equal(nbr, ref)
 
 
+@pytest.mark.parametrize("shape", [(17, 9), (16, 10)])
+def test_strided_map_occupancy_path_equals_sort_path(shape, gen, monkeypatch):
+    x = random_sparse(3, 2, shape, 0.3, empty=[1], generator=gen)
+    fast_cs, fast = sp.maps.conv_map(x, (2, 2), (2, 2), (0, 0), (1, 1))
+    monkeypatch.setattr(sp.maps, "OCCUPANCY_KEYS_PER_SITE", 0)
+    monkeypatch.setattr(sp.maps, "OCCUPANCY_MIN_KEYS", 0)  # force unique() over the candidates
+    y = x.replace(x.features)
+    y._manager = sp.CoordinateManager()
+    ref_cs, ref = sp.maps.conv_map(y, (2, 2), (2, 2), (0, 0), (1, 1))
+    assert torch.equal(fast_cs.coords, ref_cs.coords) and torch.equal(fast.nbr, ref.nbr)
+
+
 def test_index_strategy_context(monkeypatch):
     be = backends.resolve(torch.device("cpu"))
     monkeypatch.delenv("SPCONV2D_INDEX", raising=False)

@@ -71,10 +71,23 @@ class GridIndex:
     def __init__(self, keys: torch.Tensor, key_space: int):
         self.table = torch.full((key_space,), -1, dtype=torch.int32, device=keys.device)
         self.table[keys.long()] = torch.arange(keys.numel(), dtype=torch.int32, device=keys.device)
+        self._padded = {}
 
     def lookup(self, query_keys: torch.Tensor) -> torch.Tensor:
         rows = self.table[query_keys.clamp(min=0).long()]
         return rows.masked_fill_(query_keys < 0, -1)
+
+    def padded(self, shape, py: int, px: int) -> torch.Tensor:
+        """The table as ``[B, H + 2 py, W + 2 px]`` with a border of -1 (cached per padding):
+        neighbours up to ``(py, px)`` away are then one unchecked gather."""
+        t = self._padded.get((py, px))
+        if t is None:
+            H, W = shape
+            grid = self.table.view(-1, H, W)
+            t = torch.full((grid.shape[0], H + 2 * py, W + 2 * px), -1, dtype=torch.int32, device=grid.device)
+            t[:, py:py + H, px:px + W] = grid
+            self._padded[(py, px)] = t
+        return t
 
 
 def dense_subm_threshold(c_in: int, c_out: int) -> float:
@@ -117,6 +130,10 @@ class TorchBackend:
 
     def neighbor_table(self, index, out_coords, in_shape, scale, offsets, divisor) -> torch.Tensor:
         H, W = in_shape
+        if isinstance(index, GridIndex) and tuple(scale) == (1, 1) and tuple(divisor) == (1, 1) and out_coords.shape[0]:
+            lo, hi = out_coords[:, 1:].aminmax(dim=0)
+            if int(lo.min()) >= 0 and int(hi[0]) < H and int(hi[1]) < W:
+                return self._grid_neighbor_table(index, out_coords, in_shape, offsets)
         b, oy, ox = out_coords.long().unbind(1)
         ys, xs, base = oy * scale[0], ox * scale[1], b * H
         nbr = torch.empty((offsets.shape[0], out_coords.shape[0]), dtype=torch.int32, device=out_coords.device)
@@ -135,6 +152,24 @@ class TorchBackend:
             keys = (base + qy) * W + qx
             nbr[k] = index.lookup(keys.masked_fill_(~valid, -1))
         return nbr
+
+    @staticmethod
+    def full_subm_lookup(index) -> bool:
+        """Submanifold maps: look every offset up (a grid index makes that one gather each)
+        rather than half of them plus the mirror scatter."""
+        return isinstance(index, GridIndex)
+
+    @staticmethod
+    def _grid_neighbor_table(index, out_coords, in_shape, offsets) -> torch.Tensor:
+        """Same-grid lookups (output sites inside the input grid, unscaled): gather every offset
+        from the -1-bordered table at ``base + dy * W' + dx``, no bounds checks, one pass."""
+        py, px = (int(v) for v in offsets.abs().amax(0).tolist()) if offsets.numel() else (0, 0)
+        table = index.padded(in_shape, py, px)
+        Hp, Wp = table.shape[1:]
+        b, y, x = out_coords.long().unbind(1)
+        base = (b * Hp + y + py) * Wp + x + px
+        delta = offsets[:, 0].long() * Wp + offsets[:, 1].long()
+        return table.view(-1)[base[None, :] + delta[:, None]]
 
     # -- convolution ------------------------------------------------------------------
     def _use_table(self, kmap, c_in: int, c_out: int, n_dst: int) -> bool:
