@@ -40,6 +40,10 @@ class Backend(Protocol):
     def default_index_strategy(self, key_space: int, n_keys: Optional[int] = None) -> str:
         """Optional: the strategy ``auto`` resolves to (``hash`` when absent)."""
 
+    def full_subm_lookup(self, index: CoordIndex) -> bool:
+        """Optional: True when looking every offset of a submanifold map up with ``index`` is
+        cheaper than looking half of them up and mirroring (False when absent)."""
+
     def build_index(self, keys: torch.Tensor, key_space: int, strategy: str) -> CoordIndex:
         """Index over ``keys`` (unique, any order) with ``0 <= key < key_space``."""
 

@@ -155,8 +155,8 @@ class TorchBackend:
 
     @staticmethod
     def full_subm_lookup(index) -> bool:
-        """Submanifold maps: look every offset up (a grid index makes that one gather each)
-        rather than half of them plus the mirror scatter."""
+        """A grid index makes every offset one gather (``_grid_neighbor_table``): cheaper than
+        the mirror scatter of the other half."""
         return isinstance(index, GridIndex)
 
     @staticmethod
