@@ -139,23 +139,27 @@ def test_guided_upsample_of_some_cells_writes_only_those():
     assert torch.equal(out[~inside], torch.full_like(out[~inside], 7.0))
 
 
-def test_sure_cells_keep_their_label_under_any_upsampling():
-    """The shortcut behind the sparse U-Net's refinement: in a cell whose 3x3 neighbourhood
-    agrees on a label with margins >= ``margin``, bilinear and guided upsampling give that label
-    with margin >= ``margin``, so neither guided upsampling nor refinement is needed there."""
+def test_cell_states_bound_what_upsampling_can_change():
+    """The shortcut behind the sparse U-Net's inactive pixels: in a cell whose 3x3
+    neighbourhood agrees on a label (not *mixed*), bilinear and guided upsampling give every
+    pixel that label; where the neighbourhood's margins are also >= ``margin`` (not *unsure*),
+    with a margin >= ``margin``: neither guided upsampling nor refinement is needed there."""
     from spconv2d.zoo.models import _bilinear, guided_upsample, logit_margin
 
     s = zoo.create_model("sparse_unet")
     g = torch.Generator().manual_seed(2)
     labels = torch.randint(0, 3, (2, 4, 8), generator=g).repeat_interleave(2, 1).repeat_interleave(2, 2)
-    coarse = 4.0 * F.one_hot(labels, 5).permute(0, 3, 1, 2).float() + 0.5 * torch.rand(2, 5, 8, 16, generator=g)
+    scale = torch.ones(2, 1, 8, 16)
+    scale[:, :, :, :6] = 0.25  # a low-margin band: unanimous but unsure cells
+    coarse = 4.0 * scale * F.one_hot(labels, 5).permute(0, 3, 1, 2).float() + 0.5 * torch.rand(2, 5, 8, 16, generator=g)
     images = torch.rand(2, 3, 32, 64, generator=g)
-    sure = ~s._unsure_cells(coarse)
-    assert 0 < sure.sum() < sure.numel()
-    px = sure.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    mixed, unsure = s._cell_states(coarse)
+    assert mixed.any() and (unsure & ~mixed).any() and (~unsure).any() and (mixed <= unsure).all()
+    up4 = lambda t: t.repeat_interleave(4, -2).repeat_interleave(4, -1)  # noqa: E731
     for up in (_bilinear(coarse, (32, 64)), guided_upsample(coarse, images)):
-        assert torch.equal(up.argmax(1)[px], coarse.argmax(1).repeat_interleave(4, 1).repeat_interleave(4, 2)[px])
-        assert (logit_margin(up)[px] >= s.margin - 1e-5).all()
+        same = up4(~mixed)
+        assert torch.equal(up.argmax(1)[same], up4(coarse.argmax(1))[same])
+        assert (logit_margin(up)[up4(~unsure)] >= s.margin - 1e-5).all()
 
 
 def test_sparse_unet_refines_exactly_the_uncertain_inactive_pixels():

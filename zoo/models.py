@@ -153,12 +153,18 @@ class SparseCNN(_CNNBase):
         return self.fc(self.drop(self.gpool(x)))
 
 
-def _neighbours(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C, h, w]`` -> ``[B, h, w, 9, C]``: every cell's 3x3 neighbourhood, raster order,
-    replicate-padded borders."""
+def _neighbour_rows(x: torch.Tensor, sel: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[n, 9, C]``: the 3x3 neighbourhood (raster order, replicated at
+    the borders) of the cells ``sel`` (flat indices into ``B*h*w``; None: every cell), gathered
+    as rows of the padded channels-last map."""
     B, C, h, w = x.shape
-    xp = F.pad(x, (1, 1, 1, 1), mode="replicate").permute(0, 2, 3, 1)
-    return torch.stack([xp[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], 3)
+    rows = F.pad(x, (1, 1, 1, 1), mode="replicate").permute(0, 2, 3, 1).reshape(-1, C)
+    if sel is None:
+        sel = torch.arange(B * h * w, device=x.device)
+    b, cy, cx = sel // (h * w), (sel // w) % h, sel % w
+    d = torch.arange(3, device=x.device)
+    nbr = ((b * (h + 2))[:, None, None] + cy[:, None, None] + d[:, None]) * (w + 2) + cx[:, None, None] + d
+    return rows.index_select(0, nbr.view(-1)).view(-1, 9, C)
 
 
 def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
@@ -182,12 +188,12 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     9 neighbours' logits)."""
     B, K, h, w = logits.shape
     C = images.shape[1]
+    sel = None if cells is None else cells.reshape(-1).nonzero().squeeze(1)  # flat cell indices
     pix = images.view(B, C, h, cell, w, cell).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, cell * cell)
-    nb = _neighbours(F.avg_pool2d(images, cell)).reshape(-1, 9, C)  # per cell: [9 neighbours, C]
-    nl = _neighbours(logits).reshape(-1, 9, K)
-    if cells is not None:
-        sel = cells.reshape(-1).nonzero().squeeze(1)  # flat cell indices
-        pix, nb, nl = pix.index_select(0, sel), nb.index_select(0, sel), nl.index_select(0, sel)
+    if sel is not None:
+        pix = pix.index_select(0, sel)
+    nb = _neighbour_rows(F.avg_pool2d(images, cell), sel)  # per cell: [9 neighbours, C]
+    nl = _neighbour_rows(logits, sel)
     # |pixel - neighbour mean|^2 = |p|^2 - 2 p.m + |m|^2: one batched GEMM, [n, 9, cell^2]
     d2 = torch.baddbmm(nb.pow(2).sum(2, keepdim=True) + pix.pow(2).sum(1, keepdim=True), nb, pix, alpha=-2)
     pos = (torch.arange(cell, dtype=images.dtype, device=images.device) + 0.5) - cell / 2
@@ -199,10 +205,9 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     if cells is not None:
         cy, cx = (sel // w) % h, sel % w
         d = torch.arange(cell, device=sel.device)
-        y = (cy[:, None] * cell + d)[:, :, None].expand(-1, cell, cell)  # [n, cell, cell]
-        x = (cx[:, None] * cell + d)[:, None, :].expand(-1, cell, cell)
-        b = (sel // (h * w))[:, None, None].expand(-1, cell, cell)
-        out.permute(0, 2, 3, 1).index_put_((b, y, x), res.to(out.dtype))
+        pixel = (((sel // (h * w)) * h * cell + cy * cell)[:, None, None] + d[:, None]) * (w * cell) \
+            + (cx * cell)[:, None, None] + d  # [n, cell, cell] flat pixel indices
+        _put_rows(out, pixel.view(-1), res.reshape(-1, K))
         return out
     res = res.view(B, h, w, cell, cell, K).permute(0, 1, 3, 2, 4, 5).reshape(B, h * cell, w * cell, K)
     return res.permute(0, 3, 1, 2)
@@ -218,6 +223,16 @@ def logit_margin(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]`` -> ``[B*H*W, C]`` pixel rows (a view when ``x`` is channels-last)."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _put_rows(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
+    """``x[b, :, y, x] = rows`` at the flat pixel indices ``idx`` (into ``B*H*W``), in place."""
+    B, K, H, W = x.shape
+    pixels = x.permute(0, 2, 3, 1)
+    if pixels.is_contiguous():  # channels-last: pixel rows are a view
+        pixels.view(-1, K).index_copy_(0, idx, rows.to(x.dtype))
+    else:
+        pixels.index_put_((idx // (H * W), (idx // W) % H, idx % W), rows.to(x.dtype))
 
 
 def _weighted_rows(weights: torch.Tensor, cols: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -361,7 +376,7 @@ class SparseUNet(_UNetBase):
     bilinear); with ``refine`` (default) the uncertain ones (top-2 logit margin < ``margin``)
     then take the colour-weighted mean of their 7x7 window (``refine_at``), which brings in the
     full-resolution predictions of nearby active pixels. Both are computed only where they can
-    change a label (``_unsure_cells``; bilinear stands in elsewhere, same labels). The returned
+    change a label (``_cell_states``; bilinear stands in elsewhere, same labels). The returned
     aux logits are the upsampled coarse logits everywhere (before the active pixels and the
     refinement are written).
     """
@@ -398,9 +413,9 @@ class SparseUNet(_UNetBase):
         bil = _bilinear(coarse, images.shape[-2:])
         fine = self.head(d0).features + at_sites(bil, d0.coords)  # as in unet: a correction
         out = bil  # written in place from here on (at_sites and interpolate keep no copy of it)
-        unsure = self._unsure_cells(coarse) if (self.upsample == "guided" or self.refine) else None
+        mixed, unsure = self._cell_states(coarse) if (self.upsample == "guided" or self.refine) else (None, None)
         if self.upsample == "guided":
-            guided_upsample(coarse, images, out=out, cells=unsure)
+            guided_upsample(coarse, images, out=out, cells=mixed)
         aux = out.clone() if return_aux else None  # the coarse prediction everywhere
         c = d0.coords.long()
         out.permute(0, 2, 3, 1).index_put_((c[:, 0], c[:, 1], c[:, 2]), fine)
@@ -408,26 +423,28 @@ class SparseUNet(_UNetBase):
             self._refine(out, images, mask, unsure)
         return (out, aux) if return_aux else out
 
-    def _unsure_cells(self, coarse):
-        """Cells ``[B, h, w]`` whose 3x3 neighbourhood (replicated at the borders) is not
-        unanimous about its label with top-2 logit margins >= ``margin``.
+    def _cell_states(self, coarse):
+        """``(mixed, unsure)``, bool ``[B, h, w]``: cells whose 3x3 neighbourhood (replicated at
+        the borders) does not agree on one label, and cells that are mixed or have a neighbour
+        with a top-2 logit margin below ``margin``.
 
-        Elsewhere every pixel's upsampled logits, guided or bilinear (both convex combinations
-        of the neighbourhood's cell logits), have that label with a margin >= ``margin``: guided
-        upsampling would not change the label there (bilinear stands in for it) and no pixel
-        is uncertain enough to refine. On ``streets`` about 65 % of the cells are unsure."""
+        Guided and bilinear upsampling both give a pixel a convex combination of its
+        neighbourhood's cell logits: outside mixed cells they give it the neighbourhood's label
+        (guided upsampling is computed in mixed cells only, bilinear stands in elsewhere), and
+        outside unsure cells with a margin >= ``margin`` (no pixel there is refined). On
+        ``streets`` ~40 % of the cells are mixed, ~65 % unsure."""
         coarse = coarse.detach()
         lab = coarse.max(1, keepdim=True).indices.to(coarse.dtype)  # (argmax: ~4x slower on a CPU)
         pad = lambda t: F.pad(t, (1, 1, 1, 1), mode="replicate")  # noqa: E731
-        mixed = F.max_pool2d(pad(lab), 3, 1) != -F.max_pool2d(pad(-lab), 3, 1)
-        low = -F.max_pool2d(pad(-logit_margin(coarse)[:, None]), 3, 1) < self.margin
-        return (mixed | low)[:, 0]
+        mixed = (F.max_pool2d(pad(lab), 3, 1) != -F.max_pool2d(pad(-lab), 3, 1))[:, 0]
+        low = (-F.max_pool2d(pad(-logit_margin(coarse)[:, None]), 3, 1) < self.margin)[:, 0]
+        return mixed, mixed | low
 
     def _refine(self, out, images, mask, unsure):
         """Refine the *uncertain* inactive pixels of ``out`` in place with ``refine_at`` (the
         colour-weighted mean of their 7x7 window, which carries the full-resolution predictions
         of nearby active pixels of the same colour into them). Uncertain: in an unsure cell
-        (``_unsure_cells``) and a top-2 logit margin below ``margin``; the least certain
+        (``_cell_states``) and a top-2 logit margin below ``margin``; the least certain
         first, at most ``refine_fraction`` of all pixels (~2.7 % are refined on ``streets``)."""
         B, K, H, W = out.shape
         cell = W // unsure.shape[-1]
@@ -439,8 +456,7 @@ class SparseUNet(_UNetBase):
         if idx.numel() > cap:
             idx = idx[marg.topk(cap, largest=False).indices].sort().values
         if idx.numel():
-            new = refine_at(out, images, idx, self.refine_radius, self.refine_sigma_r)
-            out.permute(0, 2, 3, 1).index_put_((idx // (H * W), (idx // W) % H, idx % W), new)
+            _put_rows(out, idx, refine_at(out, images, idx, self.refine_radius, self.refine_sigma_r))
 
 
 # --------------------------------------------------------------------------------------------
