@@ -1,0 +1,90 @@
+"""Where a ``sparse_unet`` batch goes: per-step wall times next to ``unet``, the two models
+alternating round by round (so that a drifting machine slows both alike).
+
+    python bench/steps_zoo.py [--threads 2] [--rounds 15] [--density 0.3] [--no-refine]
+
+A diagnostic, not a benchmark (``bench_zoo.py`` is the benchmark): steps are timed by wrapping
+the model's submodules and its inactive-pixel helpers, so the total includes a little overhead.
+Weights come from ``runs/<model>-streets/model.safetensors`` when present (how much the sparse
+model refines depends on them).
+"""
+import argparse
+import functools
+import os
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+import spconv2d.zoo as zoo
+import spconv2d.zoo.models as zoo_models
+from spconv2d.zoo.data import build_dataset
+
+
+def load(name, **kw):
+    model = zoo.create_model(name, **kw).eval()
+    path = os.path.join("runs", f"{name}-streets", "model.safetensors")
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(path))
+    return model
+
+
+def timed(times, name, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times[name].append(time.perf_counter() - t0)
+    return wrapper
+
+
+def instrument(model, times):
+    """Time the sparse U-Net's steps (in forward order) by wrapping them in place."""
+    model.policy = timed(times, "mask", model.policy)
+    for name in ("enc0", "down1", "enc1", "down2", "enc2"):
+        module = getattr(model, name)
+        module.forward = timed(times, name, module.forward)
+    model.context = timed(times, "dense context head", model.context)
+    for name in ("up2", "dec1", "up1", "dec0", "head"):
+        module = getattr(model, name)
+        module.forward = timed(times, name, module.forward)
+    model._cell_states = timed(times, "cell states", model._cell_states)
+    if model.refine:
+        model._refine = timed(times, "refinement", model._refine)
+    zoo_models.guided_upsample = timed(times, "guided upsampling", zoo_models.guided_upsample)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--density", type=float, default=0.3)
+    ap.add_argument("--no-refine", action="store_true", help="sparse_unet(refine=False)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    images = build_dataset("streets", "val", num_samples=16).images
+    dense, sparse = load("unet"), load("sparse_unet", density=args.density, refine=not args.no_refine)
+    steps, total = defaultdict(list), defaultdict(list)
+    with torch.no_grad():
+        for _ in range(2):
+            dense(images), sparse(images)
+        instrument(sparse, steps)
+        for _ in range(args.rounds):
+            for name, model in (("unet", dense), ("sparse_unet", sparse)):
+                t0 = time.perf_counter()
+                model(images)
+                total[name].append(time.perf_counter() - t0)
+    ms = {k: 1e3 * statistics.median(v) for k, v in total.items()}
+    print(f"batch 16 x 3 x 64 x 128, {args.threads} thread(s), medians of {args.rounds} alternating rounds: "
+          f"unet {ms['unet']:.1f} ms, sparse_unet {ms['sparse_unet']:.1f} ms "
+          f"(unet / sparse_unet = {ms['unet'] / ms['sparse_unet']:.2f})")
+    print("sparse_unet steps (ms): " + ", ".join(f"{k} {1e3 * statistics.median(v):.1f}" for k, v in steps.items()))
+
+
+if __name__ == "__main__":
+    main()
