@@ -63,9 +63,9 @@ def subm_map(x: SparseTensor, ksize: Pair, dilation: Pair, be, index: str = None
         c = K // 2
         offsets = (_kernel_offsets(ksize, cs.coords.device) - torch.tensor([ksize[0] // 2, ksize[1] // 2], device=cs.coords.device)) \
             * torch.tensor(dilation, device=cs.coords.device)
-        index_ = _index(cs, be, index)
+        index_ = _index(cs, be, index) if c > 0 else None  # (a 1x1 map needs no lookup at all)
         if c > 0 and getattr(be, "full_subm_lookup", lambda i: False)(index_):
-            # one gather per offset is cheaper than the mirror scatter (grid index)
+            # every offset in one gather each beats half of them plus the mirror scatter
             nbr = be.neighbor_table(index_, cs.coords, cs.spatial_shape, (1, 1), offsets, (1, 1))
             return KernelMap(nbr, n, ksize, symmetric=True, identity_offset=c)
         nbr = torch.empty((K, n), dtype=torch.int32, device=cs.coords.device)
