@@ -34,6 +34,8 @@ def test_train_eval_predict_segmentation(tmp_path, capsys):
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["miou"] == pytest.approx(m["final"]["miou"], abs=1e-6)
     assert main(["eval", str(out / "model.safetensors")]) == 0  # weights-only file works too
+    assert main(["eval", str(out), "--no-refine", "--out", str(tmp_path / "noref.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "noref.json").read_text())["miou"] <= 1
 
     img = (np.random.default_rng(0).random((40, 80, 3)) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "street.png")
@@ -56,6 +58,8 @@ def test_train_resume_and_predict_classification(tmp_path, capsys):
     digit = np.zeros((28, 28), np.uint8)
     digit[5:23, 13:15] = 255
     Image.fromarray(digit).save(tmp_path / "one.png")
+    with pytest.raises(SystemExit, match="sparse_unet only"):
+        main(["eval", str(out), "--no-refine"])
     assert main(["predict", str(out / "checkpoint.safetensors"), str(tmp_path / "one.png"),
                  "--out", str(tmp_path / "p")]) == 0
     preds = json.loads((tmp_path / "p" / "predictions.json").read_text())

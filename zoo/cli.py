@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--density", type=float, help="override the activity density (sparse models)")
+    e.add_argument("--no-refine", action="store_true",
+                   help="sparse_unet: skip the refinement of uncertain inactive pixels")
     e.add_argument("--out", help="also write the metrics to this JSON file")
 
     q = sub.add_parser("predict", help="predict images with a checkpoint")
@@ -117,6 +119,10 @@ def cmd_eval(args) -> int:
         cfg.density = args.density
         if hasattr(model, "policy"):
             model.policy.density = args.density
+    if args.no_refine:
+        if not hasattr(model, "refine"):
+            raise SystemExit(f"--no-refine: {cfg.model} has no refinement (sparse_unet only)")
+        model.refine = False
     val, loader = _data_loader_for(cfg, args)
     res = evaluate(model, loader, task=val.task, num_classes=val.num_classes, device=args.device,
                    policy=mask_policy_for(cfg, model), class_names=val.class_names,
