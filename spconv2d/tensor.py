@@ -73,6 +73,10 @@ def _check_unique(keys: torch.Tensor, coords: torch.Tensor) -> None:
 def at_sites(dense: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """``dense [B, C, H, W]`` read at ``coords`` rows ``(b, y, x)`` -> ``[N, C]``."""
     c = coords.long()
+    B, C, H, W = dense.shape
+    if C > 1 and dense.is_contiguous(memory_format=torch.channels_last):
+        # pixel rows are a view: one row gather (~3x faster than advanced indexing on a CPU)
+        return dense.permute(0, 2, 3, 1).reshape(-1, C).index_select(0, (c[:, 0] * H + c[:, 1]) * W + c[:, 2])
     return dense[c[:, 0], :, c[:, 1], c[:, 2]]
 
 
@@ -146,7 +150,7 @@ class SparseTensor:
             if mask.device != images.device:
                 raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
         coords = mask.nonzero().to(torch.int32)  # raster order: sorted by key
-        features = images.permute(0, 2, 3, 1)[mask]
+        features = at_sites(images.contiguous(memory_format=torch.channels_last), coords)
         return cls(features, coords, (H, W), B, check=False)
 
     @classmethod

@@ -153,18 +153,29 @@ class SparseCNN(_CNNBase):
         return self.fc(self.drop(self.gpool(x)))
 
 
-def _neighbour_rows(x: torch.Tensor, sel: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[B, C, h, w]`` -> ``[n, 9, C]``: the 3x3 neighbourhood (raster order, replicated at
-    the borders) of the cells ``sel`` (flat indices into ``B*h*w``; None: every cell), gathered
-    as rows of the padded channels-last map."""
-    B, C, h, w = x.shape
-    rows = F.pad(x, (1, 1, 1, 1), mode="replicate").permute(0, 2, 3, 1).reshape(-1, C)
-    if sel is None:
-        sel = torch.arange(B * h * w, device=x.device)
+def _cell_neighbours(sel: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``[n, 9]``: the 3x3 neighbourhood (raster order) of the cells ``sel`` (flat indices into
+    ``B*h*w``) as flat indices into the border-padded ``[B, h + 2, w + 2]`` grid, so replicate
+    padding stands in for the neighbours outside; non-decreasing along each row."""
     b, cy, cx = sel // (h * w), (sel // w) % h, sel % w
-    d = torch.arange(3, device=x.device)
+    d = torch.arange(3, device=sel.device)
     nbr = ((b * (h + 2))[:, None, None] + cy[:, None, None] + d[:, None]) * (w + 2) + cx[:, None, None] + d
-    return rows.index_select(0, nbr.view(-1)).view(-1, 9, C)
+    return nbr.view(-1, 9)
+
+
+def _cell_pixels(sel: torch.Tensor, h: int, w: int, cell: int) -> torch.Tensor:
+    """``[n, cell * cell]``: the pixels (raster order) of the cells ``sel`` (flat indices into
+    ``B*h*w``) as flat indices into ``B*H*W``."""
+    H, W = h * cell, w * cell
+    b, cy, cx = sel // (h * w), (sel // w) % h, sel % w
+    d = torch.arange(cell, device=sel.device)
+    pixel = ((b * H + cy * cell)[:, None, None] + d[:, None]) * W + (cx * cell)[:, None, None] + d
+    return pixel.view(-1, cell * cell)
+
+
+def _padded_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> the rows ``[B*(h+2)*(w+2), C]`` of its replicate-padded map."""
+    return _rows(F.pad(x, (1, 1, 1, 1), mode="replicate").contiguous(memory_format=torch.channels_last))
 
 
 def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
@@ -182,42 +193,55 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
 
     ``cells`` (bool ``[B, H/cell, W/cell]``, with ``out``): compute only those cells' pixels and
     write them into ``out`` ``[B, K, H, W]`` in place (returns ``out``); the other pixels of
-    ``out`` are left as they are. Without: a new tensor, an NCHW view of channels-last memory.
+    ``out`` are left as they are. Without: a new tensor (channels-last memory).
 
-    Computed cell by cell as two batched GEMMs (colour distances, then the weighted sum of the
-    9 neighbours' logits)."""
+    Computed cell by cell: colour distances per colour plane, a softmax over the 9 neighbours,
+    one batched GEMM ``[n, pixels, 9] x [n, 9, K]`` with the cells' neighbour logits."""
     B, K, h, w = logits.shape
     C = images.shape[1]
-    sel = None if cells is None else cells.reshape(-1).nonzero().squeeze(1)  # flat cell indices
-    pix = images.view(B, C, h, cell, w, cell).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, cell * cell)
-    if sel is not None:
-        pix = pix.index_select(0, sel)
-    nb = _neighbour_rows(F.avg_pool2d(images, cell), sel)  # per cell: [9 neighbours, C]
-    nl = _neighbour_rows(logits, sel)
-    # |pixel - neighbour mean|^2 = |p|^2 - 2 p.m + |m|^2: one batched GEMM, [n, 9, cell^2]
-    d2 = torch.baddbmm(nb.pow(2).sum(2, keepdim=True) + pix.pow(2).sum(1, keepdim=True), nb, pix, alpha=-2)
+    if cells is not None and out is None:
+        raise ValueError("guided_upsample: cells= needs out= (the pixels outside those cells are not computed)")
+    sel = torch.arange(B * h * w, device=logits.device) if cells is None else cells.reshape(-1).nonzero().squeeze(1)
+    nbr = _cell_neighbours(sel, h, w)  # [n, 9]
+    pixel = _cell_pixels(sel, h, w, cell).view(-1)  # [n * P]
+    n, P = sel.numel(), cell * cell
+    planes = lambda x: x.transpose(0, 1).reshape(C, -1)  # noqa: E731  [C, B*h*w]: colour planes
+    pix = planes(images).index_select(1, pixel).view(C, n, 1, P)
+    means = planes(F.pad(F.avg_pool2d(images, cell), (1, 1, 1, 1), mode="replicate"))
+    means = means.index_select(1, nbr.view(-1)).view(C, n, 9, 1)
+    # score = -|pixel - neighbour mean|^2 / 2 sigma_r^2 - d^2 / 2 sigma_s^2, [n, 9, P]
+    score = (pix[0] - means[0]).square_()
+    for c in range(1, C):
+        score += (pix[c] - means[c]).square_()
     pos = (torch.arange(cell, dtype=images.dtype, device=images.device) + 0.5) - cell / 2
     off = torch.tensor([-cell, 0.0, cell], dtype=images.dtype, device=images.device)
-    sy = (pos[None, :] - off[:, None]).pow(2)  # [3 neighbours, cell] squared pixel distances
-    ds = (sy[:, None, :, None] + sy[None, :, None, :]).reshape(9, cell * cell)
-    wgt = torch.softmax(ds / (-2 * sigma_s ** 2) + d2.clamp_min_(0) / (-2 * sigma_r ** 2), 1)
-    res = torch.bmm(wgt.transpose(1, 2), nl).view(-1, cell, cell, K)  # [n, cell, cell, K]
-    if cells is not None:
-        cy, cx = (sel // w) % h, sel % w
-        d = torch.arange(cell, device=sel.device)
-        pixel = (((sel // (h * w)) * h * cell + cy * cell)[:, None, None] + d[:, None]) * (w * cell) \
-            + (cx * cell)[:, None, None] + d  # [n, cell, cell] flat pixel indices
-        _put_rows(out, pixel.view(-1), res.reshape(-1, K))
-        return out
-    res = res.view(B, h, w, cell, cell, K).permute(0, 1, 3, 2, 4, 5).reshape(B, h * cell, w * cell, K)
-    return res.permute(0, 3, 1, 2)
+    sy = (off[:, None] - pos[None, :]).pow(2)  # [3 neighbours, cell] squared distances
+    ds = (sy[:, None, :, None] + sy[None, :, None, :]).reshape(9, P)  # cell (dy, dx) x pixel (y, x)
+    score.mul_(-1 / (2 * sigma_r ** 2)).sub_(ds / (2 * sigma_s ** 2))
+    wgt = torch.softmax(score, 1)  # over the 9 cells (softmax over a middle dim: vectorised)
+    nl = _padded_rows(logits).index_select(0, nbr.view(-1)).view(n, 9, K)
+    res = torch.bmm(wgt.transpose(1, 2), nl).view(n * P, K)
+    if out is None:
+        out = torch.empty(B, K, h * cell, w * cell, dtype=logits.dtype, device=logits.device,
+                          memory_format=torch.channels_last)
+    _put_rows(out, pixel, res)
+    return out
 
 
 def logit_margin(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Top-1 minus top-2 logit along ``dim`` (classes tying for the top count as one)."""
-    x = logits.contiguous()
-    top1 = x.amax(dim, keepdim=True)
-    return (top1 - x.masked_fill(x == top1, float("-inf")).amax(dim, keepdim=True)).squeeze(dim)
+    """Top-1 minus top-2 logit along ``dim`` (0 where two classes tie for the top; +inf with a
+    single class; not differentiable: it selects pixels). A running top-2 over the classes:
+    elementwise ops on the other dims, no sort and no transposed copy (``topk`` is ~4x slower
+    on a CPU)."""
+    x = logits.detach().movedim(dim, 0)
+    if x.shape[0] < 2:
+        return torch.full_like(x[0] if x.shape[0] else x.sum(0), float("inf"))
+    top1, top2 = torch.maximum(x[0], x[1]), torch.minimum(x[0], x[1])
+    tmp = torch.empty_like(top1)
+    for v in x[2:]:
+        torch.maximum(top2, torch.minimum(top1, v, out=tmp), out=top2)
+        torch.maximum(top1, v, out=top1)
+    return top1.sub_(top2)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -418,7 +442,7 @@ class SparseUNet(_UNetBase):
             guided_upsample(coarse, images, out=out, cells=mixed)
         aux = out.clone() if return_aux else None  # the coarse prediction everywhere
         c = d0.coords.long()
-        out.permute(0, 2, 3, 1).index_put_((c[:, 0], c[:, 1], c[:, 2]), fine)
+        _put_rows(out, (c[:, 0] * out.shape[2] + c[:, 1]) * out.shape[3] + c[:, 2], fine)
         if self.refine:
             self._refine(out, images, mask, unsure)
         return (out, aux) if return_aux else out
@@ -450,7 +474,7 @@ class SparseUNet(_UNetBase):
         cell = W // unsure.shape[-1]
         cand = unsure.repeat_interleave(cell, 1).repeat_interleave(cell, 2) & ~mask
         idx = cand.view(-1).nonzero().squeeze(1)
-        marg = logit_margin(_rows(out).detach().index_select(0, idx).t(), 0)  # class rows: vectorised
+        marg = logit_margin(_rows(out).detach().index_select(0, idx), 1)
         idx, marg = idx[marg < self.margin], marg[marg < self.margin]
         cap = int(self.refine_fraction * B * H * W)
         if idx.numel() > cap:
