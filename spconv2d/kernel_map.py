@@ -9,6 +9,8 @@ map built once per batch serves every layer that shares it, forward and backward
 * ``pairs`` the per-offset pair lists in CSR form: ``ptr[K+1]`` (a Python list), ``in_idx``,
   ``out_idx`` (int64), pairs of offset ``k`` at ``ptr[k]:ptr[k+1]``, ``out_idx`` ascending.
 * ``cached(name, fn)`` for backend-specific derivations (tile masks, sorted orders, ...).
+  Derivations of one direction are named ``"<name>@nbr"`` / ``"<name>@rev"``: ``transpose()``
+  hands them to the transposed map with the direction swapped.
 
 A submanifold map is *symmetric*: ``nbr[k, j] = i  <=>  nbr[K-1-k, i] = j``, so its reverse
 table is ``nbr.flip(0)``. ``transpose()`` gives the map of the transposed convolution with the
@@ -97,6 +99,10 @@ class KernelMap:
             self.rev, self.n_out, self.kernel_size, self.symmetric, self.identity_offset,
             rev=self.nbr,
         )
+        for name, value in self._cache.items():  # "X@nbr" of one map is "X@rev" of the other
+            base, _, side = name.rpartition("@")
+            if side in ("nbr", "rev") and base:
+                t._cache.setdefault(f"{base}@{'rev' if side == 'nbr' else 'nbr'}", value)
         return t
 
     def __repr__(self) -> str:

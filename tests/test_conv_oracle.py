@@ -1,6 +1,7 @@
 """Every convolution against its dense oracle (DESIGN §2) in float64, forward and backward:
 random sites in shuffled row order, odd sizes, several batch items (one empty), N = 0.
-Each test runs with both forms of the PyTorch path's convolution (pair lists, neighbour table)."""
+Each test runs with each form of the PyTorch path's convolution forced (pair lists, neighbour
+table) and with ``auto`` (which also picks the gather-after-GEMM form of k == s maps)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ import spconv2d as sp
 from spconv2d.testing import at_sites, conv2d_sites, conv_transpose2d_sites, random_sparse, sites, sort_rows
 
 
-@pytest.fixture(autouse=True, params=["pairs", "table"])
+@pytest.fixture(autouse=True, params=["pairs", "table", "auto"])
 def gather_form(request, monkeypatch):
     from spconv2d.backends import torch_backend
 
@@ -99,6 +100,7 @@ def test_sparse_conv_transpose2d_generative(k, s, p, r, op, gen):
 
 @pytest.mark.parametrize("shape,down,up", [
     ((13, 11), (2, 2, 0), (2, 2, 0)),  # the U-Net pair: reuses the down map, transposed
+    ((12, 10), (2, 2, 0), (2, 2, 0)),  # even: a single pair per row (gather-after-GEMM form)
     ((13, 11), (3, 2, 1), (3, 2, 1)),  # overlapping windows, same geometry: transposed map again
     ((12, 10), (2, 2, 0), (3, 2, 1)),  # different geometry: neighbour lookup at skip's sites
     ((12, 9), (3, 2, 0), (3, 2, 0)),   # skip's shape implies an output_padding

@@ -60,3 +60,24 @@ def test_index_strategy_context(monkeypatch):
         assert backends.resolve_index_strategy(be, 100) == "sort"
     monkeypatch.setenv("SPCONV2D_INDEX", "grid")
     assert backends.resolve_index_strategy(be, 1 << 30) == "grid"
+
+
+def test_single_pair_forms_apply_to_k_eq_s_maps_only(gen):
+    """k == s maps of an even-sized grid have a single pair per row (the up map's outputs, the
+    down map's inputs: the gather-after-GEMM form, whose values the oracle tests check); an odd
+    size (an input row outside every window), overlapping windows and submanifold maps do not."""
+    from spconv2d import maps
+    from spconv2d.backends.torch_backend import TorchBackend
+
+    single = TorchBackend._single_source
+    x = random_sparse(3, 4, (12, 10), 0.3, empty=[1], generator=gen)
+    _, down = maps.conv_map(x, (2, 2), (2, 2), (0, 0), (1, 1))
+    assert single(down, reverse=True) is not None and single(down, reverse=False) is None
+    up = down.transpose()
+    assert single(up, reverse=False) is not None and single(up, reverse=True) is None
+    assert torch.equal(single(up, reverse=False), single(down, reverse=True))
+    odd = random_sparse(2, 4, (13, 11), 0.9, generator=gen)
+    assert single(maps.conv_map(odd, (2, 2), (2, 2), (0, 0), (1, 1))[1], reverse=True) is None
+    assert single(maps.conv_map(x, (3, 3), (2, 2), (1, 1), (1, 1))[1], reverse=True) is None
+    subm = maps.subm_map(x, (3, 3), (1, 1), backends.resolve(x.device))
+    assert single(subm, reverse=False) is None and single(subm, reverse=True) is None

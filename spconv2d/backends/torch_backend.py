@@ -18,6 +18,11 @@ Convolution, two forms chosen per kernel map by its *fill* (pairs / (offsets x o
     ``table_fill_threshold``. ``TorchBackend.gather`` forces one form.
     In both, the identity offset of a submanifold map (the centre) is a plain GEMM with the
     bias fused (``addmm``). fp16/bf16 compute in fp32 and round once at the end.
+    ``gather-after-GEMM``, whenever it applies under ``auto``: a map in which every output
+    reads exactly one (offset, input) pair (``_single_source``: a U-Net's k == s up-sampling to
+    its skip's sites) is ``Y = X @ [W_0 .. W_K-1]`` in one GEMM, each output gathering its row
+    of ``Y``: no per-offset passes, no scatter. (An im2col form for the k == s down-sampling
+    measured no faster than ``table``.)
 """
 from __future__ import annotations
 
@@ -184,8 +189,24 @@ class TorchBackend:
     def _table(kmap, reverse: bool) -> torch.Tensor:
         """``[K, N_dst]`` int64 source rows, missing neighbours -> ``N_src`` (the zero row)."""
         if reverse:
-            return kmap.cached("table_rev", lambda: torch.where(kmap.rev < 0, kmap.n_out, kmap.rev).long())
-        return kmap.cached("table", lambda: torch.where(kmap.nbr < 0, kmap.n_in, kmap.nbr).long())
+            return kmap.cached("table@rev", lambda: torch.where(kmap.rev < 0, kmap.n_out, kmap.rev).long())
+        return kmap.cached("table@nbr", lambda: torch.where(kmap.nbr < 0, kmap.n_in, kmap.nbr).long())
+
+    @staticmethod
+    def _single_source(kmap, reverse: bool) -> Optional[torch.Tensor]:
+        """For a map in which every output row has exactly one (offset, input) pair (the
+        transposed k == s convolution at its skip's sites: each fine site has one parent):
+        ``input * K + offset`` per output row, else None. Cached on the map."""
+        def build():
+            table = kmap.rev if reverse else kmap.nbr
+            K, n = table.shape
+            valid = table >= 0
+            if K == 1 or n == 0 or not bool((valid.sum(0, dtype=torch.int32) == 1).all()):
+                return False
+            k = torch.arange(K, device=table.device)[:, None]
+            return torch.where(valid, table.long() * K + k, -1).amax(0)  # (argmax over dim 0 is slow)
+        flat = kmap.cached("single_source@rev" if reverse else "single_source@nbr", build)
+        return None if flat is False else flat
 
     @staticmethod
     def _start(src, weight, bias, n_dst, ident):
@@ -206,6 +227,15 @@ class TorchBackend:
         bias = bias.to(cdt) if bias is not None else None
         n_dst = kmap.n_in if reverse else kmap.n_out
         ident = kmap.identity_offset
+        flat = self._single_source(kmap, reverse) if ident is None and self.gather == "auto" else None
+        if flat is not None:
+            # every output row reads one input row through one offset (the k == s transposed
+            # conv; the k == s conv's input gradient): one GEMM gives every input row times
+            # every offset's weights, one row gather picks each output's
+            K, c_in, c_out = weight.shape
+            y = (src @ weight.transpose(0, 1).reshape(c_in, K * c_out)).view(-1, c_out)
+            dst = _gather_rows(y, flat)
+            return (dst if bias is None else dst.add_(bias)).to(dtype)
         dst = self._start(src, weight, bias, n_dst, ident)
         if self._use_table(kmap, weight.shape[1], weight.shape[2], n_dst):
             table, padded = self._table(kmap, reverse), _with_zero_row(src)
