@@ -239,9 +239,10 @@ class TorchBackend:
         dst = self._start(src, weight, bias, n_dst, ident)
         if self._use_table(kmap, weight.shape[1], weight.shape[2], n_dst):
             table, padded = self._table(kmap, reverse), _with_zero_row(src)
+            rows = src.new_empty(n_dst, src.shape[1])  # one gather buffer for every offset
             for k in range(weight.shape[0]):
                 if k != ident:
-                    dst.addmm_(_gather_rows(padded, table[k]), weight[k])
+                    dst.addmm_(torch.index_select(padded, 0, table[k], out=rows), weight[k])
             return dst.to(dtype)
         ptr, in_idx, out_idx = kmap.pairs
         src_idx, dst_idx = (out_idx, in_idx) if reverse else (in_idx, out_idx)
