@@ -279,20 +279,27 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
 
         l'(p) = sum_q w(p, q) l(q) / sum_q w(p, q),   w(p, q) = exp(-|I(p) - I(q)|^2 / 2 sigma_r^2)
 
-    over the window's pixels inside the image, ``p`` itself included."""
+    over the window's pixels inside the image, ``p`` itself included.
+
+    The colours are read from the image padded with ``inf`` (weight exactly 0 outside it), so
+    the window's logit columns are plain offsets ``p + dy * W + dx`` (clamped into range; a
+    column that wraps to another row has weight 0): each row's columns stay non-decreasing
+    for the CSR product."""
     B, K, H, W = logits.shape
-    k = 2 * radius + 1
-    y, x = (idx // W) % H, idx % W
-    d = torch.arange(-radius, radius + 1, device=idx.device)
-    ny, nx = y[:, None] + d.repeat_interleave(k), x[:, None] + d.repeat(k)  # [M, k*k]
-    inside = (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
-    # clamped neighbours outside the image (weight 0) keep each row's columns non-decreasing
-    cols = (idx - y * W - x)[:, None] + ny.clamp(0, H - 1) * W + nx.clamp(0, W - 1)
-    d2 = torch.zeros_like(cols, dtype=images.dtype)
-    for plane in images.transpose(0, 1).reshape(images.shape[1], -1):  # colour planes: long rows
-        d2 += (plane.index_select(0, cols.view(-1)).view_as(cols) - plane.index_select(0, idx)[:, None]).pow_(2)
-    wgt = torch.exp(d2 / (-2 * sigma_r ** 2)) * inside
-    wgt = wgt / wgt.sum(1, keepdim=True)
+    C = images.shape[1]
+    r, Hp, Wp = radius, H + 2 * radius, W + 2 * radius
+    d = torch.arange(-r, r + 1, device=idx.device)
+    b, y, x = idx // (H * W), (idx // W) % H, idx % W
+    centre = (b * Hp + y + r) * Wp + x + r  # in the padded grid
+    window = centre[:, None] + (d[:, None] * Wp + d).view(-1)  # [M, k*k]
+    planes = F.pad(images, (r, r, r, r), value=float("inf")).transpose(0, 1).reshape(C, -1)
+    d2 = None
+    for plane in planes:  # colour planes: long rows
+        diff = (plane.index_select(0, window.view(-1)).view_as(window) - plane.index_select(0, centre)[:, None]).square_()
+        d2 = diff if d2 is None else d2.add_(diff)
+    wgt = d2.mul_(-1 / (2 * sigma_r ** 2)).exp_()
+    wgt = wgt.div_(wgt.sum(1, keepdim=True))
+    cols = (idx[:, None] + (d[:, None] * W + d).view(-1)).clamp_(0, B * H * W - 1)
     return _weighted_rows(wgt, cols, _rows(logits))
 
 
