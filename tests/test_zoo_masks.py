@@ -57,6 +57,18 @@ def test_residual_policy_covers_what_the_coarse_level_misses():
     assert not torch.equal(make_mask(x, "residual", 0.1, dilation=3), m)
 
 
+def test_ridge_energy_equals_its_formula():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 5, 9, generator=g, dtype=torch.float64)
+    xp = F.pad(x, (2, 2, 0, 0), mode="replicate")
+    ref = torch.zeros(2, 5, 9, dtype=torch.float64)
+    for d in (1, 2):
+        a, b = x - xp[..., 2 - d:2 - d + 9], x - xp[..., 2 + d:2 + d + 9]
+        r = torch.minimum(a, b).clamp_min(0) + torch.minimum(-a, -b).clamp_min(0)
+        ref = torch.maximum(ref, r.amax(1))
+    torch.testing.assert_close(ridge_energy(x), ref)
+
+
 def test_ridge_energy_finds_thin_vertical_lines_not_steps_or_ramps():
     ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 16, 32).clone()
     assert ridge_energy(ramp).abs().max() < 1e-6

@@ -76,13 +76,16 @@ def ridge_energy(images: torch.Tensor, distances=(1, 2)) -> torch.Tensor:
     B, C, H, W = images.shape
     p = max(distances)
     xp = F.pad(images, (p, p, 0, 0), mode="replicate")
-    out = images.new_zeros(B, H, W)
+    centre, out = xp[..., p:p + W], None
     for d in distances:
-        a = images - xp[..., p - d:p - d + W]
-        b = images - xp[..., p + d:p + d + W]
-        r = torch.minimum(a, b).clamp_min(0) + torch.minimum(-a, -b).clamp_min(0)
-        out = torch.maximum(out, r.amax(1))
-    return out
+        # relu(min(a, b)) + relu(min(-a, -b)) = relu(max(min(a, b), -max(a, b))) (at most one
+        # term is non-zero); relu commutes with the max over channels: clamped once at the end
+        a = torch.sub(centre, xp[..., p - d:p - d + W])
+        b = torch.sub(centre, xp[..., p + d:p + d + W])
+        low = torch.minimum(a, b)
+        r = torch.maximum(low, torch.maximum(a, b, out=a).neg_(), out=low).amax(1)
+        out = r if out is None else torch.maximum(out, r, out=out)
+    return out.clamp_min_(0)
 
 
 def threshold_density(energy: torch.Tensor, density: float, dilation: int = 3) -> torch.Tensor:
