@@ -53,7 +53,7 @@ def sparse_ops() -> SimpleNamespace:
         up=lambda ci, co, k, s, bias=False: sp.nn.SparseConvTranspose2d(ci, co, k, stride=s, bias=bias),
         maxpool=lambda k: sp.nn.SparseMaxPool2d(k),
         bn=sp.nn.SparseBatchNorm2d,
-        relu=sp.nn.SparseReLU,
+        relu=lambda: sp.nn.SparseReLU(inplace=True),
         cat=sp.cat,
     )
 
