@@ -446,7 +446,9 @@ class SparseUNet(_UNetBase):
         out = bil  # written in place from here on (at_sites and interpolate keep no copy of it)
         mixed, unsure = self._cell_states(coarse) if (self.upsample == "guided" or self.refine) else (None, None)
         if self.upsample == "guided":
-            guided_upsample(coarse, images, out=out, cells=mixed)
+            # (a cell whose pixels are all active gets the fine prediction everywhere; the aux
+            # output, a training target, keeps the guided coarse prediction there too)
+            guided_upsample(coarse, images, out=out, cells=mixed if return_aux else mixed & (occ[:, 0] < 1))
         aux = out.clone() if return_aux else None  # the coarse prediction everywhere
         c = d0.coords.long()
         _put_rows(out, (c[:, 0] * out.shape[2] + c[:, 1]) * out.shape[3] + c[:, 2], fine)
