@@ -264,3 +264,14 @@ def test_sparse_models_handle_an_image_without_active_pixels():
     mask[1, 4:9, 4:9] = True
     o = s(torch.rand(2, 3, 32, 64), mask)
     assert o.shape == (2, 19, 32, 64) and torch.isfinite(o).all()
+
+
+def test_logit_margin_is_top1_minus_top2():
+    from spconv2d.zoo.models import logit_margin
+
+    x = torch.randn(2, 7, 5, 6, generator=torch.Generator().manual_seed(4))
+    top = x.topk(2, dim=1).values
+    torch.testing.assert_close(logit_margin(x, 1), top[:, 0] - top[:, 1])
+    torch.testing.assert_close(logit_margin(x.permute(0, 2, 3, 1), 3), top[:, 0] - top[:, 1])
+    assert logit_margin(torch.tensor([[2.0, 2.0, 1.0]]), 1).item() == 0.0  # a tie at the top
+    assert logit_margin(torch.ones(3, 1), 1).isinf().all()  # one class: never uncertain

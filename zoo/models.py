@@ -153,24 +153,17 @@ class SparseCNN(_CNNBase):
         return self.fc(self.drop(self.gpool(x)))
 
 
-def _cell_neighbours(sel: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``[n, 9]``: the 3x3 neighbourhood (raster order) of the cells ``sel`` (flat indices into
-    ``B*h*w``) as flat indices into the border-padded ``[B, h + 2, w + 2]`` grid, so replicate
-    padding stands in for the neighbours outside; non-decreasing along each row."""
+def _cell_sites(sel: torch.Tensor, h: int, w: int, cell: int):
+    """For the cells ``sel`` (flat indices into ``B*h*w``): ``(nbr [n, 9], pixel [n, cell*cell])``,
+    the 3x3 neighbourhood (raster order) as flat indices into the border-padded
+    ``[B, h + 2, w + 2]`` grid (replicate padding stands in for neighbours outside; non-decreasing
+    along each row), and the cells' own pixels (raster order) as flat indices into ``B*H*W``."""
     b, cy, cx = sel // (h * w), (sel // w) % h, sel % w
     d = torch.arange(3, device=sel.device)
     nbr = ((b * (h + 2))[:, None, None] + cy[:, None, None] + d[:, None]) * (w + 2) + cx[:, None, None] + d
-    return nbr.view(-1, 9)
-
-
-def _cell_pixels(sel: torch.Tensor, h: int, w: int, cell: int) -> torch.Tensor:
-    """``[n, cell * cell]``: the pixels (raster order) of the cells ``sel`` (flat indices into
-    ``B*h*w``) as flat indices into ``B*H*W``."""
-    H, W = h * cell, w * cell
-    b, cy, cx = sel // (h * w), (sel // w) % h, sel % w
-    d = torch.arange(cell, device=sel.device)
-    pixel = ((b * H + cy * cell)[:, None, None] + d[:, None]) * W + (cx * cell)[:, None, None] + d
-    return pixel.view(-1, cell * cell)
+    e = torch.arange(cell, device=sel.device)
+    pixel = ((b * h * cell + cy * cell)[:, None, None] + e[:, None]) * (w * cell) + (cx * cell)[:, None, None] + e
+    return nbr.view(-1, 9), pixel.view(-1, cell * cell)
 
 
 def _padded_rows(x: torch.Tensor) -> torch.Tensor:
@@ -202,8 +195,8 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     if cells is not None and out is None:
         raise ValueError("guided_upsample: cells= needs out= (the pixels outside those cells are not computed)")
     sel = torch.arange(B * h * w, device=logits.device) if cells is None else cells.reshape(-1).nonzero().squeeze(1)
-    nbr = _cell_neighbours(sel, h, w)  # [n, 9]
-    pixel = _cell_pixels(sel, h, w, cell).view(-1)  # [n * P]
+    nbr, pixel = _cell_sites(sel, h, w, cell)
+    pixel = pixel.view(-1)  # [n * cell * cell]
     n, P = sel.numel(), cell * cell
     planes = lambda x: x.transpose(0, 1).reshape(C, -1)  # noqa: E731  [C, B*h*w]: colour planes
     pix = planes(images).index_select(1, pixel).view(C, n, 1, P)
@@ -235,7 +228,7 @@ def logit_margin(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     on a CPU)."""
     x = logits.detach().movedim(dim, 0)
     if x.shape[0] < 2:
-        return torch.full_like(x[0] if x.shape[0] else x.sum(0), float("inf"))
+        return torch.full(x.shape[1:], float("inf"), dtype=x.dtype, device=x.device)
     top1, top2 = torch.maximum(x[0], x[1]), torch.minimum(x[0], x[1])
     tmp = torch.empty_like(top1)
     for v in x[2:]:
