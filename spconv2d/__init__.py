@@ -9,12 +9,12 @@ from .backends import backend, index_strategy
 from .coords import CoordinateManager
 from .functional.basic import cat
 from .kernel_map import KernelMap
-from .tensor import SparseTensor
+from .tensor import SparseTensor, at_sites
 
 coalesce = SparseTensor.coalesce
 
 __version__ = "0.1.0"
 __all__ = [
     "SparseTensor", "CoordinateManager", "KernelMap", "nn", "functional", "cat", "coalesce",
-    "backend", "index_strategy",
+    "backend", "index_strategy", "at_sites",
 ]
