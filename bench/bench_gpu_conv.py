@@ -119,7 +119,7 @@ PEERS = {
 IMPLS = ["spconv2d-triton", "spconv2d-torch", "dense-cudnn", *PEERS]
 
 
-def _sparse_forward(case, backend_name):
+def _sparse_forward(case, backend_name):  # a backend name or instance
     x = sp.SparseTensor(case["feats"], case["coords"], spatial_shape=(case["H"], case["W"]),
                         batch_size=case["B"])
     C = case["feats"].shape[1]
@@ -199,7 +199,7 @@ def test_kmap_build(benchmark, shape_name, density, mask_kind, backend_name, str
     def fn():
         x = sp.SparseTensor(case["feats"], case["coords"], spatial_shape=(case["H"], case["W"]),
                             batch_size=case["B"])  # fresh coordinate manager: nothing cached
-        return maps.subm_map(x, (3, 3), (1, 1), be, strategy).nbr
+        return maps.subm_map(x, (3, 3), (1, 1), be, strategy).kmap.nbr
 
     _run(benchmark, fn, f"kmap-subm3x3-{shape_name}-d{density}-{mask_kind}",
          f"{backend_name}-{strategy}", case, strategy=strategy, backend=backend_name,
@@ -212,18 +212,13 @@ def test_kmap_build(benchmark, shape_name, density, mask_kind, backend_name, str
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_row_order(benchmark, shape_name, density, mask_kind, order):
-    from spconv2d.backends import triton_backend
+    from spconv2d.backends import create_backend
 
     case = make_case(shape_name, density, mask_kind, 64, "fp16")
-    tb = triton_backend.backend
-    old = tb.sort_rows
-    tb.sort_rows = {"auto": None, "sorted": True, "raster": False}[order]
-    try:
-        fn = _sparse_forward(case, "triton")
-        _run(benchmark, fn, f"roworder-fp16-{shape_name}-C64-d{density}-{mask_kind}", order,
-             case, channels=64, mask=mask_kind)
-    finally:
-        tb.sort_rows = old
+    be = create_backend("triton", sort_rows={"auto": None, "sorted": True, "raster": False}[order])
+    fn = _sparse_forward(case, be)
+    _run(benchmark, fn, f"roworder-fp16-{shape_name}-C64-d{density}-{mask_kind}", order,
+         case, channels=64, mask=mask_kind)
 
 
 # -- forward + backward ------------------------------------------------------------------

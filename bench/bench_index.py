@@ -3,7 +3,7 @@
     python -m pytest bench/bench_index.py --benchmark-json=bench/results/cpu_index.json
 
 Justifies ``TorchBackend.default_index_strategy``: a dense ``grid`` table while the key space is
-small (one gather per lookup), ``sort`` (searchsorted) beyond ``GRID_MAX_KEYS``.
+small (one gather per lookup), ``sort`` (searchsorted) beyond ``grid_max_keys``.
 """
 import pytest
 import torch
@@ -25,7 +25,7 @@ def test_subm_map_build(benchmark, shape, density, strategy):
 
     def fn():
         x = sp.SparseTensor(feats, coords, (H, W), B, check=False)
-        return maps.subm_map(x, (3, 3), (1, 1), be, strategy).nbr
+        return maps.subm_map(x, (3, 3), (1, 1), be, strategy).kmap.nbr
 
     benchmark.group = f"index-B{B}-{H}x{W}-d{density}"
     benchmark.name = strategy

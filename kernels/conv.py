@@ -82,7 +82,9 @@ def tf32_enabled() -> bool:
         return bool(getattr(matmul, "allow_tf32", False))
 
 
-def _input_precision(dtype: torch.dtype, allow_tf32: Optional[bool]) -> str:
+def input_precision(dtype: torch.dtype, allow_tf32: Optional[bool]) -> str:
+    """The ``tl.dot`` ``input_precision`` for operands of ``dtype``: ``"tf32"`` or ``"ieee"`` for
+    fp32 (``allow_tf32``, or PyTorch's flags when None), ``"ieee"`` otherwise."""
     if dtype == torch.float32:
         use = tf32_enabled() if allow_tf32 is None else bool(allow_tf32)
         return "tf32" if use else "ieee"
@@ -98,7 +100,8 @@ def _acc_dtype(dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------
 # autotune configurations
 # --------------------------------------------------------------------------------------------
-def _conv_configs() -> List[triton.Config]:
+def conv_configs() -> List[triton.Config]:
+    """Autotune configurations of :func:`sparse_conv_kernel` (one under the interpreter)."""
     if interpreting():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_CI": 16, "BLOCK_CO": 16}, num_warps=4,
                               num_stages=1)]
@@ -114,7 +117,8 @@ def _conv_configs() -> List[triton.Config]:
     return cfgs
 
 
-def _wgrad_configs() -> List[triton.Config]:
+def wgrad_configs() -> List[triton.Config]:
+    """Autotune configurations of :func:`sparse_conv_wgrad_kernel` (one under the interpreter)."""
     if interpreting():
         return [triton.Config({"BLOCK_P": 32, "BLOCK_CI": 16, "BLOCK_CO": 16}, num_warps=4,
                               num_stages=1)]
@@ -140,10 +144,10 @@ def _prune_channel_blocks(configs, named_args, **kwargs):
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_conv_configs(), key=["C_in", "C_out", "K"],
+@triton.autotune(configs=conv_configs(), key=["C_in", "C_out", "K"],
                  prune_configs_by={"early_config_prune": _prune_channel_blocks})
 @triton.jit(do_not_specialize=["n_rows", "n_sub"])
-def _sparse_conv_kernel(
+def sparse_conv_kernel(
     x_ptr, w_ptr, bias_ptr, nbr_ptr, perm_ptr, submask_ptr, out_ptr,
     n_rows, n_sub, C_in, C_out, K,
     stride_x_n, stride_x_c, stride_w_k, stride_w_ci, stride_w_co, stride_nbr_k,
@@ -199,10 +203,10 @@ def _sparse_conv_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_co[None, :])
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["C_in", "C_out"],
+@triton.autotune(configs=wgrad_configs(), key=["C_in", "C_out"],
                  prune_configs_by={"early_config_prune": _prune_channel_blocks})
 @triton.jit
-def _sparse_conv_wgrad_kernel(
+def sparse_conv_wgrad_kernel(
     x_ptr, g_ptr, in_idx_ptr, out_idx_ptr, chunk_start_ptr, chunk_end_ptr, part_ptr,
     C_in, C_out,
     stride_x_n, stride_x_c, stride_g_n, stride_g_c, stride_p_chunk, stride_p_ci, stride_p_co,
@@ -352,14 +356,14 @@ def sparse_conv(
     has_masks = submasks is not None and K <= MAX_MASK_OFFSETS
     b = bias.contiguous() if bias is not None else out  # loaded as fp32 in the kernel
     grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), triton.cdiv(C_out, meta["BLOCK_CO"]))
-    _sparse_conv_kernel[grid](
+    sparse_conv_kernel[grid](
         features, w, b, nbr, perm if perm is not None else nbr,
         submasks if has_masks else nbr, out,
         n_out, submasks.numel() if has_masks else 0, C_in, C_out, K,
         features.stride(0), features.stride(1), w.stride(0), w.stride(1), w.stride(2),
         nbr.stride(0), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, HAS_PERM=perm is not None, HAS_MASKS=has_masks,
-        INPUT_PRECISION=_input_precision(features.dtype, allow_tf32),
+        INPUT_PRECISION=input_precision(features.dtype, allow_tf32),
         ACC_DTYPE=_acc_dtype(features.dtype), SUB=SUBTILE,
     )
     return out
@@ -398,12 +402,12 @@ def sparse_conv_weight_grad(
     part = torch.empty((K * S, C_in, C_out), dtype=part_dtype, device=features.device)
     grid = lambda meta: (K * S, triton.cdiv(C_in, meta["BLOCK_CI"]),
                          triton.cdiv(C_out, meta["BLOCK_CO"]))
-    _sparse_conv_wgrad_kernel[grid](
+    sparse_conv_wgrad_kernel[grid](
         features, grad_out, plan.in_idx, plan.out_idx, plan.chunk_start, plan.chunk_end, part,
         C_in, C_out,
         features.stride(0), features.stride(1), grad_out.stride(0), grad_out.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
-        INPUT_PRECISION=_input_precision(features.dtype, allow_tf32),
+        INPUT_PRECISION=input_precision(features.dtype, allow_tf32),
         ACC_DTYPE=_acc_dtype(features.dtype),
     )
     grad_w = part.view(K, S, C_in, C_out).sum(1) if S > 1 else part
@@ -412,5 +416,6 @@ def sparse_conv_weight_grad(
 
 __all__ = [
     "sparse_conv", "sparse_conv_backward_input", "sparse_conv_weight_grad",
-    "tile_plan", "TilePlan", "wgrad_plan", "WgradPlan", "tf32_enabled",
+    "tile_plan", "TilePlan", "wgrad_plan", "WgradPlan", "tf32_enabled", "input_precision",
+    "sparse_conv_kernel", "sparse_conv_wgrad_kernel", "conv_configs", "wgrad_configs",
 ]

@@ -94,7 +94,7 @@ def hash_probe(table_keys_ptr, table_vals_ptr, key, valid, capacity_mask, max_pr
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _hash_insert_kernel(
+def hash_insert_kernel(
     keys_ptr, table_keys_ptr, table_vals_ptr, status_ptr,
     n_keys, capacity_mask, max_probes,
     KEY_INT64: tl.constexpr, BLOCK: tl.constexpr,
@@ -128,7 +128,7 @@ def _hash_insert_kernel(
 
 
 @triton.jit
-def _hash_lookup_kernel(
+def hash_lookup_kernel(
     query_ptr, table_keys_ptr, table_vals_ptr, out_ptr,
     n_query, capacity_mask, max_probes,
     KEY_INT64: tl.constexpr, BLOCK: tl.constexpr,
@@ -202,7 +202,7 @@ def hash_build(
         status = torch.zeros(2, dtype=torch.int32, device=keys.device)
         if n > 0:
             grid = (triton.cdiv(n, _BLOCK),)
-            _hash_insert_kernel[grid](
+            hash_insert_kernel[grid](
                 keys, table_keys, table_vals, status,
                 n, cap - 1, probes,
                 KEY_INT64=key_int64, BLOCK=_BLOCK, num_warps=4,
@@ -226,7 +226,7 @@ def hash_lookup(table: HashTable, query: torch.Tensor) -> torch.Tensor:
     out = torch.empty(q.numel(), dtype=torch.int32, device=q.device)
     if q.numel() > 0:
         grid = (triton.cdiv(q.numel(), _BLOCK),)
-        _hash_lookup_kernel[grid](
+        hash_lookup_kernel[grid](
             q, table.keys, table.values, out,
             q.numel(), table.capacity - 1, table.max_probes,
             KEY_INT64=table.key_dtype == torch.int64, BLOCK=_BLOCK, num_warps=4,
@@ -236,5 +236,6 @@ def hash_lookup(table: HashTable, query: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "HashTable", "hash_build", "hash_lookup", "hash_capacity", "hash_probe",
-    "hash_home_slot", "fmix32", "EMPTY_KEY", "DEFAULT_MAX_PROBES",
+    "hash_home_slot", "fmix32", "EMPTY_KEY", "DEFAULT_MAX_PROBES", "hash_insert_kernel",
+    "hash_lookup_kernel",
 ]

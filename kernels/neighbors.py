@@ -36,11 +36,13 @@ the rest itself. Inputs: ``out_coords`` int32/int64 ``[N_out, 3]`` (any strides)
   convolution tile of ``BLOCK_N`` rows (a multiple of ``sub``) ORs its ``BLOCK_N / sub`` words.
 * ``tile_offset_work(masks, perm, block)``: the number of (tile, offset) pairs a kernel with
   ``block``-row tiles executes; the cost proxy used to decide whether the mask-sorted order pays.
-* ``pair_lists(nbr)``: per-offset pair lists (CSR) ``ptr [K+1]``, ``in_idx``, ``out_idx`` int32.
+
+The per-offset pair lists (CSR) the weight gradient consumes are built by the core
+(``spconv2d.kernel_map.pair_lists``) and passed to ``conv.wgrad_plan``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -54,7 +56,7 @@ MAX_MASK_OFFSETS = 64
 
 
 @triton.jit
-def _neighbor_kernel(
+def neighbor_kernel(
     coords_ptr, offsets_ptr, table_keys_ptr, table_vals_ptr, nbr_ptr,
     n_out, H_in, W_in, scale_y, scale_x, div_y, div_x, key_space, capacity_mask, max_probes,
     stride_c_n, stride_c_d, stride_off_k, stride_off_d, stride_nbr_k,
@@ -106,7 +108,7 @@ def _launch_neighbors(out_coords, in_shape, scale, offsets, divisor, table_keys,
     offs = offsets.to(device=device, dtype=torch.int32).contiguous()
     H_in, W_in = int(in_shape[0]), int(in_shape[1])
     grid = (triton.cdiv(n_out, _BLOCK_N), K)
-    _neighbor_kernel[grid](
+    neighbor_kernel[grid](
         out_coords, offs, table_keys, table_vals, nbr,
         n_out, H_in, W_in, int(scale[0]), int(scale[1]), int(divisor[0]), int(divisor[1]),
         int(key_space), int(capacity) - 1, int(max_probes),
@@ -212,17 +214,8 @@ def tile_offset_work(masks: torch.Tensor, perm: Optional[torch.Tensor], block: i
     return int(((tiles[:, None] >> bits) & 1).sum())
 
 
-def pair_lists(nbr: torch.Tensor) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
-    """Per-offset pair lists: ``ptr`` (list, K+1), ``in_idx``, ``out_idx`` (int32, grouped by k)."""
-    valid = nbr >= 0
-    k, out_idx = valid.nonzero(as_tuple=True)
-    in_idx = nbr[k, out_idx]
-    ptr = [0] + torch.cumsum(valid.sum(1), 0).tolist()
-    return ptr, in_idx.to(torch.int32), out_idx.to(torch.int32)
-
-
 __all__ = [
     "neighbor_table_hash", "neighbor_table_grid", "grid_build", "grid_lookup",
     "row_offset_masks", "mask_sorted_order", "subtile_offset_masks", "tile_offset_work",
-    "pair_lists", "SUBTILE", "MAX_MASK_OFFSETS",
+    "SUBTILE", "MAX_MASK_OFFSETS", "neighbor_kernel",
 ]

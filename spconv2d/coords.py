@@ -3,14 +3,39 @@
 A ``CoordSet`` is one immutable set of active sites ``(b, y, x)`` on a ``spatial_shape`` grid
 at a ``stride`` w.r.t. the network input, with its packed keys and (lazily) its lookup index.
 A ``CoordinateManager`` is shared by every tensor derived from one input: it owns the coordinate
-sets of every resolution and caches every kernel map by ``(op, input set, geometry)``, so a
-U-Net builds each map once per batch and reuses it in every layer, forward and backward.
+sets of every resolution and caches every kernel map under a :class:`MapKey` (op, input set,
+geometry), so a U-Net builds each map once per batch and reuses it in every layer, forward and
+backward. A coordinate set made by an op is named by that op's ``MapKey``; the input's set is
+named ``"input"``.
+
+These are internal types: ``SparseTensor.coord_set`` and ``SparseTensor.coordinate_manager``
+expose them to the rest of the library (maps, functional ops, tests).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, Tuple
+from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple
 
 import torch
+
+INPUT = "input"  # the name of a tensor's own (constructed, not derived) coordinate set
+
+
+class MapKey(NamedTuple):
+    """Cache key of a kernel map (and the name of the coordinate set the op produces).
+
+    ``op``: ``"subm"``, ``"conv"`` (strided conv and pooling), ``"convT"`` (generative
+    transposed) or ``"convT_to"`` (transposed onto ``target``'s sites); ``source``/``target``:
+    names of the input / target coordinate sets; the geometry as pairs (unused ones ``None``).
+    """
+
+    op: str
+    source: Hashable
+    kernel_size: Tuple[int, int]
+    stride: Optional[Tuple[int, int]] = None
+    padding: Optional[Tuple[int, int]] = None
+    dilation: Optional[Tuple[int, int]] = None
+    output_padding: Optional[Tuple[int, int]] = None
+    target: Optional[Hashable] = None
 
 
 def key_dtype(batch_size: int, spatial_shape: Tuple[int, int]) -> torch.dtype:
@@ -38,14 +63,16 @@ def unpack_keys(keys: torch.Tensor, spatial_shape: Tuple[int, int]) -> torch.Ten
 class CoordSet:
     """Active sites of one resolution. Treat as immutable."""
 
-    def __init__(self, coords, spatial_shape, batch_size, stride, keys=None, name: Hashable = "input"):
+    def __init__(self, coords, spatial_shape, batch_size, stride, keys=None, name: Hashable = INPUT):
+        """``keys``: the packed keys if the caller has them already (converted to
+        :attr:`key_dtype`); ``name``: the set's key in its manager."""
         self.coords = coords
         self.spatial_shape = (int(spatial_shape[0]), int(spatial_shape[1]))
         self.batch_size = int(batch_size)
         self.stride = (int(stride[0]), int(stride[1]))
         self.name = name  # its key in the manager
         self.key_dtype = key_dtype(self.batch_size, self.spatial_shape)
-        self._keys = keys
+        self._keys = None if keys is None else keys.to(self.key_dtype)
         self._index: Dict[Tuple[str, str], object] = {}
 
     @property
@@ -73,24 +100,37 @@ class CoordSet:
 
 
 class CoordinateManager:
-    """Shared by all tensors derived from one input; caches coordinate sets and kernel maps."""
+    """Shared by all tensors derived from one input; caches coordinate sets and kernel maps.
+
+    ``builds`` counts the maps built so far (the tests check the caching with it)."""
 
     def __init__(self):
-        self.coord_sets: Dict[Hashable, CoordSet] = {}
-        self.maps: Dict[Hashable, object] = {}
-        self.builds = 0  # how many maps were built (tests use it to check the caching)
+        self._coord_sets: Dict[Hashable, CoordSet] = {}
+        self._maps: Dict[MapKey, object] = {}
+        self.builds = 0
 
     def add(self, cs: CoordSet) -> CoordSet:
-        self.coord_sets.setdefault(cs.name, cs)
-        return self.coord_sets[cs.name]
+        """Register ``cs`` under its name; the set already registered under that name wins."""
+        return self._coord_sets.setdefault(cs.name, cs)
 
-    def get_or_build(self, key: Hashable, build: Callable[[], object]):
-        value = self.maps.get(key)
+    def coord_set(self, name: Hashable) -> Optional[CoordSet]:
+        return self._coord_sets.get(name)
+
+    def cached_map(self, key: MapKey):
+        """The map cached under ``key``, or None (never builds)."""
+        return self._maps.get(key)
+
+    def get_or_build(self, key: MapKey, build: Callable[[], object]):
+        """The map cached under ``key``; built by ``build()`` and cached on first use."""
+        value = self._maps.get(key)
         if value is None:
             value = build()
-            self.maps[key] = value
+            self._maps[key] = value
             self.builds += 1
         return value
 
+    def __len__(self) -> int:
+        return len(self._maps)
+
     def __repr__(self) -> str:
-        return f"CoordinateManager({len(self.coord_sets)} coordinate sets, {len(self.maps)} maps)"
+        return f"CoordinateManager({len(self._coord_sets)} coordinate sets, {len(self._maps)} maps)"

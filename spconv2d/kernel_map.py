@@ -6,8 +6,9 @@ map built once per batch serves every layer that shares it, forward and backward
 
 * ``rev``   ``[K, N_in]``: the reverse table, ``rev[k, i] = j  <=>  nbr[k, j] = i``. Every
   convolution here maps an (offset, input) pair to at most one output, so it is well defined.
-* ``pairs`` the per-offset pair lists in CSR form: ``ptr[K+1]`` (a Python list), ``in_idx``,
-  ``out_idx`` (int64), pairs of offset ``k`` at ``ptr[k]:ptr[k+1]``, ``out_idx`` ascending.
+* ``pairs`` the per-offset pair lists in CSR form (:func:`pair_lists`): ``ptr[K+1]`` (a Python
+  list), ``in_idx``, ``out_idx`` (int64), pairs of offset ``k`` at ``ptr[k]:ptr[k+1]``,
+  ``out_idx`` ascending; ``num_pairs`` their count.
 * ``cached(name, fn)`` for backend-specific derivations (tile masks, sorted orders, ...).
   Derivations of one direction are named ``"<name>@nbr"`` / ``"<name>@rev"``: ``transpose()``
   hands them to the transposed map with the direction swapped.
@@ -21,6 +22,17 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+
+def pair_lists(nbr: torch.Tensor) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
+    """The per-offset pair lists of a table ``nbr [K, N_out]`` in CSR form:
+    ``(ptr [K+1] list, in_idx int64, out_idx int64)``, offset ``k``'s pairs at
+    ``ptr[k]:ptr[k+1]`` with ``out_idx`` ascending (``nbr[k, out_idx[p]] = in_idx[p]``)."""
+    valid = nbr >= 0
+    k, out_idx = valid.nonzero(as_tuple=True)  # row-major: grouped by k, j ascending
+    in_idx = nbr[k, out_idx].long()
+    ptr = [0] + torch.cumsum(valid.sum(1), 0).tolist()
+    return ptr, in_idx, out_idx
 
 
 class KernelMap:
@@ -68,6 +80,10 @@ class KernelMap:
             self._cache[name] = value
         return value
 
+    def cached_names(self) -> List[str]:
+        """Names of the derived structures built so far."""
+        return list(self._cache)
+
     @property
     def rev(self) -> torch.Tensor:
         return self.cached("rev", self._build_rev)
@@ -83,15 +99,14 @@ class KernelMap:
 
     @property
     def pairs(self) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
-        return self.cached("pairs", self._build_pairs)
+        return self.cached("pairs", lambda: pair_lists(self.nbr))
 
-    def _build_pairs(self):
-        valid = self.nbr >= 0
-        k, out_idx = valid.nonzero(as_tuple=True)  # row-major: grouped by k, j ascending
-        in_idx = self.nbr[k, out_idx].long()
-        counts = valid.sum(1)
-        ptr = [0] + torch.cumsum(counts, 0).tolist()
-        return ptr, in_idx, out_idx
+    @property
+    def num_pairs(self) -> int:
+        """How many (offset, input, output) pairs the map holds."""
+        if "pairs" in self._cache:
+            return self._cache["pairs"][0][-1]
+        return self.cached("num_pairs", lambda: int((self.nbr >= 0).sum()))
 
     def transpose(self) -> "KernelMap":
         """The map of the transposed op: outputs become inputs; tables are shared."""

@@ -6,17 +6,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .coords import CoordinateManager, CoordSet, key_dtype, pack_keys
+from .geometry import pair
 
 _REDUCTIONS = ("sum", "mean", "max", "min")
-
-
-def _pair(v, name: str) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(a) for a in v)
-    if len(t) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
 
 
 def _check_features(features) -> None:
@@ -71,7 +63,10 @@ def _check_unique(keys: torch.Tensor, coords: torch.Tensor) -> None:
 
 
 def at_sites(dense: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """``dense [B, C, H, W]`` read at ``coords`` rows ``(b, y, x)`` -> ``[N, C]``."""
+    """``dense [B, C, H, W]`` read at ``coords`` rows ``(b, y, x)`` -> ``[N, C]`` (``sp.at_sites``).
+
+    The inverse of ``SparseTensor.to_dense`` at the active sites: ``at_sites(x.to_dense(),
+    x.coords) == x.features``. Differentiable w.r.t. ``dense``; any memory format."""
     c = coords.long()
     B, C, H, W = dense.shape
     if C > 1 and dense.is_contiguous(memory_format=torch.channels_last):
@@ -104,7 +99,7 @@ class SparseTensor:
     ):
         _check_features(features)
         coords = _check_coords(coords, features.shape[0], features.device)
-        spatial_shape = _pair(spatial_shape, "spatial_shape")
+        spatial_shape = pair(spatial_shape, "spatial_shape")
         if min(spatial_shape) < 1:
             raise ValueError(f"spatial_shape must be positive, got {spatial_shape}")
         if batch_size is None:
@@ -117,18 +112,19 @@ class SparseTensor:
             _check_range(coords, spatial_shape, int(batch_size))
             keys = pack_keys(coords, spatial_shape, key_dtype(int(batch_size), spatial_shape))
             _check_unique(keys, coords)
-        cs = CoordSet(coords, spatial_shape, batch_size, _pair(stride, "stride"), keys=keys)
+        cs = CoordSet(coords, spatial_shape, batch_size, pair(stride, "stride"), keys=keys)
         self.features = features
         self._manager = CoordinateManager()
         self._cs = self._manager.add(cs)
 
     # -- construction ------------------------------------------------------------------
-    @classmethod
-    def _from_coordset(cls, features: torch.Tensor, cs: CoordSet, manager: CoordinateManager) -> "SparseTensor":
-        obj = cls.__new__(cls)
+    def derive(self, features: torch.Tensor, coord_set: CoordSet) -> "SparseTensor":
+        """A tensor with ``features`` on ``coord_set``, a set of this tensor's coordinate manager
+        (how an op returns its output; internal API, no checks)."""
+        obj = SparseTensor.__new__(SparseTensor)
         obj.features = features
-        obj._cs = cs
-        obj._manager = manager
+        obj._cs = coord_set
+        obj._manager = self._manager
         return obj
 
     @classmethod
@@ -169,7 +165,7 @@ class SparseTensor:
         coords = _check_coords(coords, features.shape[0], features.device).to(torch.int32)
         if reduce not in _REDUCTIONS:
             raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
-        spatial_shape = _pair(spatial_shape, "spatial_shape")
+        spatial_shape = pair(spatial_shape, "spatial_shape")
         if batch_size is None:
             batch_size = int(coords[:, 0].max()) + 1 if coords.shape[0] else 1
         _check_range(coords, spatial_shape, batch_size)
@@ -190,7 +186,7 @@ class SparseTensor:
             raise ValueError(f"replace: features has {features.shape[0]} rows, the tensor has {self.num_active} sites")
         if features.device != self.device:
             raise ValueError(f"replace: features are on {features.device}, the tensor's coords on {self.device}")
-        return SparseTensor._from_coordset(features, self._cs, self._manager)
+        return self.derive(features, self._cs)
 
     def to(self, *args, **kwargs) -> "SparseTensor":
         """Like ``Tensor.to``: a dtype applies to the features; a new device moves both (the
@@ -239,7 +235,14 @@ class SparseTensor:
 
     @property
     def coordinate_manager(self) -> CoordinateManager:
+        """The manager shared by every tensor derived from the same input (caches the maps)."""
         return self._manager
+
+    @property
+    def coord_set(self) -> CoordSet:
+        """The immutable coordinate set (coords, keys, lookup index) behind this tensor
+        (internal API: ``spconv2d.coords.CoordSet``)."""
+        return self._cs
 
     @property
     def num_active(self) -> int:

@@ -1,29 +1,41 @@
 """Backend dispatch: which implementation runs an op, decided per call.
 
-Precedence: an explicit ``backend=`` argument, then the innermost ``with sp.backend(...)``
-block, then the environment variable ``SPCONV2D_BACKEND`` (``auto|torch|triton``), then
-``auto``: CUDA tensors use the Triton kernels, everything else the PyTorch path.
-Forcing ``triton`` on CPU tensors runs the kernels in Triton's interpreter, which is switched
-on here (``TRITON_INTERPRET=1``) if Triton has not been imported yet.
+A backend is an instance of a :class:`~spconv2d.backends.base.Backend` subclass; its options are
+constructor arguments. Precedence: an explicit ``backend=`` argument (a name or an instance),
+then the innermost ``with sp.backend(...)`` block, then the environment variable
+``SPCONV2D_BACKEND`` (a name), then ``auto``: CUDA tensors use the Triton kernels, everything
+else the PyTorch path.
+
+    with sp.backend("torch", gather="table"): ...          # a name and its options
+    with sp.backend(TorchBackend(dense_fallback=False)): ...  # an instance
+
+Forcing ``triton`` on CPU tensors runs the kernels in Triton's interpreter, which must be
+switched on before Triton is imported (``TRITON_INTERPRET=1`` in the environment); this module
+never writes the environment, it raises with that instruction instead.
 
 The lookup index (``sort``, ``grid`` or ``hash``) is chosen likewise: ``index=`` argument,
-``with sp.index_strategy(...)``, ``SPCONV2D_INDEX``, then ``auto``.
+``with sp.index_strategy(...)``, ``SPCONV2D_INDEX``, then ``auto`` (the backend's
+``default_index_strategy``).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import os
-import sys
 import threading
-from typing import Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
+
+from .base import Backend, CoordIndex  # noqa: F401  (re-exported)
 
 BACKENDS = ("auto", "torch", "triton")
 INDEX_STRATEGIES = ("auto", "sort", "grid", "hash")
 
+BackendSpec = Union[str, Backend]
+
 _state = threading.local()
+_defaults: Dict[str, Backend] = {}  # one default-options instance per name, made on first use
 
 
 def _stack(name: str) -> list:
@@ -39,7 +51,7 @@ def _check(value: str, allowed, what: str) -> str:
 
 
 @contextlib.contextmanager
-def _override(stack_name: str, value: str):
+def _override(stack_name: str, value):
     stack = _stack(stack_name)
     stack.append(value)
     try:
@@ -48,9 +60,56 @@ def _override(stack_name: str, value: str):
         stack.pop()
 
 
-def backend(name: str):
-    """``with sp.backend("torch"): ...`` forces a backend for the ops inside the block."""
-    return _override("backend", _check(name, BACKENDS, "backend"))
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _torch_backend_class():
+    from .torch_backend import TorchBackend
+
+    return TorchBackend
+
+
+def _triton_backend_class():
+    if not triton_available():
+        raise RuntimeError("backend 'triton' was requested but the 'triton' package is not installed")
+    from .triton_backend import TritonBackend
+
+    return TritonBackend
+
+
+_CLASSES: Dict[str, Callable[[], type]] = {"torch": _torch_backend_class, "triton": _triton_backend_class}
+
+
+def create_backend(name: str, **options) -> Backend:
+    """A new backend instance: ``create_backend("torch", gather="table")``."""
+    _check(name, tuple(_CLASSES), "backend")
+    return _CLASSES[name]()(**options)
+
+
+def default_backend(name: str) -> Backend:
+    """The shared default-options instance of backend ``name``."""
+    be = _defaults.get(name)
+    if be is None:
+        be = _defaults.setdefault(name, create_backend(name))
+    return be
+
+
+def backend(spec: BackendSpec, **options):
+    """``with sp.backend("torch"): ...`` forces a backend for the ops inside the block.
+
+    ``spec`` is a name (``auto``, ``torch``, ``triton``; keyword ``options`` go to its
+    constructor) or a backend instance (no options)."""
+    if isinstance(spec, Backend):
+        if options:
+            raise TypeError(f"sp.backend: options {sorted(options)} go with a backend name, not an instance")
+        return _override("backend", spec)
+    _check(spec, BACKENDS, "backend")
+    if options:
+        if spec == "auto":
+            raise TypeError(f"sp.backend('auto') takes no options (got {sorted(options)}); name a backend")
+        return _override("backend", create_backend(spec, **options))
+    return _override("backend", spec)
 
 
 def index_strategy(name: str):
@@ -58,50 +117,38 @@ def index_strategy(name: str):
     return _override("index", _check(name, INDEX_STRATEGIES, "index strategy"))
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def requested_backend(override: Optional[str] = None) -> str:
+def requested_backend(override: Optional[BackendSpec] = None) -> BackendSpec:
+    """The name or instance in force: the argument, the innermost block, the environment."""
     if override is not None:
-        return _check(override, BACKENDS, "backend")
+        return override if isinstance(override, Backend) else _check(override, BACKENDS, "backend")
     stack = _stack("backend")
     if stack:
         return stack[-1]
     return _check(os.environ.get("SPCONV2D_BACKEND", "auto"), BACKENDS, "SPCONV2D_BACKEND")
 
 
-def resolve(device: torch.device, override: Optional[str] = None):
-    """The backend object for tensors on ``device``."""
-    name = requested_backend(override)
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_available() else "torch"
-    if name == "torch":
-        from . import torch_backend
-
-        return torch_backend.backend
-    if not triton_available():
-        raise RuntimeError("backend 'triton' was requested but the 'triton' package is not installed")
-    if device.type == "cpu":
-        _ensure_interpreter()
-    elif device.type != "cuda":
-        raise RuntimeError(f"backend 'triton' runs on CUDA or (interpreted) CPU tensors, not {device.type}")
-    from . import triton_backend
-
-    return triton_backend.backend
+def resolve(device: torch.device, override: Optional[BackendSpec] = None) -> Backend:
+    """The backend instance for tensors on ``device``."""
+    spec = requested_backend(override)
+    if spec == "auto":
+        spec = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if (spec.name if isinstance(spec, Backend) else spec) == "triton":  # (checked before any import)
+        if device.type == "cpu":
+            _check_interpreter()
+        elif device.type != "cuda":
+            raise RuntimeError(f"backend 'triton' runs on CUDA or (interpreted) CPU tensors, not {device.type}")
+    return spec if isinstance(spec, Backend) else default_backend(spec)
 
 
-def _ensure_interpreter() -> None:
-    if "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+def _check_interpreter() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
-            "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before triton is first imported (or move the tensors to a CUDA device)"
+            "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
+            "environment before triton is first imported (or move the tensors to a CUDA device)"
         )
 
 
-def resolve_index_strategy(backend_obj, key_space: int, override: Optional[str] = None,
+def resolve_index_strategy(backend_obj: Backend, key_space: int, override: Optional[str] = None,
                            n_keys: Optional[int] = None) -> str:
     if override is not None:
         name = _check(override, INDEX_STRATEGIES, "index strategy")
@@ -111,6 +158,14 @@ def resolve_index_strategy(backend_obj, key_space: int, override: Optional[str] 
             os.environ.get("SPCONV2D_INDEX", "auto"), INDEX_STRATEGIES, "SPCONV2D_INDEX"
         )
     if name == "auto":
-        choose = getattr(backend_obj, "default_index_strategy", None)
-        name = choose(key_space, n_keys) if choose is not None else "hash"
+        name = backend_obj.default_index_strategy(key_space, n_keys)
     return name
+
+
+def __getattr__(name: str):
+    # ``sp.backends.TorchBackend`` without importing the backend modules up front
+    if name == "TorchBackend":
+        return _torch_backend_class()
+    if name == "TritonBackend":
+        return _triton_backend_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,18 @@
 """The PyTorch path: every op in plain tensor operations, on any device. The CPU default.
 
+Options (constructor arguments of :class:`TorchBackend`; ``sp.backend("torch", **options)``)
+    ``gather``: the convolution form, ``"auto"`` (by the map's fill), ``"pairs"`` or ``"table"``.
+    ``dense_fallback``: run a submanifold conv as ``F.conv2d`` above a density threshold.
+    ``dense_thresholds`` / ``table_thresholds``: the step functions of the channel count behind
+    those two choices, ``((max_channels, value), ...)`` with the last step ``None`` = any.
+    ``grid_max_keys``: the largest key space ``auto`` builds a dense grid index for.
+    Every default is a measured choice (docs/ARCHITECTURE.md, "Measured choices").
+
 Index strategies
     ``sort``: keys sorted once (a permutation kept if the rows were not in raster order),
     lookups by ``torch.searchsorted``. ``grid``: a dense int32 table over the whole key space
-    (-1 = empty), lookups by one gather. ``auto`` picks ``grid`` while the table stays small
-    (see ``GRID_MAX_KEYS``; the choice is measured by ``bench/bench_index.py``).
+    (-1 = empty), lookups by one gather. ``auto`` picks ``grid`` while the key space is at most
+    ``grid_max_keys``, ``sort`` beyond. (``hash`` has no PyTorch form: sorted keys serve.)
 
 Convolution, two forms chosen per kernel map by its *fill* (pairs / (offsets x outputs)):
     ``pairs``: per-offset gather-GEMM-scatter over the map's pair lists: for each offset ``k``,
@@ -15,24 +23,30 @@ Convolution, two forms chosen per kernel map by its *fill* (pairs / (offsets x o
     row stands in for a missing neighbour) and accumulate ``out += rows @ W[k]`` in place
     (``addmm_``): ``K * N`` rows instead of the pairs, but no scatter, which is the expensive
     step on a CPU; the form for well-filled maps (clustered or line-like active sites), above
-    ``table_fill_threshold``. ``TorchBackend.gather`` forces one form.
+    ``table_fill_threshold``. The ``gather`` option forces one form.
     In both, the identity offset of a submanifold map (the centre) is a plain GEMM with the
     bias fused (``addmm``). fp16/bf16 compute in fp32 and round once at the end.
     ``gather-after-GEMM``, whenever it applies under ``auto``: a map in which every output
-    reads exactly one (offset, input) pair (``_single_source``: a U-Net's k == s up-sampling to
-    its skip's sites) is ``Y = X @ [W_0 .. W_K-1]`` in one GEMM, each output gathering its row
-    of ``Y``: no per-offset passes, no scatter. (An im2col form for the k == s down-sampling
-    measured no faster than ``table``.)
+    reads exactly one (offset, input) pair (:meth:`TorchBackend.single_source_rows`: a U-Net's
+    k == s up-sampling to its skip's sites) is ``Y = X @ [W_0 .. W_K-1]`` in one GEMM, each
+    output gathering its row of ``Y``: no per-offset passes, no scatter.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-# Largest key space for which ``auto`` builds a dense grid index (int32 entries: 4 bytes each).
-GRID_MAX_KEYS = 1 << 26
+from .base import Backend, affine_neighbor_keys
+
+# Defaults of the options (docs/ARCHITECTURE.md, "Measured choices", says where each comes from).
+TORCH_GRID_MAX_KEYS = 1 << 26  # 256 MiB of int32: the largest dense grid index ``auto`` builds
+DENSE_SUBM_THRESHOLDS = ((16, 0.5), (32, 0.7), (None, 0.9))  # (max channels, density)
+TABLE_FILL_THRESHOLDS = ((16, 0.45), (32, 0.5), (None, 0.65))  # (max channels, fill)
+GATHER_FORMS = ("auto", "pairs", "table")
+
+Steps = Sequence[Tuple[Optional[int], float]]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,36 +109,58 @@ class GridIndex:
         return t
 
 
-def dense_subm_threshold(c_in: int, c_out: int) -> float:
-    """Density above which a submanifold conv on this path runs as ``F.conv2d`` on the dense
-    image (then read at the active sites): the sparse forms lose to the dense kernels once most
-    neighbours exist, sooner for few channels. Measured on a 2-core x86 CPU, 1 and 2 threads,
-    ``B=16, 32x64``; ``bench/bench_cpu_forms.py`` puts both sparse forms next to ``F.conv2d`` at
-    ``B=16, 64x128``, ``bench/bench_cpu_subm.py`` at 64 channels and 512x1024."""
-    c = max(c_in, c_out)
-    return 0.5 if c <= 16 else 0.7 if c <= 32 else 0.9
+def _check_steps(steps: Steps, name: str) -> Tuple[Tuple[Optional[int], float], ...]:
+    steps = tuple((None if c is None else int(c), float(v)) for c, v in steps)
+    if not steps or steps[-1][0] is not None:
+        raise ValueError(f"{name} must be ((max_channels, value), ..., (None, value)), got {steps!r}")
+    return steps
 
 
-def table_fill_threshold(c_in: int, c_out: int) -> float:
-    """Fill above which a conv on this path gathers from the neighbour table instead of the pair
-    lists. The table form does ``1 / fill`` times the GEMM work but no scatter, whose share of
-    the time shrinks as the channels grow, so the break-even rises with the channels. Measured
-    on a 2-core x86 CPU, ``B=16, 64x128``, 3x3 maps of random and line-like masks
-    (``bench/bench_cpu_forms.py``; results in ``bench/results/cpu_forms.json``)."""
-    c = max(c_in, c_out)
-    return 0.45 if c <= 16 else 0.5 if c <= 32 else 0.65
+def _step_value(steps: Steps, channels: int) -> float:
+    """The value of the first step whose ``max_channels`` covers ``channels``."""
+    for limit, value in steps:
+        if limit is None or channels <= limit:
+            return value
+    raise AssertionError("the last step covers any channel count")
 
 
-class TorchBackend:
+class TorchBackend(Backend):
+    """The PyTorch path (see the module docstring for the options)."""
+
     name = "torch"
-    dense_fallback = True  # see dense_subm_threshold; False keeps every conv on the sparse maps
-    gather = "auto"  # "pairs" | "table" | "auto" (by the map's fill, see table_fill_threshold)
+
+    def __init__(self, gather: str = "auto", dense_fallback: bool = True,
+                 dense_thresholds: Steps = DENSE_SUBM_THRESHOLDS, table_thresholds: Steps = TABLE_FILL_THRESHOLDS,
+                 grid_max_keys: int = TORCH_GRID_MAX_KEYS):
+        if gather not in GATHER_FORMS:
+            raise ValueError(f"TorchBackend: gather must be one of {', '.join(GATHER_FORMS)}, got {gather!r}")
+        self.gather = gather
+        self.dense_fallback = bool(dense_fallback)
+        self.dense_thresholds = _check_steps(dense_thresholds, "dense_thresholds")
+        self.table_thresholds = _check_steps(table_thresholds, "table_thresholds")
+        self.grid_max_keys = int(grid_max_keys)
+
+    def options(self) -> Dict[str, Any]:
+        return dict(gather=self.gather, dense_fallback=self.dense_fallback, dense_thresholds=self.dense_thresholds,
+                    table_thresholds=self.table_thresholds, grid_max_keys=self.grid_max_keys)
+
+    def dense_subm_threshold(self, c_in: int, c_out: int) -> float:
+        """Density above which a submanifold conv runs as ``F.conv2d`` on the dense image (then
+        read at the active sites): the sparse forms lose to the dense kernels once most
+        neighbours exist, sooner for few channels."""
+        return _step_value(self.dense_thresholds, max(c_in, c_out))
+
+    def table_fill_threshold(self, c_in: int, c_out: int) -> float:
+        """Fill above which a conv gathers from the neighbour table instead of the pair lists:
+        the table form does ``1 / fill`` times the GEMM work but no scatter, whose share of the
+        time shrinks as the channels grow, so the break-even rises with the channels."""
+        return _step_value(self.table_thresholds, max(c_in, c_out))
 
     def prefers_dense_subm(self, density: float, c_in: int, c_out: int) -> bool:
-        return self.dense_fallback and density >= dense_subm_threshold(c_in, c_out)
+        return self.dense_fallback and density >= self.dense_subm_threshold(c_in, c_out)
 
     def default_index_strategy(self, key_space: int, n_keys: Optional[int] = None) -> str:
-        return "grid" if key_space <= GRID_MAX_KEYS else "sort"
+        return "grid" if key_space <= self.grid_max_keys else "sort"
 
     def build_index(self, keys: torch.Tensor, key_space: int, strategy: str):
         if strategy == "grid":
@@ -139,27 +175,12 @@ class TorchBackend:
             lo, hi = out_coords[:, 1:].aminmax(dim=0)
             if int(lo.min()) >= 0 and int(hi[0]) < H and int(hi[1]) < W:
                 return self._grid_neighbor_table(index, out_coords, in_shape, offsets)
-        b, oy, ox = out_coords.long().unbind(1)
-        ys, xs, base = oy * scale[0], ox * scale[1], b * H
         nbr = torch.empty((offsets.shape[0], out_coords.shape[0]), dtype=torch.int32, device=out_coords.device)
-        for k, (dy, dx) in enumerate(offsets.tolist()):  # one pass per offset: no [K, N] temporaries
-            qy, qx = ys + dy, xs + dx
-            valid = None
-            if divisor[0] != 1:
-                valid = torch.remainder(qy, divisor[0]) == 0
-                qy = torch.div(qy, divisor[0], rounding_mode="floor")
-            if divisor[1] != 1:
-                vx = torch.remainder(qx, divisor[1]) == 0
-                valid = vx if valid is None else valid & vx
-                qx = torch.div(qx, divisor[1], rounding_mode="floor")
-            inside = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
-            valid = inside if valid is None else valid & inside
-            keys = (base + qy) * W + qx
-            nbr[k] = index.lookup(keys.masked_fill_(~valid, -1))
+        for k, offset in enumerate(offsets.tolist()):  # one pass per offset: no [K, N] temporaries
+            nbr[k] = index.lookup(affine_neighbor_keys(out_coords, in_shape, scale, offset, divisor))
         return nbr
 
-    @staticmethod
-    def full_subm_lookup(index) -> bool:
+    def full_subm_lookup(self, index) -> bool:
         """A grid index makes every offset one gather (``_grid_neighbor_table``): cheaper than
         the mirror scatter of the other half."""
         return isinstance(index, GridIndex)
@@ -179,11 +200,8 @@ class TorchBackend:
     # -- convolution ------------------------------------------------------------------
     def _use_table(self, kmap, c_in: int, c_out: int, n_dst: int) -> bool:
         if self.gather != "auto":
-            if self.gather not in ("pairs", "table"):
-                raise ValueError(f"TorchBackend.gather must be 'pairs', 'table' or 'auto', got {self.gather!r}")
             return self.gather == "table"
-        n_pairs = kmap.cached("n_pairs", lambda: int((kmap.nbr >= 0).sum()))
-        return n_pairs >= table_fill_threshold(c_in, c_out) * kmap.kernel_volume * max(n_dst, 1)
+        return kmap.num_pairs >= self.table_fill_threshold(c_in, c_out) * kmap.kernel_volume * max(n_dst, 1)
 
     @staticmethod
     def _table(kmap, reverse: bool) -> torch.Tensor:
@@ -193,10 +211,11 @@ class TorchBackend:
         return kmap.cached("table@nbr", lambda: torch.where(kmap.nbr < 0, kmap.n_in, kmap.nbr).long())
 
     @staticmethod
-    def _single_source(kmap, reverse: bool) -> Optional[torch.Tensor]:
+    def single_source_rows(kmap, reverse: bool) -> Optional[torch.Tensor]:
         """For a map in which every output row has exactly one (offset, input) pair (the
         transposed k == s convolution at its skip's sites: each fine site has one parent):
-        ``input * K + offset`` per output row, else None. Cached on the map."""
+        int64 ``input * K + offset`` per output row (of the reverse map if ``reverse``), else
+        None. Cached on the map."""
         def build():
             table = kmap.rev if reverse else kmap.nbr
             K, n = table.shape
@@ -227,7 +246,7 @@ class TorchBackend:
         bias = bias.to(cdt) if bias is not None else None
         n_dst = kmap.n_in if reverse else kmap.n_out
         ident = kmap.identity_offset
-        flat = self._single_source(kmap, reverse) if ident is None and self.gather == "auto" else None
+        flat = self.single_source_rows(kmap, reverse) if ident is None and self.gather == "auto" else None
         if flat is not None:
             # every output row reads one input row through one offset (the k == s transposed
             # conv; the k == s conv's input gradient): one GEMM gives every input row times
@@ -281,5 +300,3 @@ class TorchBackend:
                 torch.mm(_gather_rows(f, in_idx[s:e]).t(), _gather_rows(g, out_idx[s:e]), out=grad_w[k])
         return grad_w.to(features.dtype)
 
-
-backend = TorchBackend()

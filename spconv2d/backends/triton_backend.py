@@ -1,14 +1,19 @@
 """The Triton backend: the :class:`~spconv2d.backends.base.Backend` seam over ``spconv2d.kernels``.
 
+Options (constructor arguments of :class:`TritonBackend`; ``sp.backend("triton", **options)``)
+    ``sort_rows`` (None: automatic per map), ``allow_tf32`` (None: follow
+    ``torch.backends.cuda.matmul``), ``wgrad_splits`` (None: automatic per map), and the
+    index choice's limits ``grid_max_keys``, ``grid_max_keys_dense``, ``grid_min_density``.
+
 Index strategies
     ``hash`` (the GPU default for sparse inputs): the Triton hash table of
     ``spconv2d.kernels.hash`` (exact keys, grow-and-retry on overflow, never a silent miss).
     ``grid``: a dense int32 index image over the whole key space built by a scatter (smallest row
     wins for duplicate keys). ``sort`` is not a Triton structure: it is served by a hash table.
     ``auto`` (:meth:`TritonBackend.default_index_strategy`) picks ``grid`` when the key space is
-    small (the image fits in ``GRID_MAX_KEYS`` int32 entries, L2-friendly) or the coordinates are
-    dense (``n_keys >= GRID_MIN_DENSITY * key_space``), else ``hash``. The thresholds are the
-    ones ``bench/bench_gpu_conv.py::test_index_strategy`` measures.
+    small (at most ``grid_max_keys`` int32 entries, L2-friendly) or the coordinates are dense
+    (``n_keys >= grid_min_density * key_space`` and at most ``grid_max_keys_dense`` entries),
+    else ``hash``. ``bench/bench_gpu_conv.py::test_index_strategy`` measures the choice.
 
 Neighbour tables
     One fused launch: affine neighbour rule, key packing and hash probe / grid read.
@@ -17,11 +22,11 @@ Convolution
     Forward and input gradient: the output-stationary, atomic-free gather-GEMM kernel of
     ``spconv2d.kernels.conv`` on ``kmap.nbr`` (forward) and ``kmap.rev`` with the per-offset
     transposed weight (input gradient). Each table gets a cached tile plan
-    (``kmap.cached("triton_tile_plan_<nbr|rev>_<sort_rows>")``): per-16-row offset masks so a
+    (``kmap.cached("triton_tile_plan_<sort_rows>@<nbr|rev>")``): per-16-row offset masks so a
     tile skips offsets none of its rows uses, and the mask-sorted row order when it pays
     (``sort_rows=None``: automatic, see ``kernels.conv.tile_plan``). Weight gradient: split
     gathered GEMMs over ``kmap.pairs`` with fp32 partials summed by ``torch.sum``
-    (``kmap.cached("triton_wgrad_plan")``). All deterministic, no atomics.
+    (``kmap.cached("triton_wgrad_plan_<wgrad_splits>")``). All deterministic, no atomics.
 
 Precision: fp16/bf16 accumulate in fp32; fp32 is exact (IEEE) unless ``allow_tf32=True`` or,
 with ``allow_tf32=None``, ``torch.backends.cuda.matmul`` allows TF32.
@@ -32,9 +37,11 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
+
+from .base import Backend, affine_neighbor_keys
 
 
 def import_kernels():
@@ -68,10 +75,10 @@ from spconv2d.kernels import conv as _conv  # noqa: E402
 from spconv2d.kernels import hash as _hash  # noqa: E402
 from spconv2d.kernels import neighbors as _nb  # noqa: E402
 
-# ``auto`` index choice (see the module docstring); re-measure with bench/bench_gpu_conv.py.
-GRID_MAX_KEYS = 1 << 22        # <= 16 MiB of int32: the grid is cheap to clear and L2-resident
-GRID_MAX_KEYS_DENSE = 1 << 27  # never a grid beyond 512 MiB
-GRID_MIN_DENSITY = 0.125       # dense coordinates: the grid beats probing
+# Defaults of the ``auto`` index choice (see the module docstring and docs/ARCHITECTURE.md).
+TRITON_GRID_MAX_KEYS = 1 << 22        # <= 16 MiB of int32: the grid is cheap to clear and L2-resident
+TRITON_GRID_MAX_KEYS_DENSE = 1 << 27  # never a grid beyond 512 MiB
+TRITON_GRID_MIN_DENSITY = 0.125       # dense coordinates: the grid beats probing
 
 
 class HashIndex:
@@ -106,23 +113,35 @@ class GridIndex:
         return _nb.grid_lookup(self.grid, query_keys)
 
 
-class TritonBackend:
-    """Backend protocol of ``spconv2d.backends.base`` on the Triton kernels."""
+class TritonBackend(Backend):
+    """The Triton kernels behind the backend seam (options: see the module docstring)."""
 
     name = "triton"
 
     def __init__(self, sort_rows: Optional[bool] = None, allow_tf32: Optional[bool] = None,
-                 wgrad_splits: Optional[int] = None):
-        self.sort_rows = sort_rows      # None: automatic per map
-        self.allow_tf32 = allow_tf32    # None: follow torch.backends.cuda.matmul
-        self.wgrad_splits = wgrad_splits  # None: automatic per map
+                 wgrad_splits: Optional[int] = None, grid_max_keys: int = TRITON_GRID_MAX_KEYS,
+                 grid_max_keys_dense: int = TRITON_GRID_MAX_KEYS_DENSE,
+                 grid_min_density: float = TRITON_GRID_MIN_DENSITY):
+        if wgrad_splits is not None and int(wgrad_splits) < 1:
+            raise ValueError(f"TritonBackend: wgrad_splits must be None or >= 1, got {wgrad_splits!r}")
+        self.sort_rows = sort_rows
+        self.allow_tf32 = allow_tf32
+        self.wgrad_splits = None if wgrad_splits is None else int(wgrad_splits)
+        self.grid_max_keys = int(grid_max_keys)
+        self.grid_max_keys_dense = int(grid_max_keys_dense)
+        self.grid_min_density = float(grid_min_density)
+
+    def options(self) -> Dict[str, Any]:
+        return dict(sort_rows=self.sort_rows, allow_tf32=self.allow_tf32, wgrad_splits=self.wgrad_splits,
+                    grid_max_keys=self.grid_max_keys, grid_max_keys_dense=self.grid_max_keys_dense,
+                    grid_min_density=self.grid_min_density)
 
     # -- coordinate index ---------------------------------------------------------------
     def default_index_strategy(self, key_space: int, n_keys: Optional[int] = None) -> str:
-        if key_space <= GRID_MAX_KEYS:
+        if key_space <= self.grid_max_keys:
             return "grid"
-        if (n_keys is not None and key_space <= GRID_MAX_KEYS_DENSE
-                and n_keys >= GRID_MIN_DENSITY * key_space):
+        if (n_keys is not None and key_space <= self.grid_max_keys_dense
+                and n_keys >= self.grid_min_density * key_space):
             return "grid"
         return "hash"
 
@@ -148,24 +167,16 @@ class TritonBackend:
 
     @staticmethod
     def _neighbor_table_generic(index, out_coords, in_shape, scale, offsets, divisor):
-        """Any ``CoordIndex``: keys computed with torch ops, then ``index.lookup``."""
-        H, W = int(in_shape[0]), int(in_shape[1])
-        c = out_coords.long()
-        off = offsets.to(c.device).long()
-        ny = c[:, 1].unsqueeze(0) * int(scale[0]) + off[:, 0:1]
-        nx = c[:, 2].unsqueeze(0) * int(scale[1]) + off[:, 1:2]
-        iy = torch.div(ny, int(divisor[0]), rounding_mode="floor")
-        ix = torch.div(nx, int(divisor[1]), rounding_mode="floor")
-        ok = (ny >= 0) & (nx >= 0) & (iy * int(divisor[0]) == ny) & (ix * int(divisor[1]) == nx)
-        ok &= (iy < H) & (ix < W)
-        keys = (c[:, 0].unsqueeze(0) * H + iy) * W + ix
-        keys = torch.where(ok, keys, torch.full_like(keys, -1))
+        """Any ``CoordIndex``: keys by the affine rule in torch ops, then ``index.lookup``."""
+        keys = torch.stack([affine_neighbor_keys(out_coords, in_shape, scale, offset, divisor)
+                            for offset in offsets.tolist()]) if offsets.shape[0] else \
+            torch.empty((0, out_coords.shape[0]), dtype=torch.int64, device=out_coords.device)
         return index.lookup(keys).to(torch.int32)
 
     # -- derived structures -------------------------------------------------------------
     def tile_plan(self, kmap, which: str = "nbr"):
         table = kmap.nbr if which == "nbr" else kmap.rev
-        return kmap.cached(f"triton_tile_plan_{which}_{self.sort_rows}",
+        return kmap.cached(f"triton_tile_plan_{self.sort_rows}@{which}",
                            lambda: _conv.tile_plan(table, sort=self.sort_rows))
 
     def wgrad_plan(self, kmap):
@@ -173,7 +184,7 @@ class TritonBackend:
             ptr, in_idx, out_idx = kmap.pairs
             return _conv.wgrad_plan(ptr, in_idx, out_idx, splits=self.wgrad_splits)
 
-        return kmap.cached("triton_wgrad_plan", build)
+        return kmap.cached(f"triton_wgrad_plan_{self.wgrad_splits}", build)
 
     # -- convolution --------------------------------------------------------------------
     def conv_forward(self, features, weight, bias, kmap) -> torch.Tensor:
@@ -189,6 +200,4 @@ class TritonBackend:
                                              allow_tf32=self.allow_tf32)
 
 
-backend = TritonBackend()
-
-__all__ = ["TritonBackend", "HashIndex", "GridIndex", "backend", "import_kernels"]
+__all__ = ["TritonBackend", "HashIndex", "GridIndex", "import_kernels"]

@@ -10,9 +10,10 @@ from typing import Optional
 
 import torch
 
-from .. import backends as _dispatch
-from .. import maps
-from ..tensor import SparseTensor, _pair, at_sites
+from .. import backends, maps
+from ..backends import BackendSpec
+from ..geometry import pair
+from ..tensor import SparseTensor, at_sites
 
 
 class SparseConvFunction(torch.autograd.Function):
@@ -78,63 +79,61 @@ def _as_kio(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.permute(*perm).reshape(kh * kw, *((a, b) if transposed else (b, a)))
 
 
-def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Optional[str] = None,
+def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Optional[BackendSpec] = None,
                 index: Optional[str] = None) -> SparseTensor:
     """Submanifold conv: output sites = input sites, values = ``F.conv2d(dense, w, b,
-    padding=dilation*(k//2), dilation=dilation)`` there. Odd kernel sizes only."""
+    padding=dilation*(k//2), dilation=dilation)`` there. Odd kernel sizes only. ``backend``: a
+    name or instance (default: the one in force, see ``sp.backend``); ``index``: the
+    coordinate index strategy for the map build."""
     _check_weight(x, weight, bias, 1, "subm_conv2d")
-    ksize, dilation = tuple(weight.shape[2:]), _pair(dilation, "dilation")
+    ksize, dilation = tuple(weight.shape[2:]), pair(dilation, "dilation")
     if ksize[0] % 2 == 0 or ksize[1] % 2 == 0:
         raise ValueError(f"subm_conv2d needs odd kernel sizes, got {ksize}")
-    be = _dispatch.resolve(x.device, backend)
-    prefers_dense = getattr(be, "prefers_dense_subm", None)
+    be = backends.resolve(x.device, backend)
     same_dtype = weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type)
-    if same_dtype and prefers_dense is not None and prefers_dense(x.density, weight.shape[1], weight.shape[0]):
+    if same_dtype and be.prefers_dense_subm(x.density, weight.shape[1], weight.shape[0]):
         # Nearly every pixel is active: the dense oracle itself is the fastest exact answer.
         pad = (dilation[0] * (ksize[0] // 2), dilation[1] * (ksize[1] // 2))
         dense = torch.nn.functional.conv2d(x.to_dense(), weight, bias, padding=pad, dilation=dilation)
         return x.replace(at_sites(dense, x.coords))
-    kmap = maps.subm_map(x, ksize, dilation, be, index)
+    kmap = maps.subm_map(x, ksize, dilation, be, index).kmap
     return x.replace(_run(x.features, _as_kio(weight, False), bias, kmap, be))
 
 
 def conv2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, *,
-           backend: Optional[str] = None) -> SparseTensor:
+           backend: Optional[BackendSpec] = None) -> SparseTensor:
     """Strided sparse conv: output sites = positions of ``F.conv2d(dense, ...)`` whose
     receptive field holds an active input; values = that dense conv there."""
     _check_weight(x, weight, bias, 1, "conv2d")
     ksize = tuple(weight.shape[2:])
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"conv2d: invalid stride={stride}, padding={padding}, dilation={dilation}")
-    be = _dispatch.resolve(x.device, backend)
-    out_cs, kmap = maps.conv_map(x, ksize, stride, padding, dilation)
-    out = _run(x.features, _as_kio(weight, False), bias, kmap, be)
-    return SparseTensor._from_coordset(out, out_cs, x._manager)
+    be = backends.resolve(x.device, backend)
+    built = maps.conv_map(x, ksize, stride, padding, dilation)
+    return x.derive(_run(x.features, _as_kio(weight, False), bias, built.kmap, be), built.out)
 
 
 def conv_transpose2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, output_padding=0, *,
-                     output: Optional[SparseTensor] = None, backend: Optional[str] = None,
+                     output: Optional[SparseTensor] = None, backend: Optional[BackendSpec] = None,
                      index: Optional[str] = None) -> SparseTensor:
     """Sparse transposed conv. Generative by default (every site of ``F.conv_transpose2d`` that
     receives a contribution); with ``output=skip``, exactly at ``skip``'s sites and shape."""
     _check_weight(x, weight, bias, 0, "conv_transpose2d")
     ksize = tuple(weight.shape[2:])
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    output_padding = _pair(output_padding, "output_padding")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    output_padding = pair(output_padding, "output_padding")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"conv_transpose2d: invalid stride={stride}, padding={padding}, dilation={dilation}")
-    be = _dispatch.resolve(x.device, backend)
+    be = backends.resolve(x.device, backend)
     w = _as_kio(weight, True)
     if output is not None:
         if not isinstance(output, SparseTensor):
             raise TypeError(f"output= must be a SparseTensor, got {type(output).__name__}")
-        kmap = maps.conv_transpose_to_map(x, output, ksize, stride, padding, dilation, be, index)
-        out = _run(x.features, w, bias, kmap, be)
-        return SparseTensor._from_coordset(out, output._cs, output._manager)
+        built = maps.conv_transpose_to_map(x, output, ksize, stride, padding, dilation, be, index)
+        return output.replace(_run(x.features, w, bias, built.kmap, be))
     for d in range(2):
         if not 0 <= output_padding[d] < max(stride[d], dilation[d]):
             raise ValueError(f"output_padding {output_padding} must be smaller than stride or dilation")
-    out_cs, kmap = maps.conv_transpose_map(x, ksize, stride, padding, dilation, output_padding)
-    out = _run(x.features, w, bias, kmap, be)
-    return SparseTensor._from_coordset(out, out_cs, x._manager)
+    built = maps.conv_transpose_map(x, ksize, stride, padding, dilation, output_padding)
+    return x.derive(_run(x.features, w, bias, built.kmap, be), built.out)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 
 from .. import maps
-from ..tensor import SparseTensor, _pair
+from ..geometry import pair
+from ..tensor import SparseTensor
 
 
 def _pool_geometry(kernel_size, stride, padding, dilation):
-    k = _pair(kernel_size, "kernel_size")
-    s = k if stride is None else _pair(stride, "stride")
-    p, r = _pair(padding, "padding"), _pair(dilation, "dilation")
+    k = pair(kernel_size, "kernel_size")
+    s = k if stride is None else pair(stride, "stride")
+    p, r = pair(padding, "padding"), pair(dilation, "dilation")
     if min(k) < 1 or min(s) < 1 or min(r) < 1 or min(p) < 0:
         raise ValueError(f"invalid pooling geometry kernel_size={k}, stride={s}, padding={p}, dilation={r}")
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
@@ -24,22 +25,24 @@ def _gather(x: SparseTensor, kernel_size, stride, padding, dilation, fill: float
     if not isinstance(x, SparseTensor):
         raise TypeError(f"expected a SparseTensor, got {type(x).__name__}")
     k, s, p, r = _pool_geometry(kernel_size, stride, padding, dilation)
-    out_cs, kmap = maps.conv_map(x, k, s, p, r)
+    built = maps.conv_map(x, k, s, p, r)
     f = x.features
     padded = torch.cat((f, f.new_full((1, f.shape[1]), fill)), 0)
-    idx = torch.where(kmap.nbr >= 0, kmap.nbr, x.num_active).long()  # missing -> the fill row
-    return padded[idx], kmap, out_cs  # [K, N_out, C]
+    idx = torch.where(built.kmap.nbr >= 0, built.kmap.nbr, x.num_active).long()  # missing -> the fill row
+    return padded[idx], built  # [K, N_out, C]
 
 
 def max_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> SparseTensor:
-    gathered, _, out_cs = _gather(x, kernel_size, stride, padding, dilation, float("-inf"))
-    return SparseTensor._from_coordset(gathered.max(0).values, out_cs, x._manager)
+    """Max over the *active* inputs of each window; output sites as ``conv2d``'s."""
+    gathered, built = _gather(x, kernel_size, stride, padding, dilation, float("-inf"))
+    return x.derive(gathered.max(0).values, built.out)
 
 
 def avg_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> SparseTensor:
-    gathered, kmap, out_cs = _gather(x, kernel_size, stride, padding, dilation, 0.0)
-    count = (kmap.nbr >= 0).sum(0).clamp_(min=1).unsqueeze(1).to(gathered.dtype)
-    return SparseTensor._from_coordset(gathered.sum(0) / count, out_cs, x._manager)
+    """Mean over the *active* inputs of each window; output sites as ``conv2d``'s."""
+    gathered, built = _gather(x, kernel_size, stride, padding, dilation, 0.0)
+    count = (built.kmap.nbr >= 0).sum(0).clamp_(min=1).unsqueeze(1).to(gathered.dtype)
+    return x.derive(gathered.sum(0) / count, built.out)
 
 
 def _batch_index(x: SparseTensor) -> torch.Tensor:

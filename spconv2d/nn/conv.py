@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .. import functional as SF
-from ..tensor import SparseTensor, _pair
+from ..geometry import pair
+from ..tensor import SparseTensor
 
 
 class _SparseConvNd(nn.Module):
@@ -19,8 +20,8 @@ class _SparseConvNd(nn.Module):
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"channels must be positive, got in={in_channels}, out={out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride, self.padding, self.dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride, self.padding, self.dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
         shape = (in_channels, out_channels) if transposed else (out_channels, in_channels)
         self.weight = nn.Parameter(torch.empty(*shape, *self.kernel_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
@@ -30,7 +31,7 @@ class _SparseConvNd(nn.Module):
         # The same initialisation as torch.nn.Conv2d / ConvTranspose2d.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
-            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            fan_in = self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3]  # as torch computes it
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
@@ -50,10 +51,10 @@ class SubMConv2d(_SparseConvNd):
     on the densified input at those sites. Odd kernel sizes."""
 
     def __init__(self, in_channels, out_channels, kernel_size, dilation=1, bias=True, device=None, dtype=None):
-        k = _pair(kernel_size, "kernel_size")
+        k = pair(kernel_size, "kernel_size")
         if k[0] % 2 == 0 or k[1] % 2 == 0:
             raise ValueError(f"SubMConv2d needs odd kernel sizes, got {k}")
-        r = _pair(dilation, "dilation")
+        r = pair(dilation, "dilation")
         super().__init__(in_channels, out_channels, k, 1, (r[0] * (k[0] // 2), r[1] * (k[1] // 2)), r, bias,
                          False, device, dtype)
 
@@ -80,7 +81,7 @@ class SparseConvTranspose2d(_SparseConvNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
                  output_padding=0, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, True, device, dtype)
-        self.output_padding = _pair(output_padding, "output_padding")
+        self.output_padding = pair(output_padding, "output_padding")
 
     def forward(self, x: SparseTensor, output: Optional[SparseTensor] = None) -> SparseTensor:
         return SF.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,

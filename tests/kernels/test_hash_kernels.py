@@ -1,19 +1,12 @@
 """Triton coordinate hash table (spconv2d.kernels.hash) under the interpreter (or on a GPU)."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from spconv2d.kernels import hash as kh
+from spconv2d.testing import triton_device
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import torch  # noqa: E402
-from _triton_helpers import DEVICE, needs_cuda, needs_device, load_kernels  # noqa: E402
-
-load_kernels()
-from spconv2d.kernels import hash as kh  # noqa: E402
-
-pytestmark = needs_device
+DEVICE = triton_device() or "cpu"
+pytestmark = pytest.mark.triton
 
 
 def _unique_keys(n, space, gen, dtype):
@@ -125,7 +118,7 @@ def test_hash_capacity():
     assert kh.hash_capacity(1024) == 2048
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_gpu_large_table_matches_searchsorted():
     g = torch.Generator(device="cpu").manual_seed(0)
     keys = torch.randperm(2**26, generator=g)[: 2**21].to(torch.int32).cuda()

@@ -1,20 +1,15 @@
 """Sparse convolution kernels (spconv2d.kernels.conv) against float64 references built from nbr."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from spconv2d.kernel_map import pair_lists
+from spconv2d.kernels import conv as kc
+from spconv2d.kernels import interpreting
+from spconv2d.testing import triton_device
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import torch  # noqa: E402
-from _triton_helpers import DEVICE, INTERPRET, needs_cuda, needs_device, load_kernels  # noqa: E402
-
-load_kernels()
-from spconv2d.kernels import conv as kc  # noqa: E402
-from spconv2d.kernels import neighbors as kn  # noqa: E402
-
-pytestmark = needs_device
+DEVICE = triton_device() or "cpu"
+INTERPRET = interpreting()
+pytestmark = pytest.mark.triton
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2),
        torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
@@ -209,7 +204,7 @@ def test_backward_weight_matches_reference(splits, dtype, gen):
     nbr[4] = -1  # an offset with no pairs
     x, _, _ = _data(gen, n_in, c_in, c_out, K, dtype)
     g = torch.randn(n_out, c_out, generator=gen).to(dtype).to(DEVICE)
-    plan = kc.wgrad_plan(*kn.pair_lists(nbr), splits=splits)
+    plan = kc.wgrad_plan(*pair_lists(nbr), splits=splits)
     if splits is not None:
         assert plan.splits == splits and plan.chunk_start.numel() == K * splits
     gw = kc.sparse_conv_weight_grad(x, g, plan)
@@ -224,7 +219,7 @@ def test_backward_weight_matches_reference(splits, dtype, gen):
 
 def test_backward_weight_chunks_cover_pairs_exactly(gen):
     nbr = random_kmap(gen, 5, 50, 50).to(DEVICE)
-    ptr, in_idx, out_idx = kn.pair_lists(nbr)
+    ptr, in_idx, out_idx = pair_lists(nbr)
     plan = kc.wgrad_plan(ptr, in_idx, out_idx, splits=4)
     s, e = plan.chunk_start.cpu().tolist(), plan.chunk_end.cpu().tolist()
     for k in range(5):
@@ -243,10 +238,10 @@ def test_backward_weight_empty_and_deterministic(gen):
     x, _, _ = _data(gen, 10, 3, 4, 9, torch.float32)
     g = torch.randn(6, 4, generator=gen).to(DEVICE)
     nbr = torch.full((9, 6), -1, dtype=torch.int32, device=DEVICE)
-    gw = kc.sparse_conv_weight_grad(x, g, kc.wgrad_plan(*kn.pair_lists(nbr)))
+    gw = kc.sparse_conv_weight_grad(x, g, kc.wgrad_plan(*pair_lists(nbr)))
     assert gw.shape == (9, 3, 4) and (gw == 0).all()
     nbr = random_kmap(gen, 9, 10, 6).to(DEVICE)
-    plan = kc.wgrad_plan(*kn.pair_lists(nbr), splits=2)
+    plan = kc.wgrad_plan(*pair_lists(nbr), splits=2)
     assert torch.equal(kc.sparse_conv_weight_grad(x, g, plan), kc.sparse_conv_weight_grad(x, g, plan))
 
 
@@ -261,19 +256,19 @@ def test_float64_accumulates_in_float64(gen):
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref_forward(x, w, nbr, b), rtol=1e-12, atol=1e-12)
     g = torch.randn(n_out, 6, generator=gen, dtype=torch.float64)
-    gw = kc.sparse_conv_weight_grad(x, g, kc.wgrad_plan(*kn.pair_lists(nbr), splits=2))
+    gw = kc.sparse_conv_weight_grad(x, g, kc.wgrad_plan(*pair_lists(nbr), splits=2))
     torch.testing.assert_close(gw, ref_backward_weight(x, g, nbr), rtol=1e-12, atol=1e-12)
 
 
 # -- precision and autotune policy -------------------------------------------------------
 def test_fp32_precision_policy(monkeypatch):
-    assert kc._input_precision(torch.float32, None) in ("ieee", "tf32")
-    assert kc._input_precision(torch.float32, False) == "ieee"
-    assert kc._input_precision(torch.float32, True) == "tf32"
+    assert kc.input_precision(torch.float32, None) in ("ieee", "tf32")
+    assert kc.input_precision(torch.float32, False) == "ieee"
+    assert kc.input_precision(torch.float32, True) == "tf32"
     monkeypatch.setattr(kc, "tf32_enabled", lambda: False)
-    assert kc._input_precision(torch.float32, None) == "ieee"
+    assert kc.input_precision(torch.float32, None) == "ieee"
     monkeypatch.setattr(kc, "tf32_enabled", lambda: True)
-    assert kc._input_precision(torch.float32, None) == "tf32"
+    assert kc.input_precision(torch.float32, None) == "tf32"
 
 
 def test_tf32_follows_torch_flag():
@@ -288,17 +283,17 @@ def test_tf32_follows_torch_flag():
 
 
 def test_autotune_keys_and_interpreter_config():
-    for kern in (kc._sparse_conv_kernel, kc._sparse_conv_wgrad_kernel):
+    for kern in (kc.sparse_conv_kernel, kc.sparse_conv_wgrad_kernel):
         assert "n_rows" not in kern.keys and "N" not in kern.keys
         if INTERPRET:
             assert len(kern.configs) == 1
         for cfg in kern.configs:
             assert all(v >= 16 for k, v in cfg.kwargs.items() if k.startswith("BLOCK_"))
-    assert set(kc._sparse_conv_kernel.keys) == {"C_in", "C_out", "K"}
+    assert set(kc.sparse_conv_kernel.keys) == {"C_in", "C_out", "K"}
 
 
 # -- GPU only ----------------------------------------------------------------------------
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("c", [32, 64, 128])
 def test_gpu_bf16_and_fp16_all_ops(c, gen):
     K, n = 9, 5000
@@ -311,12 +306,12 @@ def test_gpu_bf16_and_fp16_all_ops(c, gen):
         _close(kc.sparse_conv(x, w, nbr, b, kc.tile_plan(nbr)), ref_forward(x, w, nbr, b), dtype)
         _close(kc.sparse_conv_backward_input(g, w, rev, kc.tile_plan(rev)),
                ref_backward_input(g, w, nbr, n), dtype)
-        gw = kc.sparse_conv_weight_grad(x, g, kc.wgrad_plan(*kn.pair_lists(nbr)), torch.float32)
+        gw = kc.sparse_conv_weight_grad(x, g, kc.wgrad_plan(*pair_lists(nbr)), torch.float32)
         ref = ref_backward_weight(x, g, nbr)
         torch.testing.assert_close(gw.double().cpu(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_gpu_fp32_exact_by_default_tf32_opt_in(gen):
     K, n, c = 9, 4000, 64
     nbr = random_kmap(gen, K, n, n).cuda()
@@ -329,7 +324,7 @@ def test_gpu_fp32_exact_by_default_tf32_opt_in(gen):
     assert (tf32 - exact).abs().max() > 0  # TF32 really was used
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_gpu_autotune_cache_independent_of_n(gen):
     K, c = 9, 32
     for n in (1000, 3000, 7777):
@@ -337,5 +332,5 @@ def test_gpu_autotune_cache_independent_of_n(gen):
         x, w, b = _data(gen, n, c, c, K, torch.float16)
         _close(kc.sparse_conv(x, w, nbr, b, kc.tile_plan(nbr)), ref_forward(x, w, nbr, b),
                torch.float16)
-    keys = [k for k in kc._sparse_conv_kernel.cache if k[0] == c and k[1] == c]
+    keys = [k for k in kc.sparse_conv_kernel.cache if k[0] == c and k[1] == c]
     assert len({k[:3] for k in keys}) == 1

@@ -1,22 +1,17 @@
 """The Triton backend glue (spconv2d.backends.triton_backend): indexes, dispatch of the kernels,
-cached derived structures. The end-to-end oracles live in test_backends_oracle.py."""
-import os
+cached derived structures, options. The end-to-end oracles live in tests/ops/."""
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import spconv2d as sp
+from spconv2d.backends import triton_backend
+from spconv2d.backends.torch_backend import SortIndex, TorchBackend
+from spconv2d.kernel_map import KernelMap
+from spconv2d.testing import triton_device
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from _triton_helpers import DEVICE, needs_device  # noqa: E402
-
-import spconv2d as sp  # noqa: E402
-from spconv2d.backends import torch_backend, triton_backend  # noqa: E402
-from spconv2d.kernel_map import KernelMap  # noqa: E402
-
-pytestmark = needs_device
+DEVICE = triton_device() or "cpu"
+pytestmark = pytest.mark.triton
 TB = triton_backend.TritonBackend
 
 
@@ -53,6 +48,12 @@ def test_default_index_strategy_rule():
     assert be.default_index_strategy(1 << 24, n_keys=1 << 23) == "grid"
     assert be.default_index_strategy(1 << 24, n_keys=1 << 16) == "hash"
     assert be.default_index_strategy(1 << 40, n_keys=1 << 39) == "hash"
+    small = TB(grid_max_keys=1 << 10, grid_min_density=0.9)  # the limits are options
+    assert small.default_index_strategy(1 << 20) == "hash"
+    assert small.default_index_strategy(1 << 20, n_keys=(1 << 20) - 1) == "grid"
+    with pytest.raises(ValueError, match="wgrad_splits"):
+        TB(wgrad_splits=0)
+    assert "allow_tf32=True" in repr(TB(allow_tf32=True))
 
 
 @pytest.mark.parametrize("index_kind", ["hash", "grid", "foreign"])
@@ -64,18 +65,18 @@ def test_neighbor_table_any_index(index_kind, gen):
     off = torch.tensor([[dy, dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], device=DEVICE)
     be = TB()
     if index_kind == "foreign":
-        idx = torch_backend.SortIndex(keys)
+        idx = SortIndex(keys)
     else:
         idx = be.build_index(keys, B * H * W, index_kind)
-    ref_idx = torch_backend.SortIndex(keys.cpu())
-    expect = torch_backend.backend.neighbor_table(ref_idx, coords, (H, W), (1, 1), off.cpu(), (1, 1))
+    ref_idx = SortIndex(keys.cpu())
+    expect = TorchBackend().neighbor_table(ref_idx, coords, (H, W), (1, 1), off.cpu(), (1, 1))
     got = be.neighbor_table(idx, coords.to(DEVICE), (H, W), (1, 1), off, (1, 1))
     assert got.dtype == torch.int32 and torch.equal(got.cpu(), expect)
     # strided (scale 2) and transposed (divisor 2) geometries, the generic path included
     oc = torch.stack(torch.meshgrid(torch.arange(B), torch.arange(4), torch.arange(5),
                                     indexing="ij"), -1).reshape(-1, 3).int()
     for scale, div, c in (((2, 2), (1, 1), oc), ((1, 1), (2, 2), oc * torch.tensor([1, 3, 2]).int())):
-        expect = torch_backend.backend.neighbor_table(ref_idx, c, (H, W), scale, off.cpu(), div)
+        expect = TorchBackend().neighbor_table(ref_idx, c, (H, W), scale, off.cpu(), div)
         got = be.neighbor_table(idx, c.to(DEVICE), (H, W), scale, off, div)
         assert torch.equal(got.cpu(), expect)
 
@@ -95,19 +96,19 @@ def test_conv_ops_match_torch_backend_and_cache_plans(sort_rows, gen):
     w = torch.randn(9, 5, 7, generator=gen).to(DEVICE)
     b = torch.randn(7, generator=gen).to(DEVICE)
     g = torch.randn(50, 7, generator=gen).to(DEVICE)
-    be, ref = TB(sort_rows=sort_rows, wgrad_splits=2), torch_backend.backend
+    be, ref = TB(sort_rows=sort_rows, wgrad_splits=2), TorchBackend()
     torch.testing.assert_close(be.conv_forward(x, w, b, kmap), ref.conv_forward(x, w, b, kmap))
     torch.testing.assert_close(be.conv_backward_input(g, w, kmap), ref.conv_backward_input(g, w, kmap))
     torch.testing.assert_close(be.conv_backward_weight(x, g, kmap),
                                ref.conv_backward_weight(x, g, kmap), rtol=1e-4, atol=1e-4)
-    names = set(kmap._cache)
-    assert {f"triton_tile_plan_nbr_{sort_rows}", f"triton_tile_plan_rev_{sort_rows}",
-            "triton_wgrad_plan"} <= names
-    plan = kmap._cache[f"triton_tile_plan_nbr_{sort_rows}"]
+    names = set(kmap.cached_names())
+    assert {f"triton_tile_plan_{sort_rows}@nbr", f"triton_tile_plan_{sort_rows}@rev",
+            "triton_wgrad_plan_2"} <= names
+    plan = kmap.cached(f"triton_tile_plan_{sort_rows}@nbr", lambda: None)
     if sort_rows is not None:
         assert plan.sorted == sort_rows
     be.conv_forward(x, w, b, kmap)
-    assert kmap._cache[f"triton_tile_plan_nbr_{sort_rows}"] is plan  # reused, not rebuilt
+    assert kmap.cached(f"triton_tile_plan_{sort_rows}@nbr", lambda: None) is plan  # reused, not rebuilt
 
 
 def test_end_to_end_subm_against_conv2d(gen):

@@ -1,20 +1,13 @@
 """Fused neighbour lookup and derived kernel-map structures (spconv2d.kernels.neighbors)."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from spconv2d.kernels import hash as kh
+from spconv2d.kernels import neighbors as kn
+from spconv2d.testing import triton_device
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import torch  # noqa: E402
-from _triton_helpers import DEVICE, needs_device, load_kernels  # noqa: E402
-
-load_kernels()
-from spconv2d.kernels import hash as kh  # noqa: E402
-from spconv2d.kernels import neighbors as kn  # noqa: E402
-
-pytestmark = needs_device
+DEVICE = triton_device() or "cpu"
+pytestmark = pytest.mark.triton
 
 
 def _coords(gen, B, H, W, density):
@@ -179,13 +172,3 @@ def test_row_masks_k64_and_limit(gen):
     assert torch.equal(bits, nbr >= 0)
     with pytest.raises(ValueError):
         kn.row_offset_masks(_random_nbr(gen, 65, 4))
-
-
-def test_pair_lists(gen):
-    nbr = _random_nbr(gen, 5, 30)
-    ptr, in_idx, out_idx = kn.pair_lists(nbr)
-    assert len(ptr) == 6 and ptr[-1] == int((nbr >= 0).sum())
-    for k in range(5):
-        j = torch.nonzero(nbr[k] >= 0).flatten()
-        assert torch.equal(out_idx[ptr[k]:ptr[k + 1]].long(), j)
-        assert torch.equal(in_idx[ptr[k]:ptr[k + 1]], nbr[k, j])

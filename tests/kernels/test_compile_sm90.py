@@ -5,16 +5,11 @@ loop-variable methods...). This test runs ``triton.compile`` for a CUDA target i
 (compiled mode: ``TRITON_INTERPRET`` unset) and needs only Triton's bundled ``ptxas``.
 """
 import os
+import subprocess
+import sys
+import textwrap
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # this process: like every test module
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
+import pytest
 
 SCRIPT = textwrap.dedent(r'''
     import os, sys
@@ -45,16 +40,16 @@ SCRIPT = textwrap.dedent(r'''
 
     for i64, kt in ((False, "*i32"), (True, "*i64")):
         common = {"table_keys_ptr": kt, "table_vals_ptr": "*i32"}
-        compile_(kh._hash_insert_kernel, {"keys_ptr": kt, **common, "status_ptr": "*i32",
+        compile_(kh.hash_insert_kernel, {"keys_ptr": kt, **common, "status_ptr": "*i32",
                  **ints("n_keys capacity_mask max_probes")}, {"KEY_INT64": i64, "BLOCK": 256})
-        compile_(kh._hash_lookup_kernel, {"query_ptr": kt, **common, "out_ptr": "*i32",
+        compile_(kh.hash_lookup_kernel, {"query_ptr": kt, **common, "out_ptr": "*i32",
                  **ints("n_query capacity_mask max_probes")}, {"KEY_INT64": i64, "BLOCK": 256})
     for grid in (False, True):
         sig = {"coords_ptr": "*i32", "offsets_ptr": "*i32", "table_keys_ptr": "*i32",
                "table_vals_ptr": "*i32", "nbr_ptr": "*i32",
                **ints("n_out H_in W_in scale_y scale_x div_y div_x key_space capacity_mask "
                       "max_probes stride_c_n stride_c_d stride_off_k stride_off_d stride_nbr_k")}
-        compile_(kn._neighbor_kernel, sig, {"USE_GRID": grid, "KEY_INT64": False, "BLOCK_N": 128})
+        compile_(kn.neighbor_kernel, sig, {"USE_GRID": grid, "KEY_INT64": False, "BLOCK_N": 128})
     conv_ints = ints("n_rows n_sub C_in C_out K stride_x_n stride_x_c stride_w_k stride_w_ci "
                      "stride_w_co stride_nbr_k stride_o_n stride_o_c")
     wgrad_ints = ints("C_in C_out stride_x_n stride_x_c stride_g_n stride_g_c stride_p_chunk "
@@ -62,13 +57,13 @@ SCRIPT = textwrap.dedent(r'''
     for dt, masks, prec in (("fp16", True, "tf32"), ("bf16", False, "tf32"), ("fp32", True, "ieee")):
         sig = {"x_ptr": "*" + dt, "w_ptr": "*" + dt, "bias_ptr": "*fp32", "nbr_ptr": "*i32",
                "perm_ptr": "*i32", "submask_ptr": "*i64", "out_ptr": "*" + dt, **conv_ints}
-        cfg = kc._conv_configs()[-1]
-        compile_(kc._sparse_conv_kernel, sig, dict(HAS_BIAS=True, HAS_PERM=masks, HAS_MASKS=masks,
+        cfg = kc.conv_configs()[-1]
+        compile_(kc.sparse_conv_kernel, sig, dict(HAS_BIAS=True, HAS_PERM=masks, HAS_MASKS=masks,
                  INPUT_PRECISION=prec, ACC_DTYPE=tl.float32, SUB=16, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
         sig = {"x_ptr": "*" + dt, "g_ptr": "*" + dt, "in_idx_ptr": "*i32", "out_idx_ptr": "*i32",
                "chunk_start_ptr": "*i32", "chunk_end_ptr": "*i32", "part_ptr": "*fp32", **wgrad_ints}
-        cfg = kc._wgrad_configs()[-1]
-        compile_(kc._sparse_conv_wgrad_kernel, sig,
+        cfg = kc.wgrad_configs()[-1]
+        compile_(kc.sparse_conv_wgrad_kernel, sig,
                  dict(INPUT_PRECISION=prec, ACC_DTYPE=tl.float32, **cfg.kwargs),
                  cfg.num_warps, cfg.num_stages)
     print("COMPILED-OK")
