@@ -54,7 +54,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``src[idx]``; ``F.embedding`` gathers rows about 3x faster than ``index_select`` on CPU."""
+    """``src[idx]`` by ``F.embedding`` (docs/ARCHITECTURE.md, "Measured choices": the fastest row gather)."""
     return F.embedding(idx, src)
 
 
