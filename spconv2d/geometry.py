@@ -8,24 +8,55 @@ Conventions (the dense oracle's: ``F.conv2d`` / ``F.conv_transpose2d`` cross-cor
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+import operator
+from typing import Optional, Tuple, Union
 
 import torch
 
 Pair = Tuple[int, int]
 
 
-def pair(value: Union[int, Tuple[int, int]], name: str) -> Pair:
-    """``value`` as a pair of Python ints: an int ``v`` gives ``(v, v)``; a pair is checked."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
+def integer(value, name: str, minimum: Optional[int] = None) -> int:
+    """``value`` as a Python int: integers of any kind (``int``, numpy and integer 0-d torch
+    scalars) are accepted, ``bool``, floats and anything else raise ``TypeError`` (never
+    truncated); below ``minimum`` raises ``ValueError``."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     try:
-        t = tuple(value)
+        v = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(t) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return (int(t[0]), int(t[1]))
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def pair(value: Union[int, Tuple[int, int]], name: str, minimum: Optional[int] = None) -> Pair:
+    """``value`` as a pair of Python ints: an integer ``v`` gives ``(v, v)``, a sequence of two
+    integers is taken as it is; each must be ``>= minimum`` (``ValueError``). Non-integers raise
+    ``TypeError``."""
+    if isinstance(value, (tuple, list, torch.Size)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an integer or a pair of integers, got {value!r}")
+        items = tuple(value)
+    elif isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an integer or a pair of integers, got {value!r} ({type(value).__name__})")
+    else:
+        items = (value, value)
+    try:
+        out = tuple(integer(v, name) for v in items)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer or a pair of integers, got {value!r}") from None
+    if minimum is not None and min(out) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def conv_geometry(op: str, kernel_size, stride, padding, dilation) -> Tuple[Pair, Pair, Pair, Pair]:
+    """Checked ``(kernel_size, stride, padding, dilation)`` pairs, with ``nn.Conv2d``'s rules:
+    kernel sizes, strides and dilations >= 1, paddings >= 0."""
+    return (pair(kernel_size, f"{op}: kernel_size", 1), pair(stride, f"{op}: stride", 1),
+            pair(padding, f"{op}: padding", 0), pair(dilation, f"{op}: dilation", 1))
 
 
 def conv_output_size(size: int, k: int, s: int, p: int, r: int) -> int:

@@ -6,9 +6,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .coords import CoordinateManager, CoordSet, key_dtype, pack_keys
-from .geometry import pair
+from .geometry import integer, pair
 
 _REDUCTIONS = ("sum", "mean", "max", "min")
+INT32_MAX = 2**31 - 1  # coordinates are stored as int32: every coordinate and grid size fits it
+_COORD_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _check_features(features) -> None:
@@ -23,7 +25,7 @@ def _check_features(features) -> None:
 def _check_coords(coords, n: int, device) -> torch.Tensor:
     if not isinstance(coords, torch.Tensor):
         raise TypeError(f"coords must be a torch.Tensor, got {type(coords).__name__}")
-    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
+    if coords.dtype not in _COORD_DTYPES:
         raise TypeError(f"coords must be an integer tensor (int32 preferred), got {coords.dtype}")
     if coords.dim() != 2 or coords.shape[1] != 3:
         raise ValueError(f"coords must have shape [N, 3] with rows (b, y, x), got {tuple(coords.shape)}")
@@ -34,10 +36,34 @@ def _check_coords(coords, n: int, device) -> torch.Tensor:
     return coords
 
 
+def _check_grid(spatial_shape, batch_size, inferred: bool = False) -> Tuple[Tuple[int, int], int]:
+    """``spatial_shape`` a pair of integers in ``[1, 2**31)``, ``batch_size`` an integer in
+    ``[1, 2**31)`` (never truncated)."""
+    spatial_shape = pair(spatial_shape, "spatial_shape", 1)
+    if max(spatial_shape) > INT32_MAX:
+        raise ValueError(f"spatial_shape must fit int32 coordinates (<= {INT32_MAX}), got {spatial_shape}")
+    what = "batch_size (one more than the largest batch index in coords)" if inferred else "batch_size"
+    batch_size = integer(batch_size, what, 1)
+    if batch_size > INT32_MAX:
+        raise ValueError(f"{what} must fit int32 coordinates (<= {INT32_MAX}), got {batch_size}")
+    return spatial_shape, batch_size
+
+
+def _infer_batch_size(coords: torch.Tensor) -> int:
+    return int(coords[:, 0].max()) + 1 if coords.shape[0] else 1
+
+
 def _check_range(coords: torch.Tensor, spatial_shape, batch_size: int) -> None:
+    """Every coordinate inside the grid, checked in the coordinates' own dtype (before the
+    narrowing to int32, so nothing wraps around)."""
     H, W = spatial_shape
+    if coords.shape[0] == 0:
+        return
+    lo, hi = coords.amin(0).tolist(), coords.amax(0).tolist()
+    if min(lo) >= 0 and hi[0] < batch_size and hi[1] < H and hi[2] < W:
+        return
     for col, name, hi in ((0, "b", batch_size), (1, "y", H), (2, "x", W)):
-        v = coords[:, col]
+        v = coords[:, col].long()
         bad = (v < 0) | (v >= hi)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
@@ -83,6 +109,15 @@ class SparseTensor:
     and every strided op produce raster order). Tensors derived from one another share a
     ``CoordinateManager`` that caches coordinates and kernel maps; ``replace`` makes a new
     tensor on the same sites.
+
+    Validation, before anything is cast: ``features`` a floating-point ``[N, C]`` tensor;
+    ``coords`` an integer ``[N, 3]`` tensor on the features' device; ``spatial_shape`` and
+    ``batch_size`` integers in ``[1, 2**31)`` (``batch_size`` None: one more than the largest
+    batch index); ``stride`` integers >= 1. With ``check=True`` (default) every coordinate must
+    lie inside the grid (checked in the coordinates' own dtype, so nothing wraps around when
+    they are stored as int32) and no site may repeat (``coalesce`` merges duplicates);
+    ``check=False`` skips those two scans: the caller guarantees them. Errors are ``TypeError``
+    for types and dtypes, ``ValueError`` for values and shapes, naming the argument.
     """
 
     __slots__ = ("features", "_cs", "_manager")
@@ -99,20 +134,18 @@ class SparseTensor:
     ):
         _check_features(features)
         coords = _check_coords(coords, features.shape[0], features.device)
-        spatial_shape = pair(spatial_shape, "spatial_shape")
-        if min(spatial_shape) < 1:
-            raise ValueError(f"spatial_shape must be positive, got {spatial_shape}")
-        if batch_size is None:
-            batch_size = int(coords[:, 0].max()) + 1 if coords.shape[0] else 1
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        coords = coords.to(torch.int32).contiguous()
+        inferred = batch_size is None
+        spatial_shape, batch_size = _check_grid(spatial_shape, _infer_batch_size(coords) if inferred else batch_size,
+                                                inferred)
+        stride = pair(stride, "stride", 1)
         keys = None
         if check:
-            _check_range(coords, spatial_shape, int(batch_size))
-            keys = pack_keys(coords, spatial_shape, key_dtype(int(batch_size), spatial_shape))
+            _check_range(coords, spatial_shape, batch_size)  # before the narrowing cast
+        coords = coords.to(torch.int32).contiguous()
+        if check:
+            keys = pack_keys(coords, spatial_shape, key_dtype(batch_size, spatial_shape))
             _check_unique(keys, coords)
-        cs = CoordSet(coords, spatial_shape, batch_size, pair(stride, "stride"), keys=keys)
+        cs = CoordSet(coords, spatial_shape, batch_size, stride, keys=keys)
         self.features = features
         self._manager = CoordinateManager()
         self._cs = self._manager.add(cs)
@@ -131,14 +164,18 @@ class SparseTensor:
     def from_dense(cls, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "SparseTensor":
         """Active sites of ``images [B, C, H, W]``: where ``mask [B, H, W]`` is true, or (mask
         None) where any channel is non-zero. Differentiable w.r.t. ``images``."""
-        if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"images must be a [B, C, H, W] tensor, got shape {tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point, got {images.dtype}")
         B, C, H, W = images.shape
         if mask is None:
             mask = images.ne(0).any(1)
         else:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask must be a bool torch.Tensor [B, H, W], got {type(mask).__name__}")
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
             if tuple(mask.shape) != (B, H, W):
@@ -162,12 +199,12 @@ class SparseTensor:
         coordinates with ``reduce`` (``sum``, ``mean``, ``max`` or ``min``). Rows come out in
         raster order."""
         _check_features(features)
-        coords = _check_coords(coords, features.shape[0], features.device).to(torch.int32)
+        coords = _check_coords(coords, features.shape[0], features.device)
         if reduce not in _REDUCTIONS:
             raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
-        spatial_shape = pair(spatial_shape, "spatial_shape")
-        if batch_size is None:
-            batch_size = int(coords[:, 0].max()) + 1 if coords.shape[0] else 1
+        inferred = batch_size is None
+        spatial_shape, batch_size = _check_grid(spatial_shape, _infer_batch_size(coords) if inferred else batch_size,
+                                                inferred)
         _check_range(coords, spatial_shape, batch_size)
         keys = pack_keys(coords, spatial_shape, torch.int64)
         uniq, inv = torch.unique(keys, return_inverse=True)

@@ -104,6 +104,9 @@ def backend(spec: BackendSpec, **options):
         if options:
             raise TypeError(f"sp.backend: options {sorted(options)} go with a backend name, not an instance")
         return _override("backend", spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"sp.backend: expected a name ({', '.join(BACKENDS)}) or a Backend instance, "
+                        f"got {type(spec).__name__}")
     _check(spec, BACKENDS, "backend")
     if options:
         if spec == "auto":
@@ -117,10 +120,20 @@ def index_strategy(name: str):
     return _override("index", _check(name, INDEX_STRATEGIES, "index strategy"))
 
 
+def check_index_strategy(name: Optional[str]) -> Optional[str]:
+    """``name`` if it is None or a known strategy, else ``ValueError`` (ops check it up front)."""
+    return None if name is None else _check(name, INDEX_STRATEGIES, "index strategy")
+
+
 def requested_backend(override: Optional[BackendSpec] = None) -> BackendSpec:
     """The name or instance in force: the argument, the innermost block, the environment."""
     if override is not None:
-        return override if isinstance(override, Backend) else _check(override, BACKENDS, "backend")
+        if isinstance(override, Backend):
+            return override
+        if not isinstance(override, str):
+            raise TypeError(f"backend must be a name ({', '.join(BACKENDS)}) or a Backend instance, "
+                            f"got {type(override).__name__}")
+        return _check(override, BACKENDS, "backend")
     stack = _stack("backend")
     if stack:
         return stack[-1]

@@ -1,10 +1,10 @@
 """``sp.functional``: every sparse op as a function taking explicit weights."""
-from .basic import add, apply, batch_norm, cat, dropout, gelu, leaky_relu, relu, silu
+from .basic import add, apply, batch_norm, cat, check_sparse, dropout, gelu, leaky_relu, relu, silu
 from .conv import conv2d, conv_transpose2d, subm_conv2d
 from .pool import avg_pool2d, global_avg_pool, global_max_pool, max_pool2d
 
 __all__ = [
-    "add", "apply", "batch_norm", "cat", "dropout", "gelu", "leaky_relu", "relu", "silu",
+    "add", "apply", "batch_norm", "cat", "check_sparse", "dropout", "gelu", "leaky_relu", "relu", "silu",
     "conv2d", "conv_transpose2d", "subm_conv2d",
     "avg_pool2d", "global_avg_pool", "global_max_pool", "max_pool2d",
 ]

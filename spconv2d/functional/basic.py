@@ -9,46 +9,74 @@ import torch.nn.functional as F
 from ..tensor import SparseTensor
 
 
+def check_sparse(x, op: str) -> SparseTensor:
+    """``x`` if it is a SparseTensor, else ``TypeError`` naming ``op``."""
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"{op}: expected a SparseTensor, got {type(x).__name__}")
+    return x
+
+
 def apply(x: SparseTensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> SparseTensor:
-    """``x.replace(fn(x.features))``: the generic way to run a feature-wise function."""
+    """``x.replace(fn(x.features))``: the generic way to run a feature-wise function (``fn`` must
+    return a tensor with one row per active site)."""
+    check_sparse(x, "apply")
+    if not callable(fn):
+        raise TypeError(f"apply: fn must be callable, got {type(fn).__name__}")
     return x.replace(fn(x.features))
 
 
 def relu(x: SparseTensor, inplace: bool = False) -> SparseTensor:
-    return x.replace(F.relu(x.features, inplace=inplace))
+    return check_sparse(x, "relu").replace(F.relu(x.features, inplace=inplace))
 
 
 def leaky_relu(x: SparseTensor, negative_slope: float = 0.01) -> SparseTensor:
-    return x.replace(F.leaky_relu(x.features, negative_slope))
+    return check_sparse(x, "leaky_relu").replace(F.leaky_relu(x.features, negative_slope))
 
 
 def silu(x: SparseTensor) -> SparseTensor:
-    return x.replace(F.silu(x.features))
+    return check_sparse(x, "silu").replace(F.silu(x.features))
 
 
 def gelu(x: SparseTensor) -> SparseTensor:
-    return x.replace(F.gelu(x.features))
+    return check_sparse(x, "gelu").replace(F.gelu(x.features))
 
 
 def dropout(x: SparseTensor, p: float = 0.5, training: bool = True) -> SparseTensor:
+    check_sparse(x, "dropout")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     return x.replace(F.dropout(x.features, p, training))
 
 
 def batch_norm(x: SparseTensor, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5) -> SparseTensor:
-    """Batch norm over the active sites (statistics of the active pixels only)."""
+    """Batch norm over the active sites (statistics of the active pixels only).
+
+    Fewer than two active sites in training (statistics undefined), in every mode: the sites
+    are normalised with the running statistics when there are any (and those are not
+    updated), otherwise only the affine part is applied (mean 0, variance 1); no error, so a
+    nearly empty batch never stops training."""
+    check_sparse(x, "batch_norm")
+    C = x.num_channels
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f"batch_norm: {name} must have shape ({C},) for {C} channels, got {tuple(t.shape)}")
     if training and x.num_active < 2:
-        # Statistics of fewer than two values are undefined; like an empty batch, pass through
-        # the affine part with the running statistics instead of failing mid-training.
+        if running_mean is None or running_var is None:
+            mean, var = x.features.new_zeros(C), x.features.new_ones(C)
+            return x.replace(F.batch_norm(x.features, mean, var, weight, bias, False, 0.0, 0.0))
         training = False
     return x.replace(F.batch_norm(x.features, running_mean, running_var, weight, bias, training, momentum, eps))
 
 
 def _check_same_sites(tensors: Sequence[SparseTensor], op: str) -> None:
-    first = tensors[0]
     for t in tensors:
         if not isinstance(t, SparseTensor):
             raise TypeError(f"{op}: expected SparseTensors, got {type(t).__name__}")
+    first = tensors[0]
+    for t in tensors:
+        if t.device != first.device:
+            raise ValueError(f"{op}: tensors are on {first.device} and {t.device}; they must share a device")
         if not first.same_sites(t):
             raise ValueError(
                 f"{op}: tensors must have the same active sites in the same order "
@@ -57,17 +85,31 @@ def _check_same_sites(tensors: Sequence[SparseTensor], op: str) -> None:
 
 
 def cat(tensors: Sequence[SparseTensor]) -> SparseTensor:
-    """Channel concatenation of tensors on the same sites."""
+    """Channel concatenation of tensors on the same sites (features of one dtype)."""
+    if isinstance(tensors, SparseTensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"cat: expected a list or tuple of SparseTensors, got {type(tensors).__name__}")
     tensors = list(tensors)
     if not tensors:
         raise ValueError("cat: needs at least one tensor")
     _check_same_sites(tensors, "cat")
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise TypeError(f"cat: features must share one dtype, got {sorted(str(d) for d in dtypes)}")
     return tensors[0].replace(torch.cat([t.features for t in tensors], 1))
 
 
 def add(a: SparseTensor, b) -> SparseTensor:
-    """``a + b`` for tensors on the same sites, or a scalar / per-channel tensor ``b``."""
+    """``a + b`` for tensors on the same sites with the same channels, or a Python number, or a
+    0-d / ``[C]`` tensor added to every site. Dtypes promote as in ``torch.add``."""
+    check_sparse(a, "add")
     if isinstance(b, SparseTensor):
         _check_same_sites([a, b], "add")
+        if a.num_channels != b.num_channels:
+            raise ValueError(f"add: channel counts differ ({a.num_channels} vs {b.num_channels})")
         return a.replace(a.features + b.features)
+    if isinstance(b, torch.Tensor):
+        if b.dim() > 1 or (b.dim() == 1 and b.shape[0] not in (1, a.num_channels)):
+            raise ValueError(f"add: a tensor operand must be 0-d or [{a.num_channels}], got shape {tuple(b.shape)}")
+    elif isinstance(b, bool) or not isinstance(b, (int, float)):
+        raise TypeError(f"add: cannot add a {type(b).__name__} to a SparseTensor")
     return a.replace(a.features + b)

@@ -12,7 +12,7 @@ import torch
 
 from .. import backends, maps
 from ..backends import BackendSpec
-from ..geometry import pair
+from ..geometry import conv_geometry, pair
 from ..tensor import SparseTensor, at_sites
 
 
@@ -41,10 +41,20 @@ class SparseConvFunction(torch.autograd.Function):
 
 
 def _check_weight(x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_dim: int, op: str):
+    """The arguments every conv shares, checked before any dispatch: ``x`` a SparseTensor,
+    ``weight`` a floating-point 4-d tensor with kernel sizes >= 1 and ``x``'s channels, ``bias``
+    None or ``[out]``; all on ``x``'s device and of ``x``'s dtype (as ``F.conv2d`` requires;
+    under ``torch.autocast`` all three are cast to the autocast dtype instead)."""
     if not isinstance(x, SparseTensor):
         raise TypeError(f"{op}: expected a SparseTensor, got {type(x).__name__}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError(f"{op}: weight must be a 4-d tensor, got {getattr(weight, 'shape', type(weight))}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: weight must be a 4-d tensor, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{op}: weight must be floating point, got {weight.dtype}")
+    if min(weight.shape[2:]) < 1:
+        raise ValueError(f"{op}: kernel sizes must be >= 1, got weight shape {tuple(weight.shape)}")
     if weight.shape[in_dim] != x.num_channels:
         raise ValueError(
             f"{op}: input has {x.num_channels} channels but weight {tuple(weight.shape)} expects {weight.shape[in_dim]}"
@@ -52,8 +62,18 @@ def _check_weight(x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Te
     if weight.device != x.device:
         raise ValueError(f"{op}: weight is on {weight.device} but the input is on {x.device}")
     out_ch = weight.shape[1 - in_dim]
-    if bias is not None and tuple(bias.shape) != (out_ch,):
-        raise ValueError(f"{op}: bias must have shape ({out_ch},), got {tuple(bias.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{op}: bias must be None or a torch.Tensor, got {type(bias).__name__}")
+        if tuple(bias.shape) != (out_ch,):
+            raise ValueError(f"{op}: bias must have shape ({out_ch},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but the input is on {x.device}")
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != x.dtype:
+                raise TypeError(f"{op}: features are {x.dtype} but the {name} is {t.dtype}; "
+                                f"they must match (or run under torch.autocast)")
 
 
 def _run(features, weight_kio, bias, kmap, be):
@@ -65,11 +85,18 @@ def _run(features, weight_kio, bias, kmap, be):
         bias = bias.to(dt) if bias is not None else None
         with torch.autocast(dev, enabled=False):
             return SparseConvFunction.apply(features, weight_kio, bias, kmap, be)
-    if features.dtype != weight_kio.dtype:
-        raise TypeError(f"features are {features.dtype} but the weight is {weight_kio.dtype}")
-    if bias is not None:
-        bias = bias.to(features.dtype)
     return SparseConvFunction.apply(features, weight_kio, bias, kmap, be)
+
+
+def check_output_padding(op: str, output_padding, stride, dilation):
+    """``output_padding`` as ``nn.ConvTranspose2d`` requires: ``0 <= output_padding <
+    max(stride, dilation)`` per dimension (with ``output=`` the target's shape decides it)."""
+    output_padding = pair(output_padding, f"{op}: output_padding", 0)
+    for d in range(2):
+        if output_padding[d] >= max(stride[d], dilation[d]):
+            raise ValueError(f"{op}: output_padding {output_padding} must be smaller than stride {stride} "
+                             f"or dilation {dilation}")
+    return output_padding
 
 
 def _as_kio(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -86,12 +113,12 @@ def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Opti
     name or instance (default: the one in force, see ``sp.backend``); ``index``: the
     coordinate index strategy for the map build."""
     _check_weight(x, weight, bias, 1, "subm_conv2d")
-    ksize, dilation = tuple(weight.shape[2:]), pair(dilation, "dilation")
+    backends.check_index_strategy(index)
+    ksize, dilation = tuple(weight.shape[2:]), pair(dilation, "subm_conv2d: dilation", 1)
     if ksize[0] % 2 == 0 or ksize[1] % 2 == 0:
         raise ValueError(f"subm_conv2d needs odd kernel sizes, got {ksize}")
     be = backends.resolve(x.device, backend)
-    same_dtype = weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type)
-    if same_dtype and be.prefers_dense_subm(x.density, weight.shape[1], weight.shape[0]):
+    if be.prefers_dense_subm(x.density, weight.shape[1], weight.shape[0]):
         # Nearly every pixel is active: the dense oracle itself is the fastest exact answer.
         pad = (dilation[0] * (ksize[0] // 2), dilation[1] * (ksize[1] // 2))
         dense = torch.nn.functional.conv2d(x.to_dense(), weight, bias, padding=pad, dilation=dilation)
@@ -105,10 +132,7 @@ def conv2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, 
     """Strided sparse conv: output sites = positions of ``F.conv2d(dense, ...)`` whose
     receptive field holds an active input; values = that dense conv there."""
     _check_weight(x, weight, bias, 1, "conv2d")
-    ksize = tuple(weight.shape[2:])
-    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"conv2d: invalid stride={stride}, padding={padding}, dilation={dilation}")
+    ksize, stride, padding, dilation = conv_geometry("conv2d", tuple(weight.shape[2:]), stride, padding, dilation)
     be = backends.resolve(x.device, backend)
     built = maps.conv_map(x, ksize, stride, padding, dilation)
     return x.derive(_run(x.features, _as_kio(weight, False), bias, built.kmap, be), built.out)
@@ -120,20 +144,16 @@ def conv_transpose2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, di
     """Sparse transposed conv. Generative by default (every site of ``F.conv_transpose2d`` that
     receives a contribution); with ``output=skip``, exactly at ``skip``'s sites and shape."""
     _check_weight(x, weight, bias, 0, "conv_transpose2d")
-    ksize = tuple(weight.shape[2:])
-    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    output_padding = pair(output_padding, "output_padding")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"conv_transpose2d: invalid stride={stride}, padding={padding}, dilation={dilation}")
+    ksize, stride, padding, dilation = conv_geometry("conv_transpose2d", tuple(weight.shape[2:]), stride, padding,
+                                                     dilation)
+    output_padding = check_output_padding("conv_transpose2d", output_padding, stride, dilation)
+    if output is not None and not isinstance(output, SparseTensor):
+        raise TypeError(f"conv_transpose2d: output= must be a SparseTensor, got {type(output).__name__}")
+    backends.check_index_strategy(index)
     be = backends.resolve(x.device, backend)
     w = _as_kio(weight, True)
     if output is not None:
-        if not isinstance(output, SparseTensor):
-            raise TypeError(f"output= must be a SparseTensor, got {type(output).__name__}")
         built = maps.conv_transpose_to_map(x, output, ksize, stride, padding, dilation, be, index)
         return output.replace(_run(x.features, w, bias, built.kmap, be))
-    for d in range(2):
-        if not 0 <= output_padding[d] < max(stride[d], dilation[d]):
-            raise ValueError(f"output_padding {output_padding} must be smaller than stride or dilation")
     built = maps.conv_transpose_map(x, ksize, stride, padding, dilation, output_padding)
     return x.derive(_run(x.features, w, bias, built.kmap, be), built.out)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .. import functional as SF
-from ..geometry import pair
+from ..functional.conv import check_output_padding
+from ..geometry import conv_geometry, integer, pair
 from ..tensor import SparseTensor
 
 
@@ -17,11 +18,11 @@ class _SparseConvNd(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, transposed,
                  device=None, dtype=None):
         super().__init__()
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(f"channels must be positive, got in={in_channels}, out={out_channels}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride, self.padding, self.dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+        op = type(self).__name__
+        self.in_channels = integer(in_channels, f"{op}: in_channels", 1)
+        self.out_channels = integer(out_channels, f"{op}: out_channels", 1)
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(op, kernel_size, stride, padding,
+                                                                                   dilation)
         shape = (in_channels, out_channels) if transposed else (out_channels, in_channels)
         self.weight = nn.Parameter(torch.empty(*shape, *self.kernel_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
@@ -51,10 +52,10 @@ class SubMConv2d(_SparseConvNd):
     on the densified input at those sites. Odd kernel sizes."""
 
     def __init__(self, in_channels, out_channels, kernel_size, dilation=1, bias=True, device=None, dtype=None):
-        k = pair(kernel_size, "kernel_size")
+        k = pair(kernel_size, "SubMConv2d: kernel_size", 1)
         if k[0] % 2 == 0 or k[1] % 2 == 0:
             raise ValueError(f"SubMConv2d needs odd kernel sizes, got {k}")
-        r = pair(dilation, "dilation")
+        r = pair(dilation, "SubMConv2d: dilation", 1)
         super().__init__(in_channels, out_channels, k, 1, (r[0] * (k[0] // 2), r[1] * (k[1] // 2)), r, bias,
                          False, device, dtype)
 
@@ -81,7 +82,7 @@ class SparseConvTranspose2d(_SparseConvNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
                  output_padding=0, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, True, device, dtype)
-        self.output_padding = pair(output_padding, "output_padding")
+        self.output_padding = check_output_padding("SparseConvTranspose2d", output_padding, self.stride, self.dilation)
 
     def forward(self, x: SparseTensor, output: Optional[SparseTensor] = None) -> SparseTensor:
         return SF.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,

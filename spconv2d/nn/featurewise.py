@@ -13,6 +13,8 @@ class FeatureWise(nn.Module):
 
     def __init__(self, module: nn.Module):
         super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"FeatureWise: expected an nn.Module, got {type(module).__name__}")
         self.module = module
         # The state_dict has the wrapped module's own names (no "module." level), so a dense
         # model's state_dict loads into its sparse twin.
@@ -20,7 +22,7 @@ class FeatureWise(nn.Module):
         self._register_load_state_dict_pre_hook(_add_module_prefix)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return x.replace(self.module(x.features))
+        return SF.apply(x, self.module)
 
 
 def _strip_module_prefix(module, state_dict, prefix, local_metadata):
@@ -35,17 +37,24 @@ def _add_module_prefix(state_dict, prefix, local_metadata, strict, missing_keys,
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
 
-class SparseBatchNorm2d(nn.modules.batchnorm._BatchNorm):
-    """``nn.BatchNorm2d`` over active sites (statistics of active pixels only); same state_dict."""
+class SparseBatchNorm2d(nn.BatchNorm1d):
+    """``nn.BatchNorm2d`` over active sites (statistics of active pixels only); same state_dict.
+
+    Fewer than two active sites where batch statistics would be used (training, or no running
+    statistics): ``sp.functional.batch_norm``'s rule, the same in every mode (running
+    statistics if tracked, else the affine part alone; never an error)."""
 
     def _check_input_dim(self, input):
         if input.dim() != 2:
             raise ValueError(f"expected [N, C] features, got {tuple(input.shape)}")
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        if self.training and x.num_active < 2:
-            # No statistics from fewer than two values: normalise with the running ones.
-            return SF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        SF.check_sparse(x, "SparseBatchNorm2d")
+        if x.num_channels != self.num_features:
+            raise ValueError(f"SparseBatchNorm2d({self.num_features}): input has {x.num_channels} channels")
+        batch_stats = self.training or self.running_mean is None
+        if batch_stats and x.num_active < 2:
+            return SF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0, self.eps)
         return x.replace(super().forward(x.features))
 
 

@@ -5,12 +5,14 @@ import torch
 from torch import nn
 
 from .. import functional as SF
+from ..functional.pool import pool_geometry
 from ..tensor import SparseTensor
 
 
 class _SparsePool2d(nn.Module):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
         super().__init__()
+        pool_geometry(type(self).__name__, kernel_size, stride, padding, dilation)  # fail at construction
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
 
     def extra_repr(self) -> str:
