@@ -69,6 +69,44 @@ def batch_norm(x: SparseTensor, running_mean, running_var, weight=None, bias=Non
     return x.replace(F.batch_norm(x.features, running_mean, running_var, weight, bias, training, momentum, eps))
 
 
+def sync_batch_norm(x: SparseTensor, running_mean, running_var, weight=None, bias=None, momentum=0.1,
+                    eps=1e-5, process_group=None, num_batches_tracked=None) -> SparseTensor:
+    """Training-mode batch norm whose statistics are those of every active site of every process
+    in ``process_group`` (default: the world): the per-channel sums and the site count are
+    all-reduced (``torch.distributed.nn``, so the backward pass all-reduces their gradients, as
+    ``nn.SyncBatchNorm`` does), then the centred sums of squares. Computed in float32 (float64
+    for float64 features). Updates the running statistics in place like ``F.batch_norm``
+    (``momentum`` None: cumulative average over ``num_batches_tracked``, which the caller
+    increments). Fewer than two sites in all: ``batch_norm``'s small-batch rule, on every rank
+    alike (they all see the same count)."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce
+
+    check_sparse(x, "sync_batch_norm")
+    C = x.num_channels
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    f = x.features.to(acc)
+    first = torch.cat([f.sum(0), f.new_full((1,), float(x.num_active))])
+    first = all_reduce(first, op=dist.ReduceOp.SUM, group=process_group)
+    n = int(first[C].item())
+    if n < 2:
+        return batch_norm(x, running_mean, running_var, weight, bias, True, 0.0, eps)
+    mean = first[:C] / n
+    var = all_reduce((f - mean).square().sum(0), op=dist.ReduceOp.SUM, group=process_group) / n
+    y = (f - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            factor = momentum if momentum is not None else 1.0 / max(1, int(num_batches_tracked or 1))
+            running_mean.mul_(1 - factor).add_(mean.detach().to(running_mean.dtype), alpha=factor)
+            unbiased = var.detach() * (n / (n - 1))
+            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return x.replace(y.to(x.dtype))
+
+
 def _check_same_sites(tensors: Sequence[SparseTensor], op: str) -> None:
     for t in tensors:
         if not isinstance(t, SparseTensor):

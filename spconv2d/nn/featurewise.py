@@ -2,6 +2,7 @@
 runs any module that acts row by row on ``[N, C]`` features (``nn.Linear``, ``nn.Dropout``...)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .. import functional as SF
@@ -56,6 +57,57 @@ class SparseBatchNorm2d(nn.BatchNorm1d):
         if batch_stats and x.num_active < 2:
             return SF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0, self.eps)
         return x.replace(super().forward(x.features))
+
+
+class SparseSyncBatchNorm2d(SparseBatchNorm2d):
+    """``SparseBatchNorm2d`` whose training statistics are those of every active site of every
+    process of ``process_group`` (default: the world), like ``nn.SyncBatchNorm`` (sums and
+    counts all-reduced: ranks may hold different numbers of sites). Outside training, or
+    without an initialised process group of more than one process, it is ``SparseBatchNorm2d``.
+    Same state_dict; make one from a model with :meth:`convert_sync_batchnorm`."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def _synchronised(self) -> bool:
+        import torch.distributed as dist
+
+        return (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if not self._synchronised():
+            return super().forward(x)
+        SF.check_sparse(x, "SparseSyncBatchNorm2d")
+        if x.num_channels != self.num_features:
+            raise ValueError(f"SparseSyncBatchNorm2d({self.num_features}): input has {x.num_channels} channels")
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return SF.sync_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.momentum,
+                                  self.eps, self.process_group, self.num_batches_tracked)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """``module`` with every ``SparseBatchNorm2d`` replaced by a ``SparseSyncBatchNorm2d``
+        holding the same parameters and buffers (like ``nn.SyncBatchNorm.convert_sync_batchnorm``,
+        which must not be used on sparse layers: it would make them dense)."""
+        if isinstance(module, SparseBatchNorm2d) and not isinstance(module, cls):
+            sync = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                       process_group)
+            if module.affine:
+                with torch.no_grad():
+                    sync.weight, sync.bias = module.weight, module.bias
+            sync.running_mean, sync.running_var = module.running_mean, module.running_var
+            sync.num_batches_tracked = module.num_batches_tracked
+            sync.train(module.training)
+            return sync
+        for name, child in module.named_children():
+            new = cls.convert_sync_batchnorm(child, process_group)
+            if new is not child:
+                setattr(module, name, new)
+        return module
 
 
 def _activation(name: str, cls):
