@@ -306,12 +306,14 @@ class SparseTensor:
         """Fraction of the ``batch_size * H * W`` grid that is active."""
         return self.num_active / self._cs.key_space
 
-    def to_dense(self) -> torch.Tensor:
-        """``[B, C, H, W]`` with zeros at inactive sites. Differentiable."""
+    def to_dense(self, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """``[B, C, H, W]`` with zeros at inactive sites. Differentiable. ``memory_format=
+        torch.channels_last`` returns the pixel-row layout the scatter writes (no copy)."""
         B, (H, W), C = self.batch_size, self.spatial_shape, self.num_channels
         dense = self.features.new_zeros(B * H * W, C)
         dense = dense.index_copy(0, self._cs.keys.long(), self.features)
-        return dense.view(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+        dense = dense.view(B, H, W, C).permute(0, 3, 1, 2)
+        return dense if memory_format == torch.channels_last else dense.contiguous(memory_format=memory_format)
 
     def same_sites(self, other: "SparseTensor") -> bool:
         """True when ``other`` has exactly these coordinates in the same row order."""

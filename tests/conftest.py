@@ -87,6 +87,7 @@ def _cases():
     exact = dict(rtol=1e-10, atol=1e-10)
     yield pytest.param(("torch-pairs", lambda: _torch("pairs"), "cpu", torch.float64, exact), id="torch-pairs")
     yield pytest.param(("torch-table", lambda: _torch("table"), "cpu", torch.float64, exact), id="torch-table")
+    yield pytest.param(("torch-im2col", lambda: _torch("im2col"), "cpu", torch.float64, exact), id="torch-im2col")
     yield pytest.param(("torch-auto", lambda: "torch", "cpu", torch.float64, exact), id="torch-auto")
     yield pytest.param(("torch-fp32", lambda: "torch", "cpu", torch.float32, dict(rtol=1e-4, atol=1e-4)),
                        id="torch-fp32")

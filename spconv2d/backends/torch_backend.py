@@ -14,7 +14,7 @@ Index strategies
     (-1 = empty), lookups by one gather. ``auto`` picks ``grid`` while the key space is at most
     ``grid_max_keys``, ``sort`` beyond. (``hash`` has no PyTorch form: sorted keys serve.)
 
-Convolution, two forms chosen per kernel map by its *fill* (pairs / (offsets x outputs)):
+Convolution, three forms chosen per kernel map by its *fill* (pairs / (offsets x outputs)):
     ``pairs``: per-offset gather-GEMM-scatter over the map's pair lists: for each offset ``k``,
     ``out[out_idx] += features[in_idx] @ W[k]`` (``index_add_``; within one offset every
     output row appears at most once). Only pairs that exist are computed, so the work scales
@@ -23,7 +23,12 @@ Convolution, two forms chosen per kernel map by its *fill* (pairs / (offsets x o
     row stands in for a missing neighbour) and accumulate ``out += rows @ W[k]`` in place
     (``addmm_``): ``K * N`` rows instead of the pairs, but no scatter, which is the expensive
     step on a CPU; the form for well-filled maps (clustered or line-like active sites), above
-    ``table_fill_threshold``. The ``gather`` option forces one form.
+    ``table_fill_threshold``.
+    ``im2col``: for chunks of output rows (``im2col_chunk_bytes`` of gathered rows), gather
+    every output's ``K`` neighbour rows into ``cols [rows, K * C_in]`` (zero rows where missing)
+    and compute ``cols @ W.reshape(K * C_in, C_out)``: one GEMM with a long inner dimension per
+    chunk instead of ``K`` skinny ones and no accumulator passes; the form for the best-filled
+    maps, above the ``im2col_thresholds`` fill. The ``gather`` option forces one form.
     In both, the identity offset of a submanifold map (the centre) is a plain GEMM with the
     bias fused (``addmm``). fp16/bf16 compute in fp32 and round once at the end.
     ``gather-after-GEMM``, whenever it applies under ``auto``: a map in which every output
@@ -44,7 +49,9 @@ from .base import Backend, affine_neighbor_keys
 TORCH_GRID_MAX_KEYS = 1 << 26  # 256 MiB of int32: the largest dense grid index ``auto`` builds
 DENSE_SUBM_THRESHOLDS = ((16, 0.5), (32, 0.7), (None, 0.9))  # (max channels, density)
 TABLE_FILL_THRESHOLDS = ((16, 0.45), (32, 0.5), (None, 0.65))  # (max channels, fill)
-GATHER_FORMS = ("auto", "pairs", "table")
+IM2COL_FILL_THRESHOLDS = ((None, 2.0),)  # (max channels, fill): never, until measured
+IM2COL_CHUNK_BYTES = 1 << 21  # the im2col buffer of one chunk of output rows (L2-sized)
+GATHER_FORMS = ("auto", "pairs", "table", "im2col")
 
 Steps = Sequence[Tuple[Optional[int], float]]
 
@@ -131,6 +138,7 @@ class TorchBackend(Backend):
 
     def __init__(self, gather: str = "auto", dense_fallback: bool = True,
                  dense_thresholds: Steps = DENSE_SUBM_THRESHOLDS, table_thresholds: Steps = TABLE_FILL_THRESHOLDS,
+                 im2col_thresholds: Steps = IM2COL_FILL_THRESHOLDS, im2col_chunk_bytes: int = IM2COL_CHUNK_BYTES,
                  grid_max_keys: int = TORCH_GRID_MAX_KEYS):
         if gather not in GATHER_FORMS:
             raise ValueError(f"TorchBackend: gather must be one of {', '.join(GATHER_FORMS)}, got {gather!r}")
@@ -138,11 +146,16 @@ class TorchBackend(Backend):
         self.dense_fallback = bool(dense_fallback)
         self.dense_thresholds = _check_steps(dense_thresholds, "dense_thresholds")
         self.table_thresholds = _check_steps(table_thresholds, "table_thresholds")
+        self.im2col_thresholds = _check_steps(im2col_thresholds, "im2col_thresholds")
+        if int(im2col_chunk_bytes) < 1:
+            raise ValueError(f"TorchBackend: im2col_chunk_bytes must be >= 1, got {im2col_chunk_bytes!r}")
+        self.im2col_chunk_bytes = int(im2col_chunk_bytes)
         self.grid_max_keys = int(grid_max_keys)
 
     def options(self) -> Dict[str, Any]:
         return dict(gather=self.gather, dense_fallback=self.dense_fallback, dense_thresholds=self.dense_thresholds,
-                    table_thresholds=self.table_thresholds, grid_max_keys=self.grid_max_keys)
+                    table_thresholds=self.table_thresholds, im2col_thresholds=self.im2col_thresholds,
+                    im2col_chunk_bytes=self.im2col_chunk_bytes, grid_max_keys=self.grid_max_keys)
 
     def dense_subm_threshold(self, c_in: int, c_out: int) -> float:
         """Density above which a submanifold conv runs as ``F.conv2d`` on the dense image (then
@@ -198,10 +211,45 @@ class TorchBackend(Backend):
         return table.view(-1)[base[None, :] + delta[:, None]]
 
     # -- convolution ------------------------------------------------------------------
-    def _use_table(self, kmap, c_in: int, c_out: int, n_dst: int) -> bool:
+    def form(self, kmap, c_in: int, c_out: int, n_dst: int) -> str:
+        """The form a conv on ``kmap`` runs in: the ``gather`` option, or under ``auto`` the
+        densest form the map's fill pays for (im2col, then table, then pairs)."""
         if self.gather != "auto":
-            return self.gather == "table"
-        return kmap.num_pairs >= self.table_fill_threshold(c_in, c_out) * kmap.kernel_volume * max(n_dst, 1)
+            return self.gather
+        fill = kmap.num_pairs / max(1, kmap.kernel_volume * n_dst)
+        c = max(c_in, c_out)
+        if fill >= _step_value(self.im2col_thresholds, c):
+            return "im2col"
+        return "table" if fill >= _step_value(self.table_thresholds, c) else "pairs"
+
+    @staticmethod
+    def _im2col_index(kmap, reverse: bool) -> torch.Tensor:
+        """``[N_dst, K]`` int64: every output's source row per offset (the zero row where missing)."""
+        return kmap.cached("im2col@rev" if reverse else "im2col@nbr",
+                           lambda: TorchBackend._table(kmap, reverse).t().contiguous())
+
+    def _chunk_rows(self, K: int, c: int, element_size: int) -> int:
+        return max(1, self.im2col_chunk_bytes // (K * c * element_size))
+
+    def _im2col(self, src, weight, bias, kmap, reverse: bool, n_dst: int) -> torch.Tensor:
+        """``dst = bias + cols @ W`` chunk by chunk: ``cols [rows, K*C_in]`` gathers every output's
+        neighbour rows (zero where missing), ``W = weight.reshape(K*C_in, C_out)``: one GEMM with
+        a long inner dimension per chunk instead of one skinny GEMM per offset."""
+        K, c_in, c_out = weight.shape
+        index, padded = self._im2col_index(kmap, reverse), _with_zero_row(src)
+        w2 = weight.reshape(K * c_in, c_out)
+        dst = src.new_empty(n_dst, c_out)
+        rows = self._chunk_rows(K, c_in, src.element_size())
+        buf = src.new_empty(min(rows, n_dst) * K, c_in)
+        for a in range(0, n_dst, rows):
+            b = min(a + rows, n_dst)
+            idx = index[a:b].reshape(-1)
+            cols = torch.index_select(padded, 0, idx, out=buf[:idx.numel()]).view(b - a, K * c_in)
+            if bias is None:
+                torch.mm(cols, w2, out=dst[a:b])
+            else:
+                torch.addmm(bias, cols, w2, out=dst[a:b])
+        return dst
 
     @staticmethod
     def _table(kmap, reverse: bool) -> torch.Tensor:
@@ -255,8 +303,11 @@ class TorchBackend(Backend):
             y = (src @ weight.transpose(0, 1).reshape(c_in, K * c_out)).view(-1, c_out)
             dst = _gather_rows(y, flat)
             return (dst if bias is None else dst.add_(bias)).to(dtype)
+        form = self.form(kmap, weight.shape[1], weight.shape[2], n_dst)
+        if form == "im2col":
+            return self._im2col(src, weight, bias, kmap, reverse, n_dst).to(dtype)
         dst = self._start(src, weight, bias, n_dst, ident)
-        if self._use_table(kmap, weight.shape[1], weight.shape[2], n_dst):
+        if form == "table":
             table, padded = self._table(kmap, reverse), _with_zero_row(src)
             rows = src.new_empty(n_dst, src.shape[1])  # one gather buffer for every offset
             for k in range(weight.shape[0]):
@@ -283,7 +334,17 @@ class TorchBackend(Backend):
         K = kmap.kernel_volume
         grad_w = f.new_zeros(K, f.shape[1], g.shape[1])
         ident = kmap.identity_offset
-        if self._use_table(kmap, f.shape[1], g.shape[1], kmap.n_out):
+        form = self.form(kmap, f.shape[1], g.shape[1], kmap.n_out)
+        if form == "im2col":
+            index, padded = self._im2col_index(kmap, reverse=False), _with_zero_row(f)
+            gw2 = grad_w.view(K * f.shape[1], g.shape[1])
+            rows = self._chunk_rows(K, f.shape[1], f.element_size())
+            for a in range(0, kmap.n_out, rows):
+                b = min(a + rows, kmap.n_out)
+                cols = _gather_rows(padded, index[a:b].reshape(-1)).view(b - a, K * f.shape[1])
+                gw2.addmm_(cols.t(), g[a:b])
+            return grad_w.to(features.dtype)
+        if form == "table":
             table, padded = self._table(kmap, reverse=False), _with_zero_row(f)
             for k in range(K):
                 if k == ident:

@@ -119,9 +119,11 @@ def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Opti
         raise ValueError(f"subm_conv2d needs odd kernel sizes, got {ksize}")
     be = backends.resolve(x.device, backend)
     if be.prefers_dense_subm(x.density, weight.shape[1], weight.shape[0]):
-        # Nearly every pixel is active: the dense oracle itself is the fastest exact answer.
+        # Nearly every pixel is active: the dense oracle itself is the fastest exact answer, in
+        # channels-last (the scatter's own layout; the output is read back by a row gather).
         pad = (dilation[0] * (ksize[0] // 2), dilation[1] * (ksize[1] // 2))
-        dense = torch.nn.functional.conv2d(x.to_dense(), weight, bias, padding=pad, dilation=dilation)
+        dense = torch.nn.functional.conv2d(x.to_dense(torch.channels_last), weight, bias, padding=pad,
+                                           dilation=dilation)
         return x.replace(at_sites(dense, x.coords))
     kmap = maps.subm_map(x, ksize, dilation, be, index).kmap
     return x.replace(_run(x.features, _as_kio(weight, False), bias, kmap, be))

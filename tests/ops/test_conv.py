@@ -56,7 +56,7 @@ def test_empty_input_every_conv(backend_case, gen):
     assert x.features.grad.shape == (0, 3)
 
 
-@pytest.mark.parametrize("gather", ["pairs", "table", "auto"])
+@pytest.mark.parametrize("gather", ["pairs", "table", "im2col", "auto"])
 def test_gradcheck_tiny(gather, gen):
     x = random_sparse(2, 2, (5, 4), 0.5, generator=gen, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)

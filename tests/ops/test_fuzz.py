@@ -21,7 +21,7 @@ from spconv2d.testing import at_sites, avg_pool2d_dense, conv2d_sites, max_pool2
 EXAMPLES = int(os.environ.get("SPCONV2D_FUZZ_EXAMPLES", 200))
 SEED = int(os.environ.get("SPCONV2D_FUZZ_SEED", 0))
 OPS = ("subm", "conv", "convT", "convT_to", "maxpool", "avgpool")
-FORMS = ("pairs", "table", "auto")
+FORMS = ("pairs", "table", "im2col", "auto")
 STRATEGIES = ("auto", "sort", "grid", "hash")
 
 
