@@ -4,13 +4,14 @@ SubMConv2d 3x3, C -> C channels, a batch of 16 images of 64x128 (the zoo's stree
 only, map prebuilt (it is shared by every layer on the same sites). Implementations, side by side
 on the same inputs: ``pairs`` (per-offset gather-GEMM-scatter over the pair lists), ``table``
 (per-offset gather from the neighbour table, zero row for missing neighbours, in-place GEMM,
-no scatter) and ``dense-nchw`` (``F.conv2d`` on the whole batch). Masks: uniformly random
+no scatter), ``im2col`` (chunks of gathered neighbour rows, one GEMM per chunk) and
+``dense-nchw`` (``F.conv2d`` on the whole batch). Masks: uniformly random
 pixels, and the zoo's ``residual`` policy on ``streets`` scenes (line-like: active pixels along
 boundaries, ~0.7 of each active pixel's neighbours active). The group name carries the mask's
-*fill* (pairs / (9 x active pixels)), the quantity ``table_fill_threshold`` is set from.
+*fill* (pairs / (9 x active pixels)), the quantity the ``auto`` form thresholds are set from.
 
     python -m pytest bench/bench_cpu_forms.py --benchmark-json=bench/results/cpu_forms.json
-    python bench/report.py bench/results/cpu_forms.json --ours table --baseline pairs
+    python bench/report.py bench/results/cpu_forms.json --ours im2col --baseline pairs
 
 ``BENCH_THREADS=N`` fixes torch's CPU threads (default: torch's own).
 """
@@ -27,7 +28,8 @@ from spconv2d.zoo.masks import make_mask
 
 B, H, W = 16, 64, 128
 CHANNELS = [16, 32, 64]
-MASKS = ["random-0.10", "random-0.30", "random-0.50", "residual-0.10", "residual-0.25", "residual-0.30"]
+MASKS = ["random-0.10", "random-0.30", "random-0.50", "random-0.80", "random-0.90", "residual-0.10", "residual-0.30",
+         "residual-0.63"]
 ROUNDS = 7
 
 
@@ -67,7 +69,7 @@ def _run(benchmark, fn, mask_name, c, fill, impl, n):
 
 @pytest.mark.parametrize("c", CHANNELS)
 @pytest.mark.parametrize("mask_name", MASKS)
-@pytest.mark.parametrize("form", ["pairs", "table"])
+@pytest.mark.parametrize("form", ["pairs", "table", "im2col", "auto"])
 def test_sparse_form(benchmark, form, mask_name, c):
     x, kmap, weight, fill = _inputs(mask_name, c)
     be = TorchBackend(gather=form)
@@ -84,3 +86,14 @@ def test_dense(benchmark, mask_name, c):
     dense = x.to_dense()
     _run(benchmark, lambda: F.conv2d(dense, weight, padding=1), mask_name, c, fill, "dense-nchw",
          x.features.shape[0])
+
+
+@pytest.mark.parametrize("c", CHANNELS)
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_dense_fallback(benchmark, mask_name, c):
+    """What the torch path's dense fallback costs: densify (channels-last), ``F.conv2d``, read the
+    active sites back; the ``auto`` sparse forms above it decide the density threshold."""
+    x, kmap, weight, fill = _inputs(mask_name, c)
+    be = TorchBackend(dense_thresholds=((None, 0.0),))
+    _run(benchmark, lambda: sp.functional.subm_conv2d(x, weight, backend=be), mask_name, c, fill,
+         "dense-fallback", x.features.shape[0])

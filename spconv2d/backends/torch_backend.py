@@ -22,8 +22,8 @@ Convolution, three forms chosen per kernel map by its *fill* (pairs / (offsets x
     ``table``: per offset, gather every output's neighbour row from the neighbour table (a zero
     row stands in for a missing neighbour) and accumulate ``out += rows @ W[k]`` in place
     (``addmm_``): ``K * N`` rows instead of the pairs, but no scatter, which is the expensive
-    step on a CPU; the form for well-filled maps (clustered or line-like active sites), above
-    ``table_fill_threshold``.
+    step on a CPU. Under ``auto`` it is superseded by ``im2col`` (as fast or faster at every
+    fill measured), so ``table_thresholds`` defaults to never; it stays as an explicit form.
     ``im2col``: for chunks of output rows (``im2col_chunk_bytes`` of gathered rows), gather
     every output's ``K`` neighbour rows into ``cols [rows, K * C_in]`` (zero rows where missing)
     and compute ``cols @ W.reshape(K * C_in, C_out)``: one GEMM with a long inner dimension per
@@ -47,9 +47,9 @@ from .base import Backend, affine_neighbor_keys
 
 # Defaults of the options (docs/ARCHITECTURE.md, "Measured choices", says where each comes from).
 TORCH_GRID_MAX_KEYS = 1 << 26  # 256 MiB of int32: the largest dense grid index ``auto`` builds
-DENSE_SUBM_THRESHOLDS = ((16, 0.5), (32, 0.7), (None, 0.9))  # (max channels, density)
-TABLE_FILL_THRESHOLDS = ((16, 0.45), (32, 0.5), (None, 0.65))  # (max channels, fill)
-IM2COL_FILL_THRESHOLDS = ((None, 2.0),)  # (max channels, fill): never, until measured
+DENSE_SUBM_THRESHOLDS = ((None, 0.8),)  # (max channels, density)
+TABLE_FILL_THRESHOLDS = ((None, 2.0),)  # (max channels, fill): never under auto (im2col wins above)
+IM2COL_FILL_THRESHOLDS = ((16, 0.3), (32, 0.35), (None, 0.65))  # (max channels, fill)
 IM2COL_CHUNK_BYTES = 1 << 21  # the im2col buffer of one chunk of output rows (L2-sized)
 GATHER_FORMS = ("auto", "pairs", "table", "im2col")
 
@@ -162,12 +162,6 @@ class TorchBackend(Backend):
         read at the active sites): the sparse forms lose to the dense kernels once most
         neighbours exist, sooner for few channels."""
         return _step_value(self.dense_thresholds, max(c_in, c_out))
-
-    def table_fill_threshold(self, c_in: int, c_out: int) -> float:
-        """Fill above which a conv gathers from the neighbour table instead of the pair lists:
-        the table form does ``1 / fill`` times the GEMM work but no scatter, whose share of the
-        time shrinks as the channels grow, so the break-even rises with the channels."""
-        return _step_value(self.table_thresholds, max(c_in, c_out))
 
     def prefers_dense_subm(self, density: float, c_in: int, c_out: int) -> bool:
         return self.dense_fallback and density >= self.dense_subm_threshold(c_in, c_out)
