@@ -41,7 +41,8 @@ def test_subm_conv2d_every_index_strategy(strategy, backend_case, gen):
 def test_subm_dense_fallback_and_sparse_maps_agree(dense_fallback, gather, gen):
     """Above a density threshold the PyTorch path runs SubMConv2d through F.conv2d; both
     routes equal the oracle, forward and backward."""
-    be = sp.backends.create_backend("torch", gather=gather, dense_fallback=dense_fallback)
+    be = sp.backends.create_backend("torch", gather=gather, dense_fallback=dense_fallback,
+                                    dense_thresholds=((None, 0.5),))
     x = random_sparse(3, 4, (9, 10), 0.9, empty=[2], generator=gen, requires_grad=True)
     assert be.prefers_dense_subm(x.density, 4, 4) == dense_fallback
     w = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
