@@ -144,7 +144,7 @@ def test_cell_states_bound_what_upsampling_can_change():
     neighbourhood agrees on a label (not *mixed*), bilinear and guided upsampling give every
     pixel that label; where the neighbourhood's margins are also >= ``margin`` (not *unsure*),
     with a margin >= ``margin``: neither guided upsampling nor refinement is needed there."""
-    from spconv2d.zoo.models import _bilinear, guided_upsample, logit_margin
+    from spconv2d.zoo.models import bilinear_up, guided_upsample, logit_margin
 
     s = zoo.create_model("sparse_unet")
     g = torch.Generator().manual_seed(2)
@@ -153,10 +153,10 @@ def test_cell_states_bound_what_upsampling_can_change():
     scale[:, :, :, :6] = 0.25  # a low-margin band: unanimous but unsure cells
     coarse = 4.0 * scale * F.one_hot(labels, 5).permute(0, 3, 1, 2).float() + 0.5 * torch.rand(2, 5, 8, 16, generator=g)
     images = torch.rand(2, 3, 32, 64, generator=g)
-    mixed, unsure = s._cell_states(coarse)
+    mixed, unsure = s.cell_states(coarse)
     assert mixed.any() and (unsure & ~mixed).any() and (~unsure).any() and (mixed <= unsure).all()
     up4 = lambda t: t.repeat_interleave(4, -2).repeat_interleave(4, -1)  # noqa: E731
-    for up in (_bilinear(coarse, (32, 64)), guided_upsample(coarse, images)):
+    for up in (bilinear_up(coarse, (32, 64)), guided_upsample(coarse, images)):
         same = up4(~mixed)
         assert torch.equal(up.argmax(1)[same], up4(coarse.argmax(1))[same])
         assert (logit_margin(up)[up4(~unsure)] >= s.margin - 1e-5).all()

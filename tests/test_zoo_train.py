@@ -10,7 +10,7 @@ from spconv2d.zoo.checkpoint import CheckpointError, load_checkpoint
 
 
 
-TINY_MNIST = dict(data="mnist", num_train=256, num_val=64, batch_size=32, progress=False, threads=None)
+TINY_MNIST = dict(data="mnist", num_train=256, num_val=64, batch_size=32, progress=False)
 TINY_STREETS = dict(data="streets", num_train=8, num_val=4, batch_size=4, size=(32, 64), progress=False,
                     num_predictions=2)
 
@@ -55,7 +55,7 @@ def test_miou_averages_the_data_sets_classes_and_counts_every_pixel():
     target = torch.tensor([[[0, 0, 0, 10]]])
     pred = torch.tensor([[[0, 0, 17, 0]]])
     loader = [(torch.zeros(1, 3, 1, 4), target)]
-    kw = dict(task="segmentation", num_classes=19, device="cpu", policy=None, class_names=zoo.data.CITYSCAPES_CLASSES)
+    kw = dict(task="segmentation", num_classes=19, device="cpu", class_names=zoo.data.CITYSCAPES_CLASSES)
     res = engine.evaluate(_FixedPredictor(pred), loader, eval_classes=zoo.data.STREET_CLASSES, **kw)
     road, sky = 2 / 4, 0.0  # road: 2 hits / (3 labelled + 1 false positive); sky: 0 / 1
     assert res["miou"] == pytest.approx((road + sky) / 2)
