@@ -19,7 +19,9 @@ from .config import TrainConfig
 log = logging.getLogger("spconv2d.zoo")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spconv2d`` argument parser; ``train``'s options are one per ``TrainConfig.cli_fields()``
+    field, plus ``--threads``."""
     p = argparse.ArgumentParser(prog="spconv2d", description="spconv2d model zoo: train, evaluate, predict.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -188,7 +190,7 @@ class _StderrHandler(logging.StreamHandler):
 def main(argv: Optional[List[str]] = None) -> int:
     from .checkpoint import CheckpointError
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     root = logging.getLogger("spconv2d.zoo")
     if not root.handlers:
         h = _StderrHandler()
