@@ -1,6 +1,6 @@
 """``spconv2d`` command line: ``list``, ``train``, ``eval``, ``predict``.
 
-    spconv2d train sparse_cnn --data mnist            # the main one: ~1-2 min on a 2-core CPU
+    spconv2d train sparse_cnn --data mnist            # the main one (docs/ZOO.md: results, times)
     spconv2d train sparse_unet --data streets --density 0.3
     spconv2d eval runs/sparse_cnn-mnist
     spconv2d predict runs/sparse_unet-streets street.png --out preds/
@@ -201,7 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .threads import set_threads
 
         n = set_threads(args.threads)
-        log.info("torch CPU threads: %d%s", n, "" if args.threads else " (auto: idle cores)")
+        log.log(logging.INFO if args.cmd == "train" else logging.DEBUG, "torch CPU threads: %d%s", n,
+                "" if args.threads else " (auto: idle cores)")
     try:
         return {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.cmd](args)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
