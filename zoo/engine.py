@@ -57,14 +57,13 @@ def build_model(cfg: TrainConfig, info) -> torch.nn.Module:
     """``create_model(cfg.model, ...)`` for the data set ``info`` describes (a ``DatasetInfo`` or
     a data set: ``task``, ``num_classes``, ``in_chans``, ``image_size``).
 
-    The data set and the config offer ``num_classes``, ``in_chans``, ``img_size`` and the resolved
-    ``mask_policy`` / ``density``; the entry point gets those it names. ``cfg.model_kwargs`` go to
-    it as they are (an unknown one is a ``TypeError``)."""
-    offered = dict(num_classes=info.num_classes, in_chans=info.in_chans, img_size=tuple(info.image_size),
-                   mask_policy=cfg.mask_policy, density=cfg.density)
-    takes = model_kwargs(cfg.model) or ()
+    Every entry point gets ``num_classes`` and ``in_chans``; ``img_size`` and the resolved
+    ``mask_policy`` / ``density`` go to those that name them. ``cfg.model_kwargs`` go to it as
+    they are (an unknown one is a ``TypeError``)."""
+    offered = dict(img_size=tuple(info.image_size), mask_policy=cfg.mask_policy, density=cfg.density)
+    takes = model_kwargs(cfg.model)
     kw = {k: v for k, v in offered.items() if k in takes}
-    model = create_model(cfg.model, **kw, **cfg.model_kwargs)
+    model = create_model(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans, **kw, **cfg.model_kwargs)
     task = getattr(model, "task", None)
     if task is not None and task != info.task:
         raise ValueError(f"model {cfg.model!r} does {task} but data set {cfg.data!r} is {info.task}")

@@ -50,20 +50,20 @@ class ModelDefaults:
 class _Entry:
     fn: Callable[..., nn.Module]
     defaults: ModelDefaults
-    kwargs: Optional[Tuple[str, ...]]  # the keyword arguments fn names; None: it also takes **kwargs
+    kwargs: Tuple[str, ...]  # the keyword arguments fn names
+    open_ended: bool         # fn also takes **kwargs
 
 
 _MODELS: Dict[str, _Entry] = {}
 
 
-def _signature_kwargs(fn: Callable) -> Tuple[Optional[Tuple[str, ...]], Dict[str, object]]:
-    """(names fn accepts as keywords or None if it takes **kwargs, their defaults)."""
+def _signature(fn: Callable) -> Tuple[Tuple[str, ...], bool, Dict[str, object]]:
+    """(the names fn takes as keywords, whether it also takes **kwargs, their defaults)."""
     params = inspect.signature(fn).parameters.values()
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     named = tuple(p.name for p in params if p.kind in kinds)
     defaults = {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty}
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    return (None if open_ended else named), defaults
+    return named, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params), defaults
 
 
 def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None,
@@ -79,10 +79,10 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | No
         key = name or f.__name__
         if key in _MODELS and _MODELS[key].fn is not f:
             raise ValueError(f"model {key!r} is already registered")
-        kwargs, sig_defaults = _signature_kwargs(f)
+        named, open_ended, sig_defaults = _signature(f)
         entry_defaults = dataclasses.replace(d, mask_policy=sig_defaults.get("mask_policy"),
                                              density=sig_defaults.get("density"))
-        _MODELS[key] = _Entry(f, entry_defaults, kwargs)
+        _MODELS[key] = _Entry(f, entry_defaults, named, open_ended)
         return f
 
     return deco(fn) if fn is not None else deco
@@ -113,9 +113,9 @@ def model_defaults(name: str) -> ModelDefaults:
     return _entry(name).defaults
 
 
-def model_kwargs(name: str) -> Optional[Tuple[str, ...]]:
-    """The keyword arguments the entry point of ``name`` names, in order (``None`` when it also
-    takes arbitrary ``**kwargs``)."""
+def model_kwargs(name: str) -> Tuple[str, ...]:
+    """The keyword arguments the entry point of ``name`` names, in order (an entry point with
+    ``**kwargs`` takes others too)."""
     return _entry(name).kwargs
 
 
@@ -123,7 +123,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """Build the registered model ``name``; keyword arguments go to its entry point, which must
     name every one of them (``TypeError`` otherwise, listing what it takes)."""
     entry = _entry(name)
-    unknown = [k for k in kwargs if entry.kwargs is not None and k not in entry.kwargs]
+    unknown = [] if entry.open_ended else [k for k in kwargs if k not in entry.kwargs]
     if unknown:
         raise TypeError(f"model {name!r} takes no keyword argument(s) {', '.join(map(repr, unknown))}; "
                         f"it takes: {', '.join(entry.kwargs) or 'none'}")

@@ -6,7 +6,7 @@ import torch
 import spconv2d.zoo as zoo
 from spconv2d.zoo.registry import ModelDefaults, model_entrypoint, model_kwargs, register_model
 
-REGISTERED = sorted(set(zoo.list_models()) - {"_test_tiny", "_test_no_defaults"})
+REGISTERED = sorted(set(zoo.list_models()) - {"_test_tiny", "_test_no_defaults", "_test_open"})
 
 
 def test_registry_lists_the_five_models():
@@ -92,3 +92,12 @@ def test_a_model_registered_without_defaults_gets_the_field_defaults():
     with pytest.raises(ValueError, match="signature"):
         register_model(lambda num_classes=3: None, name="_test_bad", defaults=ModelDefaults(density=0.5))
     assert not zoo.is_model("_test_bad")
+
+
+def test_an_entry_point_with_var_keywords_takes_any_keyword():
+    @register_model(name="_test_open")
+    def open_ended(num_classes=3, **kw):
+        return torch.nn.Linear(4, num_classes)
+
+    assert model_kwargs("_test_open") == ("num_classes",)
+    assert zoo.create_model("_test_open", num_classes=2, anything=1).out_features == 2
