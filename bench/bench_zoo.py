@@ -11,19 +11,27 @@ Groups
                               at densities 0.1 / 0.25 / 0.3 | sparse_unet 0.3 without the
                               refinement of uncertain pixels (refine=False); eval mode, no grad
     cnn-mnist-b256            cnn | sparse_cnn (active = non-zero pixels)
+    choice-*                  the zoo's measured implementation choices, each next to the
+                              alternative it replaced, on the shapes of a streets batch of 16
+                              (docs/ARCHITECTURE.md, "Measured choices — zoo"):
+                              python -m pytest bench/bench_zoo.py -k choice --benchmark-group-by=group
 Weights come from runs/<model>-<data>/model.safetensors when present, otherwise random init. Use
 trained weights for sparse_unet: how many pixels it refines depends on how certain the model is
 (an untrained one hits the refine_fraction cap and guides every cell). ``extra_info`` records density, threads and parameters.
 """
 import os
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import spconv2d.zoo as zoo
+from spconv2d.zoo.blocks import bilinear_up
 from spconv2d.zoo.data import build_dataset
-from spconv2d.zoo.engine import auto_threads
+from spconv2d.zoo.inactive import logit_margin
 from spconv2d.zoo.masks import measured_density
+from spconv2d.zoo.threads import auto_threads
 
 DEFAULT_THREADS = auto_threads  # without BENCH_THREADS: the idle cores (bench/conftest.py)
 DENSITIES = (0.1, 0.25, 0.3)
@@ -76,7 +84,7 @@ def test_unet_dense(benchmark, streets_batch):
 @pytest.mark.parametrize("density", DENSITIES)
 def test_sparse_unet_given_mask(benchmark, streets_batch, density):
     m = _model("sparse_unet", density=density)
-    mask = m.policy(streets_batch)  # the model's own policy, computed outside the timing
+    mask = m.make_mask(streets_batch)  # the model's own policy, computed outside the timing
     benchmark.extra_info.update(density=measured_density(mask), threads=torch.get_num_threads(), mask=f"{m.policy.policy}, precomputed",
                                 trained=_trained("sparse_unet"))
     _run(benchmark, lambda: m(streets_batch, mask))
@@ -110,3 +118,81 @@ def test_sparse_cnn(benchmark, mnist_batch):
     m = _model("sparse_cnn")
     benchmark.extra_info.update(density=measured_density((mnist_batch != 0).any(1)), threads=torch.get_num_threads())
     _run(benchmark, lambda: m(mnist_batch))
+
+
+# --------------------------------------------------------------------------------------------
+# measured choices: each implementation next to the alternative it replaced
+# --------------------------------------------------------------------------------------------
+B, K, h, w = 16, 19, 16, 32  # a streets batch: coarse logits at H/4 x W/4 of 64x128
+
+
+@pytest.fixture(scope="module")
+def coarse():
+    return torch.randn(B, K, h, w, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.benchmark(group="choice-top2-margin")
+@pytest.mark.parametrize("form", ["running top-2 (logit_margin)", "topk"])
+def test_choice_margin(benchmark, coarse, form):
+    if form == "topk":
+        def fn():
+            top = coarse.topk(2, dim=1).values
+            return top[:, 0] - top[:, 1]
+    else:
+        def fn():
+            return logit_margin(coarse, 1)
+    _run(benchmark, fn, rounds=50)
+
+
+@pytest.mark.benchmark(group="choice-cell-labels")
+@pytest.mark.parametrize("form", ["max().indices", "argmax"])
+def test_choice_labels(benchmark, coarse, form):
+    fn = (lambda: coarse.argmax(1, keepdim=True)) if form == "argmax" else (lambda: coarse.max(1, keepdim=True).indices)
+    _run(benchmark, fn, rounds=50)
+
+
+@pytest.mark.benchmark(group="choice-bilinear-up")
+@pytest.mark.parametrize("form", ["channels-last (bilinear_up)", "contiguous NCHW"])
+def test_choice_bilinear(benchmark, coarse, form):
+    if form == "contiguous NCHW":
+        fn = lambda: F.interpolate(coarse, size=(4 * h, 4 * w), mode="bilinear", align_corners=False)  # noqa: E731
+    else:
+        fn = lambda: bilinear_up(coarse, (4 * h, 4 * w))  # noqa: E731
+    _run(benchmark, fn, rounds=30)
+
+
+@pytest.mark.benchmark(group="choice-window-mean")
+@pytest.mark.parametrize("form", ["CSR x dense (refine_at)", "gather buffer"])
+def test_choice_window_mean(benchmark, form):
+    """The refinement's weighted window sums: 3 % of a batch's pixels, 7x7 windows, 19 classes."""
+    g = torch.Generator().manual_seed(0)
+    n_pix = B * 4 * h * 4 * w
+    table = torch.randn(n_pix, K, generator=g)
+    M, k = int(0.03 * n_pix), 49
+    cols = torch.randint(0, n_pix, (M, k), generator=g).sort(1).values
+    wgt = torch.rand(M, k, generator=g)
+    if form == "gather buffer":
+        fn = lambda: (wgt[..., None] * table[cols]).sum(1)  # noqa: E731
+    else:
+        crow = torch.arange(0, (M + 1) * k, k)
+
+        def fn():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                A = torch.sparse_csr_tensor(crow, cols.reshape(-1), wgt.reshape(-1), size=(M, n_pix))
+            return A @ table
+    _run(benchmark, fn, rounds=30)
+
+
+@pytest.mark.benchmark(group="choice-guided-softmax")
+@pytest.mark.parametrize("form", ["middle dim [n, 9, 16]", "last dim [n, 16, 9]"])
+def test_choice_guided_softmax(benchmark, form):
+    """guided_upsample's softmax over the 9 neighbour cells of the mixed cells' pixels."""
+    n = int(0.4 * B * h * w)  # mixed cells
+    score = torch.randn(n, 9, 16, generator=torch.Generator().manual_seed(0))
+    if form.startswith("last"):
+        score = score.transpose(1, 2).contiguous()
+        fn = lambda: torch.softmax(score, 2)  # noqa: E731
+    else:
+        fn = lambda: torch.softmax(score, 1)  # noqa: E731
+    _run(benchmark, fn, rounds=50)

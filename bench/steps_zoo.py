@@ -4,7 +4,9 @@ alternating round by round (so that a drifting machine slows both alike).
     python bench/steps_zoo.py [--threads 2] [--rounds 15] [--density 0.3] [--no-refine]
 
 A diagnostic, not a benchmark (``bench_zoo.py`` is the benchmark): steps are timed by wrapping
-the model's submodules and its inactive-pixel helpers, so the total includes a little overhead.
+the public steps of ``SparseUNet.forward`` (its docstring lists them: ``make_mask``, the
+submodules, ``context``, ``cell_states``, ``upsample_guided``, ``refine_uncertain``) on the
+instance, so the total includes a little overhead.
 Weights come from ``runs/<model>-streets/model.safetensors`` when present (how much the sparse
 model refines depends on them).
 """
@@ -18,7 +20,6 @@ from collections import defaultdict
 import torch
 
 import spconv2d.zoo as zoo
-import spconv2d.zoo.models as zoo_models
 from spconv2d.zoo.data import build_dataset
 
 
@@ -44,8 +45,8 @@ def timed(times, name, fn):
 
 
 def instrument(model, times):
-    """Time the sparse U-Net's steps (in forward order) by wrapping them in place."""
-    model.policy = timed(times, "mask", model.policy)
+    """Time the sparse U-Net's steps (in forward order) by wrapping them on the instance."""
+    model.make_mask = timed(times, "mask", model.make_mask)
     for name in ("enc0", "down1", "enc1", "down2", "enc2"):
         module = getattr(model, name)
         module.forward = timed(times, name, module.forward)
@@ -53,10 +54,9 @@ def instrument(model, times):
     for name in ("up2", "dec1", "up1", "dec0", "head"):
         module = getattr(model, name)
         module.forward = timed(times, name, module.forward)
-    model._cell_states = timed(times, "cell states", model._cell_states)
-    if model.refine:
-        model._refine = timed(times, "refinement", model._refine)
-    zoo_models.guided_upsample = timed(times, "guided upsampling", zoo_models.guided_upsample)
+    model.cell_states = timed(times, "cell states", model.cell_states)
+    model.upsample_guided = timed(times, "guided upsampling", model.upsample_guided)
+    model.refine_uncertain = timed(times, "refinement", model.refine_uncertain)
 
 
 def main():

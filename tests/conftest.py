@@ -45,7 +45,7 @@ def pytest_ignore_collect(collection_path, config):
 @pytest.fixture(autouse=True, scope="session")
 def _idle_core_threads():
     """On a shared CPU, more torch threads than idle cores is many times slower."""
-    from spconv2d.zoo.engine import auto_threads
+    from spconv2d.zoo.threads import auto_threads
 
     old = torch.get_num_threads()
     torch.set_num_threads(auto_threads())

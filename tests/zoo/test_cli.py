@@ -1,12 +1,13 @@
 """The `spconv2d` command line, end to end, in-process on tiny settings."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from spconv2d.zoo.cli import main
-
+from spconv2d.zoo.cli import build_parser, main
+from spconv2d.zoo.config import TrainConfig
 
 
 def test_list(capsys):
@@ -81,3 +82,37 @@ def test_errors_are_clear(tmp_path, capsys):
     assert "leftImg8bit" in err and "cityscapes-dataset.com" in err
     assert main(["train", "bogus_model"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_train_options_are_the_train_config_fields():
+    """One option per TrainConfig field (model_kwargs aside), with the field's default and help."""
+    fields = {f.name for f in TrainConfig.cli_fields()}
+    assert fields == {f.name for f in dataclasses.fields(TrainConfig)} - {"model_kwargs"}
+    assert all(f.metadata["cli"]["help"] for f in TrainConfig.cli_fields())
+    args = build_parser().parse_args(["train", "mlp"])
+    assert set(vars(args)) - {"cmd", "verbose", "threads"} == fields  # CLI-only: --threads, -v
+    assert TrainConfig.from_args(args) == TrainConfig(model="mlp")  # the same defaults
+    argv = ["train", "sparse_unet", "--data", "streets", "--epochs", "2", "--batch-size", "4", "--lr", "0.1",
+            "--weight-decay", "0.2", "--density", "0.25", "--mask-policy", "edge", "--size", "32", "64",
+            "--num-train", "8", "--num-val", "4", "--device", "meta", "--out", "o", "--resume", "--seed", "3",
+            "--data-root", "r", "--download", "--aux-weight", "0.5", "--warmup", "0.1", "--workers", "2",
+            "--num-predictions", "3", "--no-progress", "--threads", "1"]
+    expected = TrainConfig(model="sparse_unet", data="streets", epochs=2, batch_size=4, lr=0.1, weight_decay=0.2,
+                           density=0.25, mask_policy="edge", size=(32, 64), num_train=8, num_val=4, device="meta",
+                           out="o", resume=True, seed=3, data_root="r", download=True, aux_weight=0.5, warmup=0.1,
+                           num_workers=2, num_predictions=3, progress=False)
+    args = build_parser().parse_args(argv)
+    assert TrainConfig.from_args(args) == expected and args.threads == 1
+    # every option is in argv above, so a new field fails here until it is tested
+    default = TrainConfig()
+    assert {n for n in fields if getattr(expected, n) != getattr(default, n)} == fields
+    with pytest.raises(SystemExit):  # argparse rejects what the field does not allow
+        build_parser().parse_args(["train", "mlp", "--mask-policy", "bogus"])
+
+
+def test_eval_density_of_a_dense_model_is_ignored_with_a_warning(tmp_path, caplog):
+    out = tmp_path / "mlp"
+    assert main(["train", "mlp", "--data", "mnist", "--epochs", "1", "--num-train", "32", "--num-val", "16",
+                 "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert main(["eval", str(out), "--density", "0.2", "--threads", "1"]) == 0
+    assert "ignored by the dense model mlp" in caplog.text

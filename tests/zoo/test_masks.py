@@ -110,3 +110,24 @@ def test_nonzero_full_and_errors():
     with pytest.raises(ValueError, match="unknown mask policy"):
         MaskPolicy("bogus")
     assert "edge" in repr(MaskPolicy("edge", 0.3))
+
+
+def test_a_sparse_model_owns_its_mask_policy():
+    import spconv2d.zoo as zoo
+    from spconv2d.zoo.masks import activity_mask
+
+    x = torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(5))
+    s = zoo.create_model("sparse_unet", refine=False).eval()
+    assert s.sparse and torch.equal(s.make_mask(x), make_mask(x, "residual", 0.3))
+    assert torch.equal(activity_mask(s, x), s.make_mask(x))
+    with torch.no_grad():  # without a mask, forward computes on make_mask's
+        torch.testing.assert_close(s(x), s(x, s.make_mask(x)))
+    s.set_mask_policy(density=0.2)  # eval --density: same policy, new density
+    assert s.policy.policy == "residual" and abs(measured_density(s.make_mask(x)) - 0.2) < 0.01
+    s.set_mask_policy("edge")  # and the policy, keeping the density
+    assert (s.policy.policy, s.policy.density, s.policy.dilation) == ("edge", 0.2, 3)
+    assert torch.equal(s.make_mask(x), make_mask(x, "edge", 0.2))
+    with pytest.raises(ValueError, match="unknown mask policy"):
+        s.set_mask_policy("bogus")
+    dense = zoo.create_model("unet")
+    assert not dense.sparse and activity_mask(dense, x) is None

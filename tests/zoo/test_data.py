@@ -132,3 +132,31 @@ def test_streets_class_coverage_and_flat_regions():
 def test_streets_size_option():
     ds = build_dataset("streets", "val", num_samples=2, size=(32, 64))
     assert ds.images.shape == (2, 3, 32, 64) and ds.image_size == (32, 64)
+
+
+# ---------------------------------------------------------------------------------- dataset_info
+INFO_ATTRS = ("task", "num_classes", "class_names", "eval_classes", "in_chans", "image_size")
+
+
+def test_dataset_info_describes_the_built_data_sets(tmp_path):
+    from spconv2d.zoo.data import DATASETS, dataset_info
+    from spconv2d.zoo.streets import STREET_CLASSES
+
+    built = {"mnist": build_dataset("mnist", "val", num_samples=4),
+             "streets": build_dataset("streets", "val", num_samples=2),
+             "cityscapes": build_dataset("cityscapes", "val", data_root=str(_write_cityscapes(tmp_path)))}
+    assert set(built) == set(DATASETS)
+    for name, ds in built.items():
+        info = dataset_info(name)
+        for k in INFO_ATTRS:
+            assert getattr(info, k) == getattr(ds, k), (name, k)
+    small = dataset_info("streets", size=(32, 64))
+    assert small.image_size == (32, 64) == build_dataset("streets", "val", num_samples=1, size=(32, 64)).image_size
+    assert dataset_info("mnist", size=(32, 64)).image_size == (28, 28)  # not resizable
+    s = dataset_info("streets")
+    assert (s.num_train, s.num_val, s.eval_classes, s.num_classes) == (1000, 200, STREET_CLASSES, 19)
+    assert len(build_dataset("streets", "val", size=(8, 16))) == s.num_val  # the builder's default
+    with pytest.raises(ValueError, match="unknown data set 'nope'; choose from mnist, cityscapes, streets"):
+        dataset_info("nope")
+    with pytest.raises(ValueError, match="unknown data set"):
+        build_dataset("nope", "val")

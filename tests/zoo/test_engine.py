@@ -1,4 +1,5 @@
-"""Training loop: loss goes down, outputs, resume after an interruption, checkpoint errors."""
+"""Training loop: loss goes down, outputs, one evaluation per epoch, resume after an interruption,
+checkpoint errors, load_model for every data set."""
 import json
 
 import pytest
@@ -6,11 +7,10 @@ import torch
 
 import spconv2d.zoo as zoo
 from spconv2d.zoo import engine
-from spconv2d.zoo.checkpoint import CheckpointError, load_checkpoint
+from spconv2d.zoo.checkpoint import CheckpointError, load_checkpoint, save_weights
+from spconv2d.zoo.data import DATASETS, DatasetInfo, dataset_info
 
-
-
-TINY_MNIST = dict(data="mnist", num_train=256, num_val=64, batch_size=32, progress=False, threads=None)
+TINY_MNIST = dict(data="mnist", num_train=256, num_val=64, batch_size=32, progress=False)
 TINY_STREETS = dict(data="streets", num_train=8, num_val=4, batch_size=4, size=(32, 64), progress=False,
                     num_predictions=2)
 
@@ -55,7 +55,7 @@ def test_miou_averages_the_data_sets_classes_and_counts_every_pixel():
     target = torch.tensor([[[0, 0, 0, 10]]])
     pred = torch.tensor([[[0, 0, 17, 0]]])
     loader = [(torch.zeros(1, 3, 1, 4), target)]
-    kw = dict(task="segmentation", num_classes=19, device="cpu", policy=None, class_names=zoo.data.CITYSCAPES_CLASSES)
+    kw = dict(task="segmentation", num_classes=19, device="cpu", class_names=zoo.data.CITYSCAPES_CLASSES)
     res = engine.evaluate(_FixedPredictor(pred), loader, eval_classes=zoo.data.STREET_CLASSES, **kw)
     road, sky = 2 / 4, 0.0  # road: 2 hits / (3 labelled + 1 false positive); sky: 0 / 1
     assert res["miou"] == pytest.approx((road + sky) / 2)
@@ -145,3 +145,53 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
         zoo.train(model="mlp", epochs=2, out=str(tmp_path), resume=True, progress=False)
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == before  # previous one intact
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_one_evaluation_per_epoch_and_none_twice(tmp_path, monkeypatch):
+    calls, real = [], engine.evaluate
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "evaluate", counted)
+    m = zoo.train(model="mlp", epochs=2, out=str(tmp_path), **dict(TINY_MNIST, num_train=64, num_val=32))
+    assert len(calls) == 2 and len(m["epochs"]) == 2
+    assert m["final"]["accuracy"] == m["epochs"][-1]["accuracy"]  # the final numbers are the last epoch's
+    zoo.train(model="mlp", epochs=2, out=str(tmp_path), resume=True, progress=False)  # finished: evaluate once
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("data,model,size", [("mnist", "mlp", None), ("mnist", "sparse_cnn", None),
+                                             ("streets", "unet", (32, 64)), ("streets", "sparse_unet", None),
+                                             ("cityscapes", "sparse_unet", (64, 128))])
+def test_load_model_works_for_every_data_set(tmp_path, data, model, size):
+    """The run's config is all load_model needs: the data set describes itself (no data loaded)."""
+    assert data in DATASETS
+    torch.manual_seed(0)
+    cfg = engine.TrainConfig(model=model, data=data, size=size, out=str(tmp_path)).resolved()
+    info = dataset_info(cfg.data, cfg.size)
+    ref = engine.build_model(cfg, info).eval()
+    save_weights(str(tmp_path / "model.safetensors"), ref, cfg.to_dict())
+    loaded, cfg2, ck, info2 = engine.load_model(str(tmp_path))
+    assert isinstance(info2, DatasetInfo) and info2 == info and cfg2 == cfg
+    for k, v in ref.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.rand(2, info.in_chans, *info.image_size)
+    with torch.no_grad():
+        out = loaded(x)
+    assert out.shape == ((2, info.num_classes) if info.task == "classification" else (2, info.num_classes, *info.image_size))
+    if data != "cityscapes":  # the covered data set itself (Cityscapes needs its files)
+        ds = zoo.build_dataset(data, "val", num_samples=2, size=cfg.size)
+        assert (ds.task, ds.num_classes, ds.in_chans, ds.image_size) == \
+            (info2.task, info2.num_classes, info2.in_chans, info2.image_size)
+
+
+def test_load_model_overrides_and_rejects_unknown_arguments(tmp_path):
+    cfg = engine.TrainConfig(model="sparse_unet", size=(32, 64), out=str(tmp_path)).resolved()
+    save_weights(str(tmp_path / "model.safetensors"), engine.build_model(cfg, dataset_info("streets", (32, 64))),
+                 cfg.to_dict())
+    model, cfg2, _, _ = engine.load_model(str(tmp_path), refine=False)
+    assert model.refine is False and cfg2.model_kwargs == {"refine": False}
+    with pytest.raises(TypeError, match="takes no keyword argument"):
+        engine.load_model(str(tmp_path), bogus=1)

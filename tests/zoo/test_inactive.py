@@ -1,0 +1,117 @@
+"""The sparse U-Net's inactive pixels: guided upsampling, top-2 margins, cell states, refinement."""
+import torch
+import torch.nn.functional as F
+
+import spconv2d.zoo as zoo
+
+
+def test_refine_at_equals_its_formula(window_mean):
+    from spconv2d.zoo.inactive import refine_at
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)
+    images = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    idx = torch.tensor([0, 5, 10, 50, 98, 99, 120, 197])  # corners, borders, both images
+    got = refine_at(logits, images, idx, radius=2, sigma_r=0.3)
+    for i, f in enumerate(idx.tolist()):
+        b, y, x = f // 99, (f // 11) % 9, f % 11
+        torch.testing.assert_close(got[i], window_mean(logits, images, b, y, x, 2, 0.3))
+    # differentiable w.r.t. the logits (the CSR product), like the gather it stands for
+    lg = logits.clone().requires_grad_(True)
+    refine_at(lg, images, idx, radius=2, sigma_r=0.3).sum().backward()
+    assert lg.grad is not None and lg.grad.abs().sum() > 0
+
+
+def test_guided_upsample_of_some_cells_writes_only_those():
+    from spconv2d.zoo.inactive import guided_upsample
+
+    g = torch.Generator().manual_seed(1)
+    logits, images = torch.randn(2, 4, 4, 6, generator=g), torch.rand(2, 3, 16, 24, generator=g)
+    cells = torch.rand(2, 4, 6, generator=g) < 0.5
+    out = torch.full((2, 4, 16, 24), 7.0)
+    guided_upsample(logits, images, out=out, cells=cells)
+    inside = cells.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None].expand_as(out)
+    torch.testing.assert_close(out[inside], guided_upsample(logits, images)[inside])
+    assert torch.equal(out[~inside], torch.full_like(out[~inside], 7.0))
+
+
+def test_cell_states_bound_what_upsampling_can_change():
+    """The shortcut behind the sparse U-Net's inactive pixels: in a cell whose 3x3
+    neighbourhood agrees on a label (not *mixed*), bilinear and guided upsampling give every
+    pixel that label; where the neighbourhood's margins are also >= ``margin`` (not *unsure*),
+    with a margin >= ``margin``: neither guided upsampling nor refinement is needed there."""
+    from spconv2d.zoo.blocks import bilinear_up
+    from spconv2d.zoo.inactive import guided_upsample, logit_margin
+
+    s = zoo.create_model("sparse_unet")
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 3, (2, 4, 8), generator=g).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    scale = torch.ones(2, 1, 8, 16)
+    scale[:, :, :, :6] = 0.25  # a low-margin band: unanimous but unsure cells
+    coarse = 4.0 * scale * F.one_hot(labels, 5).permute(0, 3, 1, 2).float() + 0.5 * torch.rand(2, 5, 8, 16, generator=g)
+    images = torch.rand(2, 3, 32, 64, generator=g)
+    mixed, unsure = s.cell_states(coarse)
+    assert mixed.any() and (unsure & ~mixed).any() and (~unsure).any() and (mixed <= unsure).all()
+    up4 = lambda t: t.repeat_interleave(4, -2).repeat_interleave(4, -1)  # noqa: E731
+    for up in (bilinear_up(coarse, (32, 64)), guided_upsample(coarse, images)):
+        same = up4(~mixed)
+        assert torch.equal(up.argmax(1)[same], up4(coarse.argmax(1))[same])
+        assert (logit_margin(up)[up4(~unsure)] >= s.margin - 1e-5).all()
+
+
+def test_guided_upsample_follows_colour_inside_mixed_cells():
+    from spconv2d.zoo.inactive import guided_upsample
+
+    # two flat regions whose boundary crosses a 4x4 cell (x = 13: cell 12..15 is 3/4 bright)
+    x = torch.zeros(1, 3, 16, 32)
+    x[..., :, 13:] = 1.0
+    bright = (F.avg_pool2d(x, 4)[0, 0] > 0.5).float()  # the cells' majority class
+    logits = torch.stack([1 - bright, bright])[None] * 10
+    g = guided_upsample(logits, x).argmax(1)[0]
+    b = F.interpolate(logits, size=(16, 32), mode="bilinear", align_corners=False).argmax(1)[0]
+    truth = (x[0, 0] > 0.5).long()
+    assert torch.equal(g, truth)  # every pixel follows its colour
+    assert not torch.equal(b, truth)  # bilinear gets the mixed cell wrong
+    # flat image: a smooth (weights sum to 1) interpolation; constant logits stay constant
+    flat = torch.full((1, 4, 4, 8), 3.0)
+    torch.testing.assert_close(guided_upsample(flat, torch.rand(1, 3, 16, 32)), torch.full((1, 4, 16, 32), 3.0))
+
+
+def test_guided_upsample_equals_its_formula():
+    """Against the docstring's formula, pixel by pixel (replicate-padded cell neighbourhoods)."""
+    from spconv2d.zoo.inactive import guided_upsample
+
+    g = torch.Generator().manual_seed(0)
+    cell, sr, ss = 4, 0.3, 2.0
+    logits = torch.randn(2, 3, 2, 3, generator=g, dtype=torch.float64)
+    images = torch.rand(2, 3, 8, 12, generator=g, dtype=torch.float64)
+    means = F.avg_pool2d(images, cell)
+    ref = torch.empty(2, 3, 8, 12, dtype=torch.float64)
+    for b in range(2):
+        for y in range(8):
+            for x in range(12):
+                cy, cx = y // cell, x // cell
+                scores, cands = [], []
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        ny, nx = min(max(cy + dy, 0), 1), min(max(cx + dx, 0), 2)  # replicate
+                        # distance to the centre of the (unclamped) neighbour cell position
+                        py, px = (cy + dy) * cell + cell / 2, (cx + dx) * cell + cell / 2
+                        d2s = (y + 0.5 - py) ** 2 + (x + 0.5 - px) ** 2
+                        d2r = float((images[b, :, y, x] - means[b, :, ny, nx]).pow(2).sum())
+                        scores.append(-d2s / (2 * ss ** 2) - d2r / (2 * sr ** 2))
+                        cands.append(logits[b, :, ny, nx])
+                wgt = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
+                ref[b, :, y, x] = (wgt[:, None] * torch.stack(cands)).sum(0)
+    torch.testing.assert_close(guided_upsample(logits, images, cell, sr, ss), ref)
+
+
+def test_logit_margin_is_top1_minus_top2():
+    from spconv2d.zoo.inactive import logit_margin
+
+    x = torch.randn(2, 7, 5, 6, generator=torch.Generator().manual_seed(4))
+    top = x.topk(2, dim=1).values
+    torch.testing.assert_close(logit_margin(x, 1), top[:, 0] - top[:, 1])
+    torch.testing.assert_close(logit_margin(x.permute(0, 2, 3, 1), 3), top[:, 0] - top[:, 1])
+    assert logit_margin(torch.tensor([[2.0, 2.0, 1.0]]), 1).item() == 0.0  # a tie at the top
+    assert logit_margin(torch.ones(3, 1), 1).isinf().all()  # one class: never uncertain

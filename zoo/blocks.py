@@ -1,0 +1,84 @@
+"""Building blocks shared by the zoo's models: the *ops tables* that make a dense model and its
+sparse twin from one class definition, ``ConvBNReLU``, weight initialisation, and the bilinear
+upsampling of coarse logits that both U-Net twins correct.
+
+An ops table is a ``SimpleNamespace`` of constructors with one signature per kind of layer:
+
+    sparse                      bool: the table builds ``spconv2d`` layers
+    conv(ci, co, k, bias=False) stride-1 "same" conv (dense: padding k // 2; sparse: SubMConv2d)
+    strided(ci, co, k, s, p, bias=False)   strided conv (sparse: SparseConv2d)
+    up(ci, co, k, s, bias=False)           transposed conv (sparse: SparseConvTranspose2d)
+    maxpool(k), bn(c), relu(), cat(tensors)
+
+Both tables create modules with the same names and parameter shapes (``spconv2d`` layers keep
+PyTorch's dense weight layouts), so the twins exchange ``state_dict`` s.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import spconv2d as sp  # the core library; the zoo depends on it, never the other way
+
+
+def dense_ops() -> SimpleNamespace:
+    """The ops table of dense models (``torch.nn`` layers)."""
+    return SimpleNamespace(
+        sparse=False,
+        conv=lambda ci, co, k, bias=False: nn.Conv2d(ci, co, k, padding=k // 2, bias=bias),
+        strided=lambda ci, co, k, s, p, bias=False: nn.Conv2d(ci, co, k, stride=s, padding=p, bias=bias),
+        up=lambda ci, co, k, s, bias=False: nn.ConvTranspose2d(ci, co, k, stride=s, bias=bias),
+        maxpool=lambda k: nn.MaxPool2d(k),
+        bn=nn.BatchNorm2d,
+        relu=lambda: nn.ReLU(inplace=True),
+        cat=lambda ts: torch.cat(ts, 1),
+    )
+
+
+def sparse_ops() -> SimpleNamespace:
+    """The ops table of sparse models (``spconv2d.nn`` layers on ``SparseTensor`` s)."""
+    return SimpleNamespace(
+        sparse=True,
+        conv=lambda ci, co, k, bias=False: sp.nn.SubMConv2d(ci, co, k, bias=bias),
+        strided=lambda ci, co, k, s, p, bias=False: sp.nn.SparseConv2d(ci, co, k, stride=s, padding=p, bias=bias),
+        up=lambda ci, co, k, s, bias=False: sp.nn.SparseConvTranspose2d(ci, co, k, stride=s, bias=bias),
+        maxpool=lambda k: sp.nn.SparseMaxPool2d(k),
+        bn=sp.nn.SparseBatchNorm2d,
+        relu=lambda: sp.nn.SparseReLU(inplace=True),
+        cat=sp.cat,
+    )
+
+
+class ConvBNReLU(nn.Module):
+    """conv -> BN -> ReLU; ``conv`` is any conv-like module built by the caller."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, act
+
+    def forward(self, x, **kw):  # kw: e.g. output=skip for a sparse transposed conv
+        return self.act(self.bn(self.conv(x, **kw)))
+
+
+def conv_bn_relu(ops: SimpleNamespace, conv: nn.Module, co: int) -> ConvBNReLU:
+    """``ConvBNReLU(conv, ops.bn(co), ops.relu())``: ``conv`` followed by the table's BN and ReLU."""
+    return ConvBNReLU(conv, ops.bn(co), ops.relu())
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal init of every 4-d (conv) weight, dense or sparse (same layout): fan-out for
+    the modules whose top-level name contains ``up`` (transposed convs), fan-in otherwise."""
+    for name, p in model.named_parameters():
+        if p.dim() == 4:
+            nn.init.kaiming_normal_(p, mode="fan_out" if "up" in name.split(".")[0] else "fan_in",
+                                    nonlinearity="relu")
+
+
+def bilinear_up(logits: torch.Tensor, size) -> torch.Tensor:
+    """``[B, K, h, w]`` -> ``[B, K, *size]``, bilinear (``align_corners=False``), computed and
+    returned in channels-last memory (pixel rows are views; see docs/ARCHITECTURE.md for why)."""
+    return F.interpolate(logits.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
+                         align_corners=False)

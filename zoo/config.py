@@ -1,0 +1,137 @@
+"""``TrainConfig``: everything a training run needs, its defaults, and its command-line flags.
+
+Each field's ``metadata["cli"]`` is its ``spconv2d train`` option (``help``, and ``flag`` where it
+is not ``--field-name``; ``None``: no option). ``TrainConfig.add_arguments(parser)`` generates the
+options from the fields and ``TrainConfig.from_args(args)`` reads them back, so a new option is a
+new field. ``None`` means "the model's / data set's default": ``resolved()`` fills it from the
+model's registered ``ModelDefaults`` and the data set's ``DatasetInfo``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from .data import dataset_info
+from .masks import DEFAULT_DENSITY, POLICIES
+from .registry import model_defaults
+
+log = logging.getLogger("spconv2d.zoo")
+
+
+def _cli(help: str, **kw) -> Dict[str, Any]:
+    """Field metadata: the field's command-line option (``flag``, ``positional``, ``choices``)."""
+    return {"cli": dict(help=help, **kw)}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``None`` means "the model's / data set's default" (``resolved``)."""
+
+    model: str = field(default="sparse_cnn", metadata=_cli("registered model name (see `spconv2d list`)",
+                                                             positional=True))
+    data: Optional[str] = field(default=None, metadata=_cli("mnist | streets | cityscapes (default: the model's)"))
+    epochs: Optional[int] = field(default=None, metadata=_cli("training epochs (default: the model's)"))
+    batch_size: Optional[int] = field(default=None, metadata=_cli("training batch size (default: the model's)"))
+    lr: Optional[float] = field(default=None, metadata=_cli("peak AdamW learning rate (default: the model's)"))
+    weight_decay: Optional[float] = field(default=None, metadata=_cli("AdamW weight decay (default: the model's)"))
+    density: Optional[float] = field(default=None, metadata=_cli(
+        "target fraction of active pixels (edge/contrast/residual policy; sparse models)"))
+    mask_policy: Optional[str] = field(default=None, metadata=_cli(
+        "activity-mask policy of a sparse model (default: the model's)", choices=POLICIES))
+    size: Optional[Tuple[int, int]] = field(default=None, metadata=_cli(
+        "segmentation image size (default: the data set's)", metavar=("H", "W")))
+    num_train: Optional[int] = field(default=None, metadata=_cli("training items (streets: generated scenes)"))
+    num_val: Optional[int] = field(default=None, metadata=_cli("validation items (streets: generated scenes)"))
+    device: str = field(default="cpu", metadata=_cli("torch device"))
+    out: Optional[str] = field(default=None, metadata=_cli("output folder (default runs/MODEL-DATA)"))
+    resume: bool = field(default=False, metadata=_cli("continue from OUT/checkpoint.safetensors"))
+    seed: int = field(default=0, metadata=_cli("seed of the initialisation, the data order and streets' scenes"))
+    data_root: Optional[str] = field(default=None, metadata=_cli(
+        "folder with MNIST/raw/ or Cityscapes' leftImg8bit/ + gtFine/"))
+    download: bool = field(default=False, metadata=_cli("MNIST only: download into --data-root"))
+    aux_weight: float = field(default=0.4, metadata=_cli("segmentation: weight of the coarse head's loss"))
+    warmup: float = field(default=0.05, metadata=_cli("fraction of the steps with linear LR warm-up"))
+    num_workers: int = field(default=0, metadata=_cli("DataLoader workers", flag="--workers"))
+    num_predictions: int = field(default=8, metadata=_cli("validation samples drawn in predictions.png"))
+    progress: bool = field(default=True, metadata=_cli("no progress bar", flag="--no-progress"))
+    model_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"cli": None})  # Python only
+
+    def __post_init__(self):
+        if self.size is not None:
+            self.size = tuple(int(s) for s in self.size)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every ``None`` default filled in: the model's ``ModelDefaults`` (data,
+        epochs, batch size, lr, weight decay, mask policy, density), then the data set's
+        ``DatasetInfo`` (size, number of train / val items); an unknown model is a ``KeyError``,
+        an unknown data set a ``ValueError``."""
+        md = model_defaults(self.model)
+        c = dataclasses.replace(self)
+        for k in ("data", "epochs", "batch_size", "lr", "weight_decay", "mask_policy", "density"):
+            if getattr(c, k) is None:
+                setattr(c, k, getattr(md, k))
+        info = dataset_info(c.data, c.size)
+        if c.size is None and info.resizable:
+            c.size = info.image_size
+        if c.num_train is None:
+            c.num_train = info.num_train
+        if c.num_val is None:
+            c.num_val = info.num_val
+        if c.mask_policy == "nonzero" and self.density is not None:
+            log.warning("--density %.3g is ignored by the 'nonzero' mask policy (use --mask-policy residual)",
+                        self.density)
+        if c.density is None and c.mask_policy in ("edge", "contrast", "residual"):
+            c.density = DEFAULT_DENSITY
+        if c.out is None:
+            c.out = os.path.join("runs", f"{c.model}-{c.data}")
+        return c
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["size"] = list(d["size"]) if d["size"] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """From ``to_dict()`` output (keys that are no field, e.g. an older run's, are dropped)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # ---------------------------------------------------------------------------- command line
+    @classmethod
+    def cli_fields(cls) -> Tuple[dataclasses.Field, ...]:
+        """The fields that are ``spconv2d train`` options."""
+        return tuple(f for f in dataclasses.fields(cls) if f.metadata.get("cli") is not None)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one option per ``cli_fields()`` field: ``--field-name`` (or its ``flag``), typed
+        from its annotation, defaulting to the field's default (``bool`` fields are switches)."""
+        hints = typing.get_type_hints(cls)
+        for f in cls.cli_fields():
+            meta = dict(f.metadata["cli"])
+            flag, positional = meta.pop("flag", None), meta.pop("positional", False)
+            hint = hints[f.name]
+            args = typing.get_args(hint)
+            base = next((a for a in args if a is not type(None)), hint) if typing.get_origin(hint) is typing.Union else hint
+            if positional:
+                parser.add_argument(f.name, **meta)
+                continue
+            name = flag or "--" + f.name.replace("_", "-")
+            if base is bool:
+                parser.add_argument(name, dest=f.name, action="store_false" if f.default else "store_true", **meta)
+            elif typing.get_origin(base) is tuple:
+                elem = typing.get_args(base)
+                parser.add_argument(name, dest=f.name, type=elem[0], nargs=len(elem), default=f.default, **meta)
+            else:
+                parser.add_argument(name, dest=f.name, type=base, default=f.default, **meta)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        """The config of parsed ``add_arguments`` options."""
+        return cls(**{f.name: getattr(args, f.name) for f in cls.cli_fields()})
