@@ -141,49 +141,74 @@ def _sorted_index(coords: np.ndarray, batch_size: int, spatial_shape: Pair):
 # kernels: submanifold
 # -----------------------------------------------------------------------------------------
 @njit(cache=True, parallel=True, nogil=True)
-def _subm_grid(coords, grid, H, W, offs, centre, nbr):
-    """``nbr[k, j]``: row at ``coords[j] + offs[k]`` from the grid; ``nbr[centre] = j``.
-    Returns how many rows are not where the grid says (duplicate coordinates)."""
-    K = offs.shape[0]
+def _subm_grid(coords, B, H, W, py, px, delta, centre):
+    """Submanifold table from a grid padded by ``(py, px)`` cells of -1 on each side, so every
+    neighbour is one unchecked load ``grid[key + delta[k]]``. Returns ``(nbr, bad)``, ``bad``
+    counting rows the grid does not map back to themselves (duplicate coordinates)."""
+    Hp = H + 2 * py
+    Wp = W + 2 * px
+    size = B * Hp * Wp
+    n = coords.shape[0]
+    K = delta.shape[0]
+    grid = np.empty(size, np.int32)
+    for i in prange(size):
+        grid[i] = -1
+    for i in prange(n):
+        grid[(coords[i, 0] * Hp + coords[i, 1] + py) * Wp + coords[i, 2] + px] = i
+    nbr = np.empty((K, n), np.int32)
     bad = 0
-    for j in prange(coords.shape[0]):
-        y = coords[j, 1]
-        x = coords[j, 2]
-        key = (coords[j, 0] * H + y) * W + x
-        if grid[key] != j:
-            bad += 1
+    for j in prange(n):
+        key = (coords[j, 0] * Hp + coords[j, 1] + py) * Wp + coords[j, 2] + px
         for k in range(K):
-            if k == centre:
-                nbr[k, j] = j
-                continue
-            yy = y + offs[k, 0]
-            xx = x + offs[k, 1]
-            r = -1
-            if yy >= 0 and yy < H and xx >= 0 and xx < W:
-                r = grid[key + offs[k, 0] * W + offs[k, 1]]
-            nbr[k, j] = r
-    return bad
+            nbr[k, j] = grid[key + delta[k]]
+        if nbr[centre, j] != j:
+            bad += 1
+            nbr[centre, j] = j
+    return nbr, bad
+
+
+@njit(inline="always")
+def _lower_bound(skeys, q, lo):
+    hi = skeys.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if skeys[mid] < q:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _subm_sorted(coords, skeys, perm, has_perm, H, W, offs, centre, nbr):
-    K = offs.shape[0]
+def _subm_sorted(coords, skeys, perm, has_perm, H, W, kh, kw, ry, rx, nbr):
+    """Submanifold table from sorted keys: one binary search per kernel row, then a forward
+    scan over that image row for the ``kw`` offsets (their keys ascend)."""
+    n = skeys.shape[0]
+    centre = (kh * kw) // 2
     for j in prange(coords.shape[0]):
+        b = np.int64(coords[j, 0])
         y = coords[j, 1]
         x = coords[j, 2]
-        key = (np.int64(coords[j, 0]) * H + y) * W + x
-        for k in range(K):
-            if k == centre:
-                nbr[k, j] = j
+        x0 = x - (kw // 2) * rx
+        for a in range(kh):
+            yy = y + (a - kh // 2) * ry
+            if yy < 0 or yy >= H:
+                for c in range(kw):
+                    nbr[a * kw + c, j] = -1
                 continue
-            yy = y + offs[k, 0]
-            xx = x + offs[k, 1]
-            r = -1
-            if yy >= 0 and yy < H and xx >= 0 and xx < W:
-                p = _find(skeys, key + offs[k, 0] * W + offs[k, 1])
-                if p >= 0:
-                    r = perm[p] if has_perm else p
-            nbr[k, j] = r
+            row = (b * H + yy) * W
+            pos = _lower_bound(skeys, row + max(x0, 0), 0)
+            for c in range(kw):
+                xx = x0 + c * rx
+                r = -1
+                if xx >= 0 and xx < W:
+                    q = row + xx
+                    while pos < n and skeys[pos] < q:
+                        pos += 1
+                    if pos < n and skeys[pos] == q:
+                        r = perm[pos] if has_perm else pos
+                nbr[a * kw + c, j] = r
+        nbr[centre, j] = j
 
 
 def _raise_duplicate(coords: np.ndarray, batch_size: int, spatial_shape: Pair) -> None:
@@ -214,21 +239,21 @@ def subm_table(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[in
     centre = K // 2
     ky, kx = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
     offs = np.stack(((ky.ravel() - kh // 2) * ry, (kx.ravel() - kw // 2) * rx), 1).astype(np.int64)
-    nbr = np.empty((K, n), np.int32)
     if n == 0:
-        return torch.from_numpy(nbr)
+        return torch.zeros((K, 0), dtype=torch.int32)
     _threads()
-    key_space = batch_size * H * W
-    if use_grid(key_space, n, grid_max_keys, grid_keys_per_site):
-        grid = _grid_build(c, H, W, key_space)
-        if _subm_grid(c, grid, H, W, offs, centre, nbr):
+    py, px = (kh // 2) * ry, (kw // 2) * rx
+    if use_grid(batch_size * (H + 2 * py) * (W + 2 * px), n, grid_max_keys, grid_keys_per_site):
+        nbr, bad = _subm_grid(c, batch_size, H, W, py, px, offs[:, 0] * (W + 2 * px) + offs[:, 1], centre)
+        if bad:
             _raise_duplicate(c, batch_size, (H, W))
     else:
+        nbr = np.empty((K, n), np.int32)
         skeys, perm = _sorted_index(c, batch_size, (H, W))
         if _first_duplicate(skeys) >= 0:
             _raise_duplicate(c, batch_size, (H, W))
         _subm_sorted(c, skeys, perm if perm is not None else np.empty(0, np.int32), perm is not None,
-                     H, W, offs, centre, nbr)
+                     H, W, kh, kw, ry, rx, nbr)
     return torch.from_numpy(nbr)
 
 
