@@ -226,3 +226,56 @@ def test_same_result_on_one_and_two_threads(gen):
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# -- fused validation -------------------------------------------------------------------------------
+def _error(fn):
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_check_coords_valid(gen, path):
+    from spconv2d.coords import key_dtype, pack_keys
+    mask = torch.rand(3, 9, 11, generator=gen) < 0.4
+    mask[1] = False
+    nz = mask.nonzero()  # int64, column-major strides
+    for c in (nz, nz.to(torch.int32), nz[torch.randperm(nz.shape[0], generator=gen)].to(torch.int32)):
+        out, keys = nm.check_coords(c, 3, (9, 11), **PATHS[path])
+        assert out.dtype == torch.int32 and out.is_contiguous() and torch.equal(out, c.to(torch.int32))
+        assert torch.equal(keys, pack_keys(c, (9, 11), key_dtype(3, (9, 11))))
+    out, keys = nm.check_coords(torch.zeros(0, 3, dtype=torch.int32), 2, (4, 4), **PATHS[path])
+    assert out.shape == (0, 3) and keys.shape == (0,)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("row,col,value", [(4, 0, 3), (2, 1, 9), (6, 2, 11), (0, 1, -1), (5, 0, -2)])
+def test_check_coords_errors_match_sparse_tensor(gen, path, row, col, value):
+    c = (torch.rand(3, 9, 11, generator=gen) < 0.4).nonzero()
+    c = c[torch.randperm(c.shape[0], generator=gen)]
+    bad = c.clone()
+    bad[row, col] = value
+    dup = torch.cat([c[:9], c[3:4], c[9:]])
+    for coords in (bad, dup):
+        want = _error(lambda: sp.SparseTensor(torch.zeros(coords.shape[0], 1), coords, (9, 11), 3))
+        assert want is not None
+        assert _error(lambda: nm.check_coords(coords, 3, (9, 11), **PATHS[path])) == want
+
+
+def test_check_coords_range_before_narrowing():
+    """int64 coordinates are range-checked before the int32 copy. (``SparseTensor`` narrows
+    first: x = 2**32 + 3 wraps to 3 and passes its check.)"""
+    c = torch.tensor([[0, 1, 1], [0, 2, 2**32 + 3]])
+    err = _error(lambda: nm.check_coords(c, 1, (9, 11)))
+    assert err is not None and f"x={2**32 + 3} outside [0, 11)" in err
+
+
+def test_check_coords_int64_keys(gen):
+    H, W = 70_001, 40_003
+    c = torch.tensor([[1, H - 1, W - 1], [0, 5, 7], [1, 0, 0]])
+    out, keys = nm.check_coords(c, 2, (H, W))
+    assert keys.dtype == torch.int64 and keys.tolist() == [(H + H - 1) * W + W - 1, 5 * W + 7, H * W]
+    assert _error(lambda: nm.check_coords(torch.cat([c, c[:1]]), 2, (H, W))).startswith("duplicate coordinates")

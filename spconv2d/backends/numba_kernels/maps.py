@@ -138,6 +138,79 @@ def _sorted_index(coords: np.ndarray, batch_size: int, spatial_shape: Pair):
 
 
 # -----------------------------------------------------------------------------------------
+# kernels: validation (what ``SparseTensor(check=True)`` does: range, keys, duplicates)
+# -----------------------------------------------------------------------------------------
+@njit(cache=True, parallel=True, nogil=True)
+def _validate(coords, B, H, W, out, keys):
+    """Contiguous int32 copy of ``coords`` (any strides, int32 or int64) and their keys; returns
+    how many rows lie outside the grid (their keys are left -1)."""
+    bad = 0
+    for i in prange(coords.shape[0]):
+        b = coords[i, 0]
+        y = coords[i, 1]
+        x = coords[i, 2]
+        if b < 0 or b >= B or y < 0 or y >= H or x < 0 or x >= W:
+            bad += 1
+            keys[i] = -1
+        else:
+            keys[i] = (np.int64(b) * H + y) * W + x
+        out[i, 0] = b
+        out[i, 1] = y
+        out[i, 2] = x
+    return bad
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _count_duplicates_grid(keys, key_space):
+    """Rows whose key another row also holds (scatter every row, then check it stuck: exact and
+    deterministic although which duplicate wins the scatter is not)."""
+    grid = np.empty(key_space, np.int32)
+    for i in prange(key_space):
+        grid[i] = -1
+    for i in prange(keys.shape[0]):
+        grid[keys[i]] = i
+    dup = 0
+    for i in prange(keys.shape[0]):
+        if grid[keys[i]] != i:
+            dup += 1
+    return dup
+
+
+def check_coords(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[int], *,
+                 grid_max_keys: int = GRID_MAX_KEYS, grid_keys_per_site: int = GRID_KEYS_PER_SITE):
+    """``SparseTensor(check=True)``'s validation fused: ``(coords int32 [N, 3] contiguous, keys)``
+    with keys as ``spconv2d.coords.pack_keys`` gives them (int32 when ``B*H*W < 2**31``).
+
+    One pass checks the range, packs the keys and copies the rows (any strides, e.g. the
+    column-major result of ``nonzero()``); duplicates are found with a grid (scatter, then
+    check every row stuck) or, beyond ``use_grid``, by sorting. On failure the same
+    ``ValueError`` as ``SparseTensor`` is raised (its own checks produce the message)."""
+    if coords.dtype not in (torch.int32, torch.int64) or coords.dim() != 2 or coords.shape[1] != 3:
+        raise TypeError(f"coords must be int32 / int64 [N, 3], got {coords.dtype} {tuple(coords.shape)}")
+    H, W = _pair(spatial_shape, "spatial_shape")
+    n = coords.shape[0]
+    out = torch.empty((n, 3), dtype=torch.int32)
+    keys = np.empty(n, key_dtype(batch_size, (H, W)))
+    if n == 0:
+        return out, torch.from_numpy(keys)
+    _threads()
+    if _validate(coords.numpy(), batch_size, H, W, out.numpy(), keys):
+        from ...tensor import _check_range
+        _check_range(coords, (H, W), batch_size)  # raises with the first bad row
+        raise AssertionError("unreachable: a row is out of range")
+    key_space = batch_size * H * W
+    if use_grid(key_space, n, grid_max_keys, grid_keys_per_site):
+        dup = _count_duplicates_grid(keys, key_space)
+    else:
+        dup = _first_duplicate(torch.sort(torch.from_numpy(keys)).values.numpy()) >= 0
+    if dup:
+        from ...tensor import _check_unique
+        _check_unique(torch.from_numpy(keys), out)  # raises naming the duplicate rows
+        raise AssertionError("unreachable: duplicate coordinates")
+    return out, torch.from_numpy(keys)
+
+
+# -----------------------------------------------------------------------------------------
 # kernels: submanifold
 # -----------------------------------------------------------------------------------------
 @njit(cache=True, parallel=True, nogil=True)
