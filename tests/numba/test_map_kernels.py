@@ -214,15 +214,18 @@ def test_reverse_table(gen):
 
 
 def test_same_result_on_one_and_two_threads(gen):
-    x = _x(gen, (64, 96), 0.2, batch=2, empty=())
+    x = _x(gen, (128, 192), 0.3, batch=2, empty=())
+    assert x.num_active * 9 >= nm.PARALLEL_MIN_WORK  # (two threads do run)
     old = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append((nm.subm_table(x.coords, 2, (64, 96), 3),
-                            *nm.conv_table(x.coords, 2, (64, 96), 3, 2, 1),
-                            *nm.conv_transpose_table(x.coords, 2, (64, 96), 3, 2, 1)))
+            results.append((nm.subm_table(x.coords, 2, (128, 192), 3),
+                            nm.subm_table(x.coords, 2, (128, 192), 3, grid_max_keys=0),
+                            *nm.conv_table(x.coords, 2, (128, 192), 3, 2, 1),
+                            *nm.conv_table(x.coords, 2, (128, 192), 3, 2, 1, grid_max_keys=0),
+                            *nm.conv_transpose_table(x.coords, 2, (128, 192), 3, 2, 1)))
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -17,7 +17,8 @@ Contract
   keys (int32 when ``B*H*W < 2**31``, int64 beyond) and binary search.
 * Deterministic: every output entry is written by exactly one iteration; the only shared
   writes are occupancy marks of the same value. Parallel loops (``prange``) use
-  ``min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)`` threads.
+  ``min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)`` threads, one below
+  ``PARALLEL_MIN_WORK`` elementary steps.
 * Compiled lazily on first call and cached on disk (``cache=True``); importing this module
   compiles nothing and touches no environment variable.
 """
@@ -41,8 +42,15 @@ GRID_KEYS_PER_SITE = 64
 GRID_MIN_KEYS = 1 << 16
 
 
-def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+# Below this many elementary steps (lookups, cells) a kernel runs on one thread: a parallel
+# region costs microseconds on an idle machine and, measured on a loaded 2-core machine,
+# milliseconds when the second thread has to wait for a core.
+PARALLEL_MIN_WORK = 1 << 15
+
+
+def _threads(work: int) -> None:
+    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) if work >= PARALLEL_MIN_WORK else 1
+    numba.set_num_threads(max(1, n))
 
 
 def _pair(v, name: str) -> Pair:
@@ -193,13 +201,14 @@ def check_coords(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[
     keys = np.empty(n, key_dtype(batch_size, (H, W)))
     if n == 0:
         return out, torch.from_numpy(keys)
-    _threads()
+    key_space = batch_size * H * W
+    grid = use_grid(key_space, n, grid_max_keys, grid_keys_per_site)
+    _threads(n + (key_space if grid else 0))
     if _validate(coords.numpy(), batch_size, H, W, out.numpy(), keys):
         from ...tensor import _check_range
         _check_range(coords, (H, W), batch_size)  # raises with the first bad row
         raise AssertionError("unreachable: a row is out of range")
-    key_space = batch_size * H * W
-    if use_grid(key_space, n, grid_max_keys, grid_keys_per_site):
+    if grid:
         dup = _count_duplicates_grid(keys, key_space)
     else:
         dup = _first_duplicate(torch.sort(torch.from_numpy(keys)).values.numpy()) >= 0
@@ -314,13 +323,15 @@ def subm_table(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[in
     offs = np.stack(((ky.ravel() - kh // 2) * ry, (kx.ravel() - kw // 2) * rx), 1).astype(np.int64)
     if n == 0:
         return torch.zeros((K, 0), dtype=torch.int32)
-    _threads()
     py, px = (kh // 2) * ry, (kw // 2) * rx
-    if use_grid(batch_size * (H + 2 * py) * (W + 2 * px), n, grid_max_keys, grid_keys_per_site):
+    grid_size = batch_size * (H + 2 * py) * (W + 2 * px)
+    if use_grid(grid_size, n, grid_max_keys, grid_keys_per_site):
+        _threads(n * K + grid_size)
         nbr, bad = _subm_grid(c, batch_size, H, W, py, px, offs[:, 0] * (W + 2 * px) + offs[:, 1], centre)
         if bad:
             _raise_duplicate(c, batch_size, (H, W))
     else:
+        _threads(n * K)
         nbr = np.empty((K, n), np.int32)
         skeys, perm = _sorted_index(c, batch_size, (H, W))
         if _first_duplicate(skeys) >= 0:
@@ -397,15 +408,17 @@ def lookup_table(in_coords: torch.Tensor, in_batch: int, in_shape: Sequence[int]
         raise ValueError(f"scale and divisor must be positive, got {(sy, sx)}, {(dy, dx)}")
     c_in, c_out = _np_coords(in_coords), _np_coords(out_coords)
     offs = torch.as_tensor(offsets).to(torch.int64).reshape(-1, 2).contiguous().numpy()
-    nbr = np.full((offs.shape[0], c_out.shape[0]), -1, np.int32)
     if c_out.shape[0] == 0 or c_in.shape[0] == 0 or offs.shape[0] == 0:
-        return torch.from_numpy(nbr)
-    _threads()
+        return torch.full((offs.shape[0], c_out.shape[0]), -1, dtype=torch.int32)
+    nbr = np.empty((offs.shape[0], c_out.shape[0]), np.int32)  # (every entry is written)
     key_space = in_batch * H * W
+    work = c_out.shape[0] * offs.shape[0]
     if use_grid(key_space, max(c_in.shape[0], c_out.shape[0]), grid_max_keys, grid_keys_per_site):
+        _threads(work + key_space)
         grid = _grid_build(c_in, H, W, key_space)
         _lookup_grid(grid, H, W, c_out, sy, sx, offs, dy, dx, nbr)
     else:
+        _threads(work)
         skeys, perm = _sorted_index(c_in, in_batch, (H, W))
         _lookup_sorted(skeys, perm if perm is not None else np.empty(0, np.int32), perm is not None,
                        H, W, c_out, sy, sx, offs, dy, dx, nbr)
@@ -442,8 +455,10 @@ def _mark_blocks(coords, Ho, Wo, sy, sx, occ):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _number_rows(occ, rows_total, Wo, nchunks):
-    """Occupied cells -> their raster rank (in place) and the output coordinates."""
+def _number_rows(occ, B, Ho, Wo, K, nchunks):
+    """Occupied cells -> their raster rank (in place); the output coordinates; ``nbr [K, M]``
+    initialised to -1."""
+    rows_total = B * Ho
     chunk = (rows_total + nchunks - 1) // nchunks
     counts = np.zeros(nchunks + 1, np.int64)
     for c in prange(nchunks):
@@ -453,26 +468,25 @@ def _number_rows(occ, rows_total, Wo, nchunks):
         counts[c + 1] = cnt
     for c in range(nchunks):
         counts[c + 1] += counts[c]
-    out = np.empty((counts[nchunks], 3), np.int32)
+    m = counts[nchunks]
+    out = np.empty((m, 3), np.int32)
+    nbr = np.empty((K, m), np.int32)
     for c in prange(nchunks):
         r = counts[c]
         for row in range(c * chunk, min(rows_total, (c + 1) * chunk)):
+            b = row // Ho
+            y = row - b * Ho
             base = row * Wo
             for x in range(Wo):
                 if occ[base + x] != 0:
                     occ[base + x] = r
-                    out[r, 0] = row
+                    out[r, 0] = b
+                    out[r, 1] = y
                     out[r, 2] = x
+                    for k in range(K):
+                        nbr[k, r] = -1
                     r += 1
-    return out
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def _split_rows(out, Ho):
-    for r in prange(out.shape[0]):
-        by = out[r, 0]
-        out[r, 0] = by // Ho
-        out[r, 1] = by % Ho
+    return out, nbr
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -500,13 +514,6 @@ def _fill_blocks(coords, Ho, Wo, sy, sx, kw, rows, nbr):
         ox = ix // sx
         if oy < Ho and ox < Wo:
             nbr[(iy - oy * sy) * kw + (ix - ox * sx), rows[(coords[i, 0] * Ho + oy) * Wo + ox]] = i
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def _fill_minus_one(a):
-    flat = a.reshape(-1)
-    for i in prange(flat.shape[0]):
-        flat[i] = -1
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -565,13 +572,20 @@ def _fill_sorted(coords, Ho, Wo, my, mx, offs, dy, dx, out_keys, nbr):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _unpack(keys, Ho, Wo, out):
-    for r in prange(keys.shape[0]):
+def _unpack(keys, Ho, Wo, K):
+    """Output coordinates of sorted unique keys and ``nbr [K, M]`` initialised to -1."""
+    m = keys.shape[0]
+    out = np.empty((m, 3), np.int32)
+    nbr = np.empty((K, m), np.int32)
+    for r in prange(m):
         key = np.int64(keys[r])
         by = key // Wo
         out[r, 0] = by // Ho
         out[r, 1] = by % Ho
         out[r, 2] = key - by * Wo
+        for k in range(K):
+            nbr[k, r] = -1
+    return out, nbr
 
 
 def _generate(c: np.ndarray, batch_size: int, out_shape: Pair, K: int, mul: Pair, offs: np.ndarray, div: Pair,
@@ -581,24 +595,22 @@ def _generate(c: np.ndarray, batch_size: int, out_shape: Pair, K: int, mul: Pair
     n = c.shape[0]
     if n == 0:
         return torch.zeros((0, 3), dtype=torch.int32), torch.zeros((K, 0), dtype=torch.int32)
-    _threads()
     key_space = batch_size * Ho * Wo
     if use_grid(key_space, n, grid_max_keys, grid_keys_per_site):
+        _threads(max(n * K, key_space))
         occ = np.zeros(key_space, np.int32)
         if blocks is not None:
             _mark_blocks(c, Ho, Wo, blocks[0], blocks[1], occ)
         else:
             _mark(c, Ho, Wo, mul[0], mul[1], offs, div[0], div[1], occ)
         nchunks = min(batch_size * Ho, 8 * numba.get_num_threads())
-        out = _number_rows(occ, batch_size * Ho, Wo, nchunks)
-        _split_rows(out, Ho)
-        nbr = np.empty((K, out.shape[0]), np.int32)
-        _fill_minus_one(nbr)
+        out, nbr = _number_rows(occ, batch_size, Ho, Wo, K, nchunks)
         if blocks is not None:
             _fill_blocks(c, Ho, Wo, blocks[0], blocks[1], blocks[2], occ, nbr)
         else:
             _fill_grid(c, Ho, Wo, mul[0], mul[1], offs, div[0], div[1], occ, nbr)
         return torch.from_numpy(out), torch.from_numpy(nbr)
+    _threads(n * K)
     counts = np.zeros(n + 1, np.int64)
     _count_proposals(c, Ho, Wo, mul[0], mul[1], offs, div[0], div[1], counts)
     start = np.cumsum(counts)
@@ -607,10 +619,7 @@ def _generate(c: np.ndarray, batch_size: int, out_shape: Pair, K: int, mul: Pair
     keys = torch.sort(torch.from_numpy(keys)).values.numpy()
     m = _unique_sorted(keys)
     out_keys = keys[:m]
-    out = np.empty((m, 3), np.int32)
-    _unpack(out_keys, Ho, Wo, out)
-    nbr = np.empty((K, m), np.int32)
-    _fill_minus_one(nbr)
+    out, nbr = _unpack(out_keys, Ho, Wo, K)
     _fill_sorted(c, Ho, Wo, mul[0], mul[1], offs, div[0], div[1], out_keys, nbr)
     return torch.from_numpy(out), torch.from_numpy(nbr)
 
@@ -696,6 +705,6 @@ def reverse_table(nbr: torch.Tensor, n_in: int) -> torch.Tensor:
     a = nbr.to(torch.int32).contiguous().numpy()
     rev = np.full((a.shape[0], n_in), -1, np.int32)
     if a.size:
-        _threads()
+        _threads(a.size)
         _reverse(a, rev)
     return torch.from_numpy(rev)

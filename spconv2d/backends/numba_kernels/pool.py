@@ -17,23 +17,21 @@ Contract
   - sums run over ``k`` ascending in the features' dtype, as the PyTorch path's do.
 * Deterministic, no atomics: forward is output-stationary (one iteration per output row),
   backward input-stationary over ``rev`` (one iteration per input row). Parallel over rows with
-  ``min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)`` threads.
+  ``min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)`` threads (one for small
+  inputs, ``maps.PARALLEL_MIN_WORK``).
 * Compiled lazily on first call and cached on disk (``cache=True``).
 """
 from __future__ import annotations
 
 from typing import Tuple
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
+from .maps import _threads  # (one thread below maps.PARALLEL_MIN_WORK steps)
+
 _FLOATS = (torch.float32, torch.float64)
-
-
-def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
 def _features(t: torch.Tensor, name: str) -> np.ndarray:
@@ -154,7 +152,7 @@ def max_pool_forward(features: torch.Tensor, nbr: torch.Tensor) -> Tuple[torch.T
     out = torch.empty((n_out, f.shape[1]), dtype=features.dtype)
     arg = torch.empty((n_out, f.shape[1]), dtype=argmax_dtype(K))
     if n_out and f.shape[1]:
-        _threads()
+        _threads(t.size * f.shape[1])
         _max_forward(f, t, out.numpy(), arg.numpy())
     return out, arg
 
@@ -166,7 +164,7 @@ def max_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rev: torch.T
         raise ValueError(f"argmax has shape {tuple(argmax.shape)}, grad_out {g.shape}")
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
-        _threads()
+        _threads(r.size * g.shape[1])
         _max_backward(g, argmax.contiguous().numpy(), r, gin.numpy())
     return gin
 
@@ -179,7 +177,7 @@ def avg_pool_forward(features: torch.Tensor, nbr: torch.Tensor) -> Tuple[torch.T
     out = torch.empty((n_out, f.shape[1]), dtype=features.dtype)
     count = torch.empty(n_out, dtype=features.dtype)
     if n_out:
-        _threads()
+        _threads(t.size * f.shape[1])
         _avg_forward(f, t, out.numpy(), count.numpy())
     return out, count
 
@@ -189,6 +187,6 @@ def avg_pool_backward(grad_out: torch.Tensor, count: torch.Tensor, rev: torch.Te
     g, r = _features(grad_out, "grad_out"), _table(rev, "rev")
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
-        _threads()
+        _threads(r.size * g.shape[1])
         _avg_backward(g, count.to(grad_out.dtype).contiguous().numpy(), r, gin.numpy())
     return gin
