@@ -282,3 +282,23 @@ def test_check_coords_int64_keys(gen):
     out, keys = nm.check_coords(c, 2, (H, W))
     assert keys.dtype == torch.int64 and keys.tolist() == [(H + H - 1) * W + W - 1, 5 * W + 7, H * W]
     assert _error(lambda: nm.check_coords(torch.cat([c, c[:1]]), 2, (H, W))).startswith("duplicate coordinates")
+
+
+def test_scratch_grid_left_clean(gen):
+    """Every grid kernel leaves the per-thread scratch buffer all -1 (also after a duplicate)."""
+    x = _x(gen, (40, 60), 0.3)
+    nm.subm_table(x.coords, 3, (40, 60), 5, 2)
+    nm.conv_table(x.coords, 3, (40, 60), 3, 2, 1)
+    nm.conv_table(x.coords, 3, (40, 60), 2, 2, 0)
+    nm.conv_transpose_table(x.coords, 3, (40, 60), 3, 2, 1)
+    nm.lookup_table(x.coords, 3, (40, 60), x.coords, 2, torch.ones(3, 2, dtype=torch.long), 3)
+    nm.check_coords(x.coords, 3, (40, 60))
+    dup = torch.cat([x.coords, x.coords[:5]])
+    with pytest.raises(ValueError):
+        nm.subm_table(dup, 3, (40, 60), 3)
+    with pytest.raises(ValueError):
+        nm.check_coords(dup, 3, (40, 60))
+    buf = nm._scratch.grid
+    assert buf is not None and bool((buf == -1).all())
+    nm.release_scratch()
+    assert nm._scratch_size() == 0
