@@ -302,3 +302,17 @@ def test_scratch_grid_left_clean(gen):
     assert buf is not None and bool((buf == -1).all())
     nm.release_scratch()
     assert nm._scratch_size() == 0
+
+
+def test_first_kernel_keeps_torch_threads():
+    """Starting numba's threading layer resets the OpenMP runtime torch shares (measured); the
+    launchers restore torch's thread count. Fresh process: the layer must not be started yet."""
+    import subprocess
+    import sys
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from spconv2d.backends.numba_kernels import maps as nm\n"
+            "nm.subm_table(torch.tensor([[0, 1, 1], [0, 1, 2]], dtype=torch.int32), 1, (4, 4), 3)\n"
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"

@@ -83,8 +83,24 @@ def release_scratch() -> None:
 PARALLEL_MIN_WORK = 1 << 15
 
 
+_layer_started = False
+
+
 def _threads(work: int) -> None:
-    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) if work >= PARALLEL_MIN_WORK else 1
+    """Threads for the next kernel: torch's count (capped by numba's pool), one for small work.
+
+    The first call starts numba's threading layer, which (measured: the ``omp`` layer, numba
+    0.68, torch 2.14) sets the thread count of the OpenMP runtime torch uses to
+    ``NUMBA_NUM_THREADS``: ``torch.get_num_threads()`` silently changes from what the user set.
+    Torch's count is restored right after."""
+    global _layer_started
+    t = torch.get_num_threads()
+    if not _layer_started:
+        numba.set_num_threads(1)  # (starts the layer)
+        if torch.get_num_threads() != t:
+            torch.set_num_threads(t)
+        _layer_started = True
+    n = min(t, numba.config.NUMBA_NUM_THREADS) if work >= PARALLEL_MIN_WORK else 1
     numba.set_num_threads(max(1, n))
 
 
