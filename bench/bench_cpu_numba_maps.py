@@ -18,7 +18,8 @@ Cases
     density (raster-ordered coordinates, as ``from_dense`` gives). ``torch``: ``maps.subm_map`` on
     a fresh ``SparseTensor(check=False)``; ``numba``: ``subm_table``; ``*+validate``: with
     ``SparseTensor(check=True)`` (range and duplicate checks) in the call; ``validate``: that
-    construction alone; ``mm-yardstick``: ``torch.mm`` of an n x n pair with
+    construction alone; ``check_coords``: the same checks fused in numba
+    (``numba_kernels.maps.check_coords``), ``numba+check_coords`` with the map; ``mm-yardstick``: ``torch.mm`` of an n x n pair with
     ``n^3 = pairs * 64 * 64`` (the multiply-adds of SubMConv2d 3x3 64->64 on this map; the fused
     conv is expected at ~1.5x it), ``extra_info['build_over_conv']`` = build / (1.5 x mm).
   * ``zoo-*``: the zoo's shapes, batch 16 of 64x128 at 30 %: the submanifold 3x3 map, the
@@ -41,7 +42,7 @@ from spconv2d.backends.numba_kernels import maps as nm
 from spconv2d.backends.numba_kernels import pool as npool
 
 BE = backends.resolve(torch.device("cpu"), "torch")
-ROUNDS = 15
+ROUNDS = 31
 C_CONV = 64
 
 
@@ -85,12 +86,14 @@ def _subm_impls(coords, B, shape):
         "numba": lambda: nm.subm_table(coords, B, shape, 3, 1),
         "torch+validate": lambda: maps.subm_map(sp.SparseTensor(feats, coords, shape, B), (3, 3), (1, 1), BE).nbr,
         "numba+validate": lambda: nm.subm_table(sp.SparseTensor(feats, coords, shape, B).coords, B, shape, 3, 1),
+        "numba+check_coords": lambda: nm.subm_table(nm.check_coords(coords, B, shape)[0], B, shape, 3, 1),
         "validate": lambda: sp.SparseTensor(feats, coords, shape, B),
+        "check_coords": lambda: nm.check_coords(coords, B, shape),
     }
 
 
 PEER = {"torch": "numba", "numba": "torch", "torch+validate": "numba+validate", "numba+validate": "torch+validate",
-        "validate": "numba"}
+        "numba+check_coords": "torch+validate", "validate": "check_coords", "check_coords": "validate"}
 
 
 @pytest.mark.parametrize("density", DENSITIES)
@@ -141,7 +144,7 @@ def _zoo():
 
 @pytest.mark.parametrize("impl", ["torch", "numba"])
 def test_zoo_subm(benchmark, impl):
-    coords, _ = _zoo()
+    coords, _ = _zoo()  # (16 x 64 x 128, 30 %)
     impls = _subm_impls(coords, ZB, (ZH, ZW))
     _run(benchmark, "zoo-subm3x3", impl, impls[impl], impls[PEER[impl]], active=coords.shape[0])
 
