@@ -1,7 +1,14 @@
 """CPU: the numba backend's kernel-map builders and pooling kernels against the PyTorch path.
 
-    python -m pytest bench/bench_cpu_numba_maps.py --benchmark-json=bench/results/cpu_numba_maps.json
-    python bench/report.py bench/results/cpu_numba_maps.json --ours numba
+    BENCH_THREADS=1 python -m pytest bench/bench_cpu_numba_maps.py -p no:cacheprovider \
+        --benchmark-json=bench/results/cpu_numba_maps_1thread.json
+    BENCH_THREADS=2 python -m pytest bench/bench_cpu_numba_maps.py -p no:cacheprovider \
+        --benchmark-json=bench/results/cpu_numba_maps_2thread.json
+    python bench/report.py bench/results/cpu_numba_maps_1thread.json --ours numba
+
+(The committed results: a shared 2-core "Intel(R) Xeon(R) Processor" (KVM), 1-minute load
+average 1.5-2.5 from other jobs during the runs, so single medians are noisy; alt_ratio is the
+number to read.)
 
 ``BENCH_THREADS=N`` fixes torch's CPU threads (the numba kernels use as many: ``min(torch threads,
 NUMBA_NUM_THREADS)``); default: torch's own setting.
