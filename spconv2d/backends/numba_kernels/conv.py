@@ -45,36 +45,64 @@ def _stack_ptr(typingctx, dtype, size):
 # --------------------------------------------------------------------------------------------
 # plan
 # --------------------------------------------------------------------------------------------
-class ConvPlan(NamedTuple):
-    """A map's pairs grouped per (row block, offset): pairs of block ``b``, offset ``k`` are
-    ``bptr[b*K + k] : bptr[b*K + k + 1]``, ordered by output row; ``loc`` is the output row
-    within its block, ``src`` the input row. The identity offset (if any) has no pairs here."""
+#: Each (row block, offset) segment of a plan is padded to a multiple of ``PAD`` entries (input
+#: row repeated, output row = the scratch row ``BLOCK_ROWS``), so the forward kernel runs whole
+#: tiles only: tiles of ``MR`` rows (a multiple of ``PAD``) and then of ``PAD`` rows.
+PAD = 4
 
-    bptr: torch.Tensor  # int64 [n_blocks * K + 1]
-    loc: torch.Tensor   # int32 [pairs]
-    src: torch.Tensor   # int32 [pairs]
+
+class ConvPlan(NamedTuple):
+    """A map's pairs grouped by (row block of ``BLOCK_ROWS`` output rows, offset). The entries
+    of block ``b``, offset ``k`` are ``bptr[s] : bptr[s + 1]``, ``s = b * K + k``, ordered by
+    output row: the first ``cnt[s]`` are pairs (input row ``src``, output row
+    ``b * BLOCK_ROWS + loc``), the rest (fewer than ``PAD``) are padding with
+    ``loc = BLOCK_ROWS`` and ``src`` = the segment's last input row. The identity offset of a
+    submanifold map is an ordinary offset here (its segments are the block's own rows)."""
+
+    bptr: np.ndarray  # int64 [n_blocks * K + 1]
+    cnt: np.ndarray   # int32 [n_blocks * K]
+    src: np.ndarray   # int32 [entries]
+    loc: np.ndarray   # int32 [entries]
     n_out: int
     n_in: int
     kernel_volume: int
-    identity_offset: int  # -1 when none
+    pad: int
 
 
-def build_plan(nbr: torch.Tensor, n_in: int, identity_offset: Optional[int] = None) -> ConvPlan:
-    """The :class:`ConvPlan` of ``nbr [K, N_out]`` (int32, -1 = missing)."""
+def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
+    """The :class:`ConvPlan` of ``nbr [K, N_out]`` (int32, -1 = missing) for ``n_in`` input
+    rows. Cache it on the map (``kmap.cached("numba_plan@nbr", ...)``): every layer on the map
+    and the input gradient of a symmetric map reuse it."""
     K, n_out = nbr.shape
     nb = -(-n_out // BLOCK_ROWS)
     t = torch.full((K, nb * BLOCK_ROWS), -1, dtype=torch.int32)
     t[:, :n_out] = nbr
-    t = t.view(K, nb, BLOCK_ROWS).permute(1, 0, 2).contiguous()
-    ident = -1 if identity_offset is None else int(identity_offset)
-    if ident >= 0:
-        t[:, ident] = -1
+    t = t.view(K, nb, BLOCK_ROWS).permute(1, 0, 2).reshape(nb * K, BLOCK_ROWS)  # segments
     valid = t >= 0
+    cnt = valid.sum(1, dtype=torch.int32)
+    padded = (cnt + (pad - 1)) // pad * pad
     bptr = torch.zeros(nb * K + 1, dtype=torch.int64)
-    torch.cumsum(valid.sum(2).view(-1), 0, out=bptr[1:])
-    b, k, r = valid.nonzero(as_tuple=True)
-    src = t[b, k, r]
-    return ConvPlan(bptr, r.to(torch.int32), src, n_out, int(n_in), K, ident)
+    torch.cumsum(padded, 0, out=bptr[1:])
+    total = int(bptr[-1])
+    seg, r = valid.nonzero(as_tuple=True)  # ordered by (segment, row)
+    vals = t[seg, r]
+    first = torch.zeros(nb * K + 1, dtype=torch.int64)
+    torch.cumsum(cnt.long(), 0, out=first[1:])
+    rank = torch.arange(seg.numel(), dtype=torch.int64) - first[seg]
+    pos = bptr[seg] + rank
+    src = torch.empty(total, dtype=torch.int32)
+    loc = torch.full((total,), BLOCK_ROWS, dtype=torch.int32)
+    src[pos] = vals
+    loc[pos] = r.to(torch.int32)
+    npad = (padded - cnt).long()
+    if total and int(npad.sum()):
+        pseg = torch.repeat_interleave(torch.arange(nb * K), npad)
+        pend = bptr[pseg + 1]
+        prank = torch.arange(pseg.numel(), dtype=torch.int64) - torch.repeat_interleave(
+            torch.cumsum(npad, 0) - npad, npad)
+        ppos = pend - npad[pseg] + prank
+        src[ppos] = src[bptr[pseg] + cnt[pseg].long() - 1]
+    return ConvPlan(bptr.numpy(), cnt.numpy(), src.numpy(), loc.numpy(), n_out, int(n_in), K, pad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,52 +156,54 @@ def _mark_wide(builder):
 
 
 def _make_conv_tile(M: int, NV: int, VW: int):
-    """``acc[lo[r]] += x[xo[r]] @ W`` for ``r < M`` (rows of ``NR = NV * VW`` channels): a loop over
-    the ``C_in`` input channels with ``M x NV`` vector accumulators; per channel ``NV`` weight
+    """``acc[loc[p + r]] += x[src[p + r]] @ W`` for ``r < M`` (rows of ``NR = NV * VW``
+    channels): a loop over the ``C_in`` input channels with ``M x NV`` vector accumulators,
+    loaded from and stored back to the block accumulator; per input channel ``NV`` weight
     vectors are loaded once and each row's input value is broadcast once.
 
-    Arguments: ``x`` (2-D array), ``xo`` (pointer to ``M`` element offsets of the rows in
-    ``x``), ``w`` (4-D array), ``wo`` (element offset of the ``[C_in, NR]`` weight block),
-    ``acc`` (2-D array), ``lo`` (pointer to ``M`` row numbers of ``acc``)."""
+    Arguments: ``x`` (2-D, C-contiguous), ``w`` (C-contiguous), ``wo`` (element offset of the
+    ``[C_in, NR]`` weight block), ``acc`` (2-D ``[rows, NR]``), ``src``, ``loc`` (1-D int32),
+    ``p``."""
     NR = NV * VW
 
     @intrinsic
-    def tile(typingctx, x, xo, w, wo, acc, lo):
-        if not (isinstance(x, types.Array) and isinstance(w, types.Array) and isinstance(acc, types.Array)):
+    def tile(typingctx, x, w, wo, acc, src, loc, p):
+        if not all(isinstance(a, types.Array) for a in (x, w, acc, src, loc)):
             return None
 
         def codegen(context, builder, sig, args):
             _mark_wide(builder)
             fty = context.get_value_type(x.dtype)
             vty = _vec_type(fty, VW)
+            al = _align(fty)
             i64 = ir.IntType(64)
             fma = _fma_fn(builder, vty)
-            xa = context.make_array(x)(context, builder, args[0])
-            wa = context.make_array(w)(context, builder, args[2])
-            aa = context.make_array(acc)(context, builder, args[4])
-            xo_p, wo_v, lo_p = args[1], args[3], args[5]
+            xa, wa, aa, sa, la = (context.make_array(t)(context, builder, v) for t, v in
+                                  ((x, args[0]), (w, args[1]), (acc, args[3]), (src, args[4]), (loc, args[5])))
+            wo_v, p_v = args[2], args[6]
             c_in = builder.extract_value(xa.shape, 1)
             slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
 
             def slot(i):
                 return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
 
-            arows = []
-            xrows = []
+            def vptr(base, off):
+                return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
+
+            arows, xrows = [], []
             for r in range(M):
-                lo_r = builder.load(builder.gep(lo_p, [ir.Constant(i64, r)]))
-                arow = builder.gep(aa.data, [builder.mul(lo_r, ir.Constant(i64, NR))])
-                arows.append(arow)
-                xrows.append(builder.gep(xa.data, [builder.load(builder.gep(xo_p, [ir.Constant(i64, r)]))]))
+                q = builder.add(p_v, ir.Constant(i64, r))
+                srow = builder.sext(builder.load(builder.gep(sa.data, [q])), i64)
+                lrow = builder.sext(builder.load(builder.gep(la.data, [q])), i64)
+                xrows.append(builder.gep(xa.data, [builder.mul(srow, c_in)]))
+                arows.append(builder.gep(aa.data, [builder.mul(lrow, ir.Constant(i64, NR))]))
                 for v in range(NV):
-                    ptr = builder.bitcast(builder.gep(arow, [ir.Constant(i64, v * VW)]), vty.as_pointer())
-                    builder.store(builder.load(ptr, align=_align(fty)), slot(r * NV + v))
+                    builder.store(builder.load(vptr(arows[r], v * VW), align=al), slot(r * NV + v))
             wbase = builder.gep(wa.data, [wo_v])
             with cgutils.for_range(builder, c_in) as loop:
                 ci = loop.index
                 wrow = builder.gep(wbase, [builder.mul(ci, ir.Constant(i64, NR))])
-                wv = [builder.load(builder.bitcast(builder.gep(wrow, [ir.Constant(i64, v * VW)]),
-                                                   vty.as_pointer()), align=_align(fty)) for v in range(NV)]
+                wv = [builder.load(vptr(wrow, v * VW), align=al) for v in range(NV)]
                 for r in range(M):
                     a = _splat(builder, builder.load(builder.gep(xrows[r], [ci])), vty)
                     for v in range(NV):
@@ -181,48 +211,43 @@ def _make_conv_tile(M: int, NV: int, VW: int):
                         builder.store(builder.call(fma, [a, wv[v], builder.load(sp)]), sp)
             for r in range(M):
                 for v in range(NV):
-                    ptr = builder.bitcast(builder.gep(arows[r], [ir.Constant(i64, v * VW)]), vty.as_pointer())
-                    builder.store(builder.load(slot(r * NV + v)), ptr, align=_align(fty))
+                    builder.store(builder.load(slot(r * NV + v)), vptr(arows[r], v * VW), align=al)
             return context.get_dummy_value()
 
-        return types.none(x, xo, w, wo, acc, lo), codegen
+        return types.none(x, w, wo, acc, src, loc, p), codegen
 
     return tile
 
 
 def _make_wgrad_tile(M: int, NV: int, VW: int):
-    """``accb[ao:] += sum_p x[src_p, cr[:M]].T (outer) g[dst_p, cb-th block]`` over the pairs of
-    offset ``k`` in the row blocks ``b0 <= b < b1``, in order (block, pair), with ``M x NV``
-    vector accumulators (rows: input channels ``cr[r]``, columns: the block's output
-    channels). Implicit (identity) offsets pair every row with itself; otherwise block ``b``'s
-    pairs are ``bptr[b*K + k] : bptr[b*K + k + 1]``, input row ``src[p]``, output row
-    ``b * BLOCK_ROWS + loc[p]``.
+    """``part[ao:] += sum_p x[src[p], c0 : c0 + M].T (outer) g[row(p), cb-th block]`` over
+    the pairs of offset ``k`` in the row blocks ``b0 <= b < b1`` (segment ``s = b * K + k``:
+    entries ``bptr[s] : bptr[s] + cnt[s]``, ``row(p) = b * BLOCK_ROWS + loc[p]``), in order,
+    with ``M x NV`` vector accumulators (rows: input channels, columns: the block's output
+    channels) loaded from and stored back to ``part`` at element offset ``ao``.
 
-    Arguments: ``x`` (2-D), ``c0`` (first of the ``M`` consecutive input channels), ``g``
-    (3-D ``[N_out, ncb, NR]``), ``cb``, ``accb`` (2-D), ``ao``, ``b0``, ``b1``, ``k``, ``K``,
-    ``implicit``, ``bptr`` (1-D int64), ``loc``, ``src`` (1-D int32)."""
+    Arguments: ``x`` (2-D), ``c0``, ``g`` (3-D ``[N_out, ncb, NR]``), ``cb``, ``part``, ``ao``,
+    ``b0``, ``b1``, ``k``, ``K``, ``bptr`` (int64), ``cnt``, ``src``, ``loc`` (int32)."""
     NR = NV * VW
 
     @intrinsic
-    def tile(typingctx, x, c0, g, cb, accb, ao, b0, b1, k, K, implicit, bptr, loc, src):
-        if not (isinstance(x, types.Array) and isinstance(g, types.Array)):
+    def tile(typingctx, x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc):
+        if not all(isinstance(a, types.Array) for a in (x, g, part, bptr, cnt, src, loc)):
             return None
 
         def codegen(context, builder, sig, args):
             _mark_wide(builder)
             fty = context.get_value_type(x.dtype)
             vty = _vec_type(fty, VW)
+            al = _align(fty)
             i64 = ir.IntType(64)
             fma = _fma_fn(builder, vty)
-            xa = context.make_array(x)(context, builder, args[0])
-            ga = context.make_array(g)(context, builder, args[2])
-            ba = context.make_array(accb)(context, builder, args[4])
-            pa = context.make_array(bptr)(context, builder, args[11])
-            la = context.make_array(loc)(context, builder, args[12])
-            sa = context.make_array(src)(context, builder, args[13])
-            c0_v, cb_v, ao_v, b0_v, b1_v, k_v, K, imp_v = args[1], args[3], args[5], args[6], args[7], args[8], args[9], args[10]
+            xa, ga, pa, ba, ca, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
+                (x, args[0]), (g, args[2]), (part, args[4]), (bptr, args[10]), (cnt, args[11]),
+                (src, args[12]), (loc, args[13])))
+            c0_v, cb_v, ao_v, b0_v, b1_v, k_v, K_v = (args[1], args[3], args[5], args[6], args[7],
+                                                      args[8], args[9])
             c_in = builder.extract_value(xa.shape, 1)
-            n_out = builder.extract_value(ga.shape, 0)
             g_row = builder.mul(builder.extract_value(ga.shape, 1), ir.Constant(i64, NR))
             gcol = builder.mul(cb_v, ir.Constant(i64, NR))
             slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
@@ -230,45 +255,35 @@ def _make_wgrad_tile(M: int, NV: int, VW: int):
             def slot(i):
                 return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
 
-            abase = builder.gep(ba.data, [ao_v])
+            def vptr(base, off):
+                return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
+
+            abase = builder.gep(pa.data, [ao_v])
             for i in range(M * NV):
-                ptr = builder.bitcast(builder.gep(abase, [ir.Constant(i64, i * VW)]), vty.as_pointer())
-                builder.store(builder.load(ptr, align=_align(fty)), slot(i))
-            imp = builder.icmp_unsigned("!=", imp_v, ir.Constant(imp_v.type, 0))
+                builder.store(builder.load(vptr(abase, i * VW), align=al), slot(i))
             with cgutils.for_range(builder, b1_v, start=b0_v) as bl:
                 b = bl.index
                 r0 = builder.mul(b, ir.Constant(i64, BLOCK_ROWS))
-                rows = builder.sub(n_out, r0)
-                nr = builder.select(builder.icmp_signed("<", rows, ir.Constant(i64, BLOCK_ROWS)),
-                                    rows, ir.Constant(i64, BLOCK_ROWS))
-                bk = builder.add(builder.mul(b, K), k_v)
-                s_e = builder.load(builder.gep(pa.data, [bk]))
-                e_e = builder.load(builder.gep(pa.data, [builder.add(bk, ir.Constant(i64, 1))]))
-                s_v = builder.select(imp, ir.Constant(i64, 0), s_e)
-                e_v = builder.select(imp, nr, e_e)
+                seg = builder.add(builder.mul(b, K_v), k_v)
+                s_v = builder.load(builder.gep(ba.data, [seg]))
+                e_v = builder.add(s_v, builder.sext(builder.load(builder.gep(ca.data, [seg])), i64))
                 with cgutils.for_range(builder, e_v, start=s_v) as loop:
                     p = loop.index
-                    ident_row = builder.add(r0, p)
-                    xi = builder.select(imp, ident_row,
-                                        builder.sext(builder.load(builder.gep(sa.data, [p])), i64))
-                    gi = builder.select(imp, ident_row, builder.add(
-                        r0, builder.sext(builder.load(builder.gep(la.data, [p])), i64)))
+                    xi = builder.sext(builder.load(builder.gep(sa.data, [p])), i64)
+                    gi = builder.add(r0, builder.sext(builder.load(builder.gep(la.data, [p])), i64))
                     xrow = builder.gep(xa.data, [builder.add(builder.mul(xi, c_in), c0_v)])
                     grow = builder.gep(ga.data, [builder.add(builder.mul(gi, g_row), gcol)])
-                    gv = [builder.load(builder.bitcast(builder.gep(grow, [ir.Constant(i64, v * VW)]),
-                                                       vty.as_pointer()), align=_align(fty))
-                          for v in range(NV)]
+                    gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
                     for r in range(M):
                         a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
                         for v in range(NV):
                             sp = slot(r * NV + v)
                             builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
             for i in range(M * NV):
-                ptr = builder.bitcast(builder.gep(abase, [ir.Constant(i64, i * VW)]), vty.as_pointer())
-                builder.store(builder.load(slot(i)), ptr, align=_align(fty))
+                builder.store(builder.load(slot(i)), vptr(abase, i * VW), align=al)
             return context.get_dummy_value()
 
-        return types.none(x, c0, g, cb, accb, ao, b0, b1, k, K, implicit, bptr, loc, src), codegen
+        return types.none(x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc), codegen
 
     return tile
 
@@ -279,17 +294,18 @@ def _vector_width(dt: str, NR: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _conv_kernel(dt: str, NR: int, MR: int, MH: int):
-    """``out = bias + sum_k x[map_k] @ w[k]`` for ``NR``-wide channel blocks, tiles of ``MR``
-    pairs (``MH``-pair tiles for short tails)."""
+def _conv_kernel(dt: str, NR: int, MR: int, P: int):
+    """``out = bias + sum_k x[map_k] @ w[k]`` for ``NR``-wide channel blocks: per task one row
+    block x one channel block, its accumulator on the stack, the plan's segments in tiles of
+    ``MR`` rows, then of ``PAD`` rows."""
     npdt = _NP[dt]
     VW = _vector_width(dt, NR)
     tile_full = _make_conv_tile(MR, NR // VW, VW)
-    tile_half = _make_conv_tile(MH, NR // VW, VW)
+    tile_pad = _make_conv_tile(P, NR // VW, VW)
     A = (BLOCK_ROWS + 1) * NR
 
-    @njit(parallel=True, cache=False, nogil=True)
-    def kernel(x, w, bias, has_bias, bptr, loc, src, ident, out):
+    @njit(parallel=True, cache=True, nogil=True)
+    def kernel(x, w, bias, has_bias, bptr, src, loc, out):
         # x [N_in, C_in]; w [ncb, K, C_in, NR]; bias [ncb, NR]; out [N_out, ncb, NR]
         n_out = out.shape[0]
         C_in = x.shape[1]
@@ -300,36 +316,21 @@ def _conv_kernel(dt: str, NR: int, MR: int, MH: int):
             cb = task - b * ncb
             r0 = b * BLOCK_ROWS
             nr = min(BLOCK_ROWS, n_out - r0)
-            # the block's accumulator; row BLOCK_ROWS takes the rows of a partial tile
+            # the block's accumulator; row BLOCK_ROWS takes the padding entries
             acc = numba.carray(_stack_ptr(npdt, A), (BLOCK_ROWS + 1, NR))
-            xo_p = _stack_ptr(np.int64, MR)
-            lo_p = _stack_ptr(np.int64, MR)
-            xo = numba.carray(xo_p, (MR,))
-            lo = numba.carray(lo_p, (MR,))
             for r in range(nr):
                 for c in range(NR):
                     acc[r, c] = bias[cb, c] if has_bias else 0.0
             for k in range(K):
-                implicit = k == ident
-                if implicit:
-                    s = 0
-                    e = nr
-                else:
-                    s = bptr[b * K + k]
-                    e = bptr[b * K + k + 1]
+                e = bptr[b * K + k + 1]
                 wo = ((cb * K + k) * C_in) * NR
-                p = s
-                while p < e:
-                    m = min(MR, e - p)
-                    for r in range(MR):
-                        q = p + min(r, m - 1)
-                        xo[r] = (r0 + q if implicit else np.int64(src[q])) * C_in
-                        lo[r] = (p + r if implicit else np.int64(loc[p + r])) if r < m else BLOCK_ROWS
-                    if m > MH:
-                        tile_full(x, xo_p, w, wo, acc, lo_p)
-                    else:
-                        tile_half(x, xo_p, w, wo, acc, lo_p)
+                p = bptr[b * K + k]
+                while e - p >= MR:
+                    tile_full(x, w, wo, acc, src, loc, p)
                     p += MR
+                while p < e:
+                    tile_pad(x, w, wo, acc, src, loc, p)
+                    p += P
             for r in range(nr):
                 for c in range(NR):
                     out[r0 + r, cb, c] = acc[r, c]
@@ -341,6 +342,8 @@ def _conv_kernel(dt: str, NR: int, MR: int, MH: int):
 #: ``[K, C_in, C_out]`` and the partials are summed in chunk order. The count depends on the
 #: map and the channels only (never on the threads): results are the same at any thread count.
 WG_MAX_CHUNKS = 16
+#: Row blocks per chunk at least (a small map is one chunk: no partials to sum).
+WG_MIN_CHUNK_BLOCKS = 4
 #: Cap on the partials' memory (bytes); fewer chunks above it.
 WG_PARTIAL_BYTES = 1 << 24
 #: Row blocks whose pairs a weight-gradient task streams for every offset and channel tile
@@ -356,8 +359,8 @@ def _wgrad_kernel(dt: str, NR: int, MR: int):
     VW = _vector_width(dt, NR)
     wtile = _make_wgrad_tile(MR, NR // VW, VW)
 
-    @njit(parallel=True, cache=False, nogil=True)
-    def kernel(x, g, bptr, loc, src, ident, chunk_blocks, part):
+    @njit(parallel=True, cache=True, nogil=True)
+    def kernel(x, g, bptr, cnt, src, loc, chunk_blocks, part):
         # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR]
         nchunk, K, ncb, TR = part.shape[0], part.shape[1], part.shape[2], part.shape[3]
         C_in = x.shape[1]
@@ -381,7 +384,7 @@ def _wgrad_kernel(dt: str, NR: int, MR: int):
                         # (not in storage): both compute the same sums
                         c0 = min(tile * MR, C_in - MR)
                         ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
-                        wtile(x, c0, g, cb, part, ao, b0, b1, k, K, k == ident, bptr, loc, src)
+                        wtile(x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc)
 
     return kernel
 
@@ -390,7 +393,7 @@ def _wgrad_kernel(dt: str, NR: int, MR: int):
 def _wgrad_reduce_kernel(dt: str, NR: int, MR: int):
     """``out[k, ci, co] = sum_ch part[ch, k, cb, row(ci), c]`` in chunk order."""
 
-    @njit(parallel=True, cache=False, nogil=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def kernel(part, out):
         nchunk, K, ncb, TR = part.shape[0], part.shape[1], part.shape[2], part.shape[3]
         C_in, C_out = out.shape[1], out.shape[2]
@@ -414,14 +417,17 @@ def _wgrad_reduce_kernel(dt: str, NR: int, MR: int):
 # --------------------------------------------------------------------------------------------
 # tile choice
 # --------------------------------------------------------------------------------------------
-# (dtype, NR) -> (MR, MH) of the forward / input-gradient kernel; NR -> MR of the weight gradient
+# (dtype, NR) -> MR: rows per tile of the forward / input-gradient kernel (a multiple of PAD)
+# and input channels per tile of the weight gradient (measured, see the module docstring)
 _CONV_TILES = {
-    ("f4", 8): (12, 4), ("f4", 16): (12, 4), ("f4", 32): (8, 4), ("f4", 64): (6, 3),
-    ("f8", 4): (12, 4), ("f8", 8): (12, 4), ("f8", 16): (8, 4), ("f8", 32): (6, 3),
+    ("f4", 8): 16, ("f4", 16): 12, ("f4", 32): 8, ("f4", 64): 4,
+    ("f8", 4): 16, ("f8", 8): 12, ("f8", 16): 8, ("f8", 32): 4,
 }
-_WGRAD_TILES = {
-    ("f4", 8): 16, ("f4", 16): 16, ("f4", 32): 12, ("f4", 64): 6,
-    ("f8", 4): 16, ("f8", 8): 16, ("f8", 16): 12, ("f8", 32): 6,
+_WGRAD_HEIGHTS = {
+    ("f4", 8): (16, 8, 4, 2, 1), ("f4", 16): (16, 8, 4, 2, 1), ("f4", 32): (12, 8, 4, 2, 1),
+    ("f4", 64): (6, 4, 2, 1),
+    ("f8", 4): (16, 8, 4, 2, 1), ("f8", 8): (16, 8, 4, 2, 1), ("f8", 16): (12, 8, 4, 2, 1),
+    ("f8", 32): (6, 4, 2, 1),
 }
 
 
@@ -468,35 +474,43 @@ def _configure_threading() -> None:
     _configured = True
 
 
-def _set_threads() -> int:
-    """numba's threads for the next parallel region: torch's setting, capped by the pool."""
+def _set_threads() -> None:
+    """numba's threads for the next parallel region (a per-thread setting in numba): torch's
+    ``torch.get_num_threads()``, capped by numba's pool (``NUMBA_NUM_THREADS``, the core count
+    unless set)."""
     _configure_threading()
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
-    return n
 
 
 def _blocked_weight(weight: torch.Tensor, NR: int, cdt: torch.dtype, flip: bool) -> torch.Tensor:
-    """``[K, C_in, C_out]`` -> ``[ncb, K, C_in, NR]`` contiguous, zero-padded to the block width."""
+    """``[K, C_in, C_out]`` -> ``[ncb, K, C_in, NR]`` contiguous, zero-padded to the block width
+    (``flip``: offsets in reverse order)."""
     K, c_in, c_out = weight.shape
     ncb = -(-c_out // NR)
-    w = weight.flip(0) if flip else weight
-    wb = torch.zeros(K, c_in, ncb * NR, dtype=cdt)
-    wb[:, :, :c_out] = w
-    return wb.view(K, c_in, ncb, NR).permute(2, 0, 1, 3).contiguous()
+    w = weight.to(cdt)
+    if flip:
+        w = w.flip(0)
+    if ncb * NR != c_out:
+        w = torch.cat([w, w.new_zeros(K, c_in, ncb * NR - c_out)], 2)
+    if ncb == 1:
+        return w.contiguous().view(1, K, c_in, NR)
+    return w.reshape(K, c_in, ncb, NR).permute(2, 0, 1, 3).contiguous()
 
 
 def _launch(kernel, *args) -> None:
-    """Run a parallel kernel with torch's thread count, tasks handed out one at a time
-    (dynamic scheduling; which thread runs a task never changes a result). Hold
-    ``_launch_lock``."""
-    _set_threads()
-    old = numba.set_parallel_chunksize(1)
-    try:
-        kernel(*args)
-    finally:
-        numba.set_parallel_chunksize(old)
+    """Run a parallel kernel with torch's thread count, its tasks handed out one at a time
+    (dynamic scheduling: blocks differ in work; which thread runs a task never changes a
+    result). Serialised by ``_launch_lock``: the ``workqueue`` layer takes one parallel launch
+    at a time."""
+    with _launch_lock:
+        _set_threads()
+        old = numba.set_parallel_chunksize(1)
+        try:
+            kernel(*args)
+        finally:
+            numba.set_parallel_chunksize(old)
 
 
 def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -504,76 +518,91 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     dtype = src.dtype
     cdt = _compute_dtype(dtype)
     K, c_in, c_out = weight.shape
+    if K != plan.kernel_volume or src.shape[0] != plan.n_in or src.shape[1] != c_in:
+        raise ValueError("features, weight and plan do not match")
     n_dst = plan.n_out
     if n_dst == 0:
         return src.new_zeros(0, c_out)
     dt = _dt(cdt)
     NR = _block_width(dt, c_out)
-    MR, MH = _CONV_TILES[(dt, NR)]
+    MR = _CONV_TILES[(dt, NR)]
+    ncb = -(-c_out // NR)
     x = src.to(cdt).contiguous()
-    w = _blocked_weight(weight.to(cdt), NR, cdt, flip)
-    ncb = w.shape[0]
-    b = torch.zeros(ncb * NR, dtype=cdt)
-    if bias is not None:
-        b[:c_out] = bias.to(cdt)
+    w = _blocked_weight(weight, NR, cdt, flip)
+    if bias is not None and ncb * NR == c_out:
+        b = bias.to(cdt).contiguous()
+    else:
+        b = torch.zeros(ncb * NR, dtype=cdt)
+        if bias is not None:
+            b[:c_out] = bias
     out = torch.empty(n_dst, ncb, NR, dtype=cdt)
-    kernel = _conv_kernel(dt, NR, MR, MH)
-    with _launch_lock:
-        _launch(kernel, x.numpy(), w.numpy(), b.view(ncb, NR).numpy(), bias is not None,
-                plan.bptr.numpy(), plan.loc.numpy(), plan.src.numpy(), plan.identity_offset,
-                out.numpy())
+    _launch(_conv_kernel(dt, NR, MR, plan.pad), x.numpy(), w.numpy(), b.view(ncb, NR).numpy(),
+            bias is not None, plan.bptr, plan.src, plan.loc, out.numpy())
     out = out.view(n_dst, ncb * NR)
-    if ncb * NR != c_out:  # padded channel block: one copy, only for such channel counts
+    if ncb * NR != c_out:  # a padded channel block: one copy, only for such channel counts
         out = out[:, :c_out].contiguous()
     return out if cdt == dtype else out.to(dtype)
 
 
-def _plan(plan: Optional[ConvPlan], table: torch.Tensor, n_src: int, identity_offset) -> ConvPlan:
+def _plan(plan: Optional[ConvPlan], table: torch.Tensor, n_src: int) -> ConvPlan:
     if plan is None:
-        return build_plan(table, n_src, identity_offset)
+        return build_plan(table, n_src)
     if plan.n_out != table.shape[1] or plan.kernel_volume != table.shape[0]:
         raise ValueError("plan does not match the map")
     return plan
 
 
 def conv_forward(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 nbr: torch.Tensor, identity_offset: Optional[int] = None,
-                 plan: Optional[ConvPlan] = None) -> torch.Tensor:
-    """``out[j] = bias + sum_k features[nbr[k, j]] @ weight[k]`` -> ``[N_out, C_out]``."""
-    plan = _plan(plan, nbr, features.shape[0], identity_offset)
+                 nbr: torch.Tensor, plan: Optional[ConvPlan] = None) -> torch.Tensor:
+    """``out[j] = bias + sum_k features[nbr[k, j]] @ weight[k]`` -> ``[N_out, C_out]``;
+    ``plan`` = ``build_plan(nbr, N_in)`` (built here when not given)."""
+    plan = _plan(plan, nbr, features.shape[0])
     return _run_conv(features, weight, bias, plan, flip=False)
 
 
 def conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, rev: torch.Tensor,
-                        identity_offset: Optional[int] = None, plan: Optional[ConvPlan] = None,
-                        flip_offsets: bool = False) -> torch.Tensor:
-    """``grad_in[i] = sum_k grad_out[rev[k, i]] @ weight[k].T`` -> ``[N_in, C_in]``.
+                        plan: Optional[ConvPlan] = None, flip_offsets: bool = False) -> torch.Tensor:
+    """``grad_in[i] = sum_k grad_out[rev[k, i]] @ weight[k].T`` -> ``[N_in, C_in]``;
+    ``plan`` = ``build_plan(rev, N_out)``.
 
-    ``flip_offsets=True`` reads offset ``k`` of ``rev`` (and of ``plan``) as offset ``K-1-k``:
-    for a symmetric (submanifold) map pass its ``nbr`` and forward plan, since then
-    ``rev[k] = nbr[K-1-k]``."""
-    plan = _plan(plan, rev, grad_out.shape[0], identity_offset)
+    ``flip_offsets=True`` reads offset ``k`` of ``rev`` and ``plan`` as offset ``K-1-k``: for a
+    symmetric (submanifold) map pass the map's own ``nbr`` and forward plan (``rev[k] =
+    nbr[K-1-k]``), so one plan serves forward and backward."""
+    plan = _plan(plan, rev, grad_out.shape[0])
     return _run_conv(grad_out, weight.transpose(1, 2), None, plan, flip=flip_offsets)
 
 
+def _wgrad_rows(c_in: int, MR: int) -> torch.Tensor:
+    """Storage row of each input channel in the partials (the last tile overlaps)."""
+    n_tiles = -(-c_in // MR)
+    ci = torch.arange(c_in)
+    tile = torch.clamp(ci // MR, max=n_tiles - 1)
+    return tile * MR + ci - torch.clamp(tile * MR, max=c_in - MR)
+
+
 def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: torch.Tensor,
-                         identity_offset: Optional[int] = None,
                          plan: Optional[ConvPlan] = None) -> torch.Tensor:
     """``grad_w[k] = sum_j features[nbr[k, j]].T (outer) grad_out[j]`` -> ``[K, C_in, C_out]``
-    in the features' dtype (fp32 accumulation for 16-bit inputs)."""
-    plan = _plan(plan, nbr, features.shape[0], identity_offset)
+    in the features' dtype (16-bit inputs accumulate in fp32); ``plan`` = ``build_plan(nbr,
+    N_in)``."""
+    plan = _plan(plan, nbr, features.shape[0])
     dtype = features.dtype
     cdt = _compute_dtype(dtype)
     K = plan.kernel_volume
     c_in, c_out = features.shape[1], grad_out.shape[1]
-    if plan.n_out == 0 or features.shape[0] == 0:
+    if grad_out.shape[0] != plan.n_out or features.shape[0] != plan.n_in:
+        raise ValueError("features, grad_out and plan do not match")
+    if plan.n_out == 0 or plan.n_in == 0:
         return torch.zeros(K, c_in, c_out, dtype=dtype)
     dt = _dt(cdt)
     NR = _block_width(dt, c_out)
-    MR = _WGRAD_TILES[(dt, NR)]
+    # input channels per tile: the tallest tile when C_in has that many (the last tile
+    # overlaps its neighbour), else the shortest that holds them all (zero columns added)
+    heights = _WGRAD_HEIGHTS[(dt, NR)]
+    MR = heights[0] if c_in >= heights[0] else min(m for m in heights if m >= c_in)
     ncb = -(-c_out // NR)
     x = features.to(cdt).contiguous()
-    if c_in < MR:  # a tile spans MR input channels: zero columns up to MR (sliced off below)
+    if c_in < MR:
         x = torch.cat([x, x.new_zeros(x.shape[0], MR - c_in)], 1)
     g = grad_out.to(cdt)
     if ncb * NR != c_out:
@@ -584,20 +613,23 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
         g = g.contiguous()
     ci_k = x.shape[1]
     n_tiles = -(-ci_k // MR)
+    TR = n_tiles * MR
     nblk = -(-plan.n_out // BLOCK_ROWS)
-    nchunk = max(1, min(nblk, WG_MAX_CHUNKS,
-                        WG_PARTIAL_BYTES // (K * n_tiles * MR * ncb * NR * x.element_size())))
+    nchunk = max(1, min(nblk // WG_MIN_CHUNK_BLOCKS, WG_MAX_CHUNKS,
+                        WG_PARTIAL_BYTES // (K * TR * ncb * NR * x.element_size())))
     chunk_blocks = -(-nblk // nchunk)
     nchunk = -(-nblk // chunk_blocks)
-    part = torch.empty(nchunk, K, ncb, n_tiles * MR, NR, dtype=cdt)
-    out = torch.empty(K, ci_k, c_out, dtype=cdt)
-    kernel = _wgrad_kernel(dt, NR, MR)
-    reduce = _wgrad_reduce_kernel(dt, NR, MR)
-    with _launch_lock:
-        _launch(kernel, x.numpy(), g.view(plan.n_out, ncb, NR).numpy(), plan.bptr.numpy(),
-                plan.loc.numpy(), plan.src.numpy(), plan.identity_offset, chunk_blocks,
-                part.numpy())
-        _launch(reduce, part.numpy(), out.numpy())
-    if ci_k != c_in:
+    part = torch.empty(nchunk, K, ncb, TR, NR, dtype=cdt)
+    _launch(_wgrad_kernel(dt, NR, MR), x.numpy(), g.view(plan.n_out, ncb, NR).numpy(),
+            plan.bptr, plan.cnt, plan.src, plan.loc, chunk_blocks, part.numpy())
+    if nchunk > 1:
+        out = torch.empty(K, ci_k, c_out, dtype=cdt)
+        _launch(_wgrad_reduce_kernel(dt, NR, MR), part.numpy(), out.numpy())
+    if nchunk == 1:  # the partial is the result: only re-laid out
+        res = part[0]
+        if TR != ci_k:
+            res = res[:, :, _wgrad_rows(ci_k, MR)]
+        out = res.permute(0, 2, 1, 3).reshape(K, ci_k, ncb * NR)[:, :, :c_out]
+    if ci_k != c_in or not out.is_contiguous():
         out = out[:, :c_in].contiguous()
     return out if cdt == dtype else out.to(dtype)
