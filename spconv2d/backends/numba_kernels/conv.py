@@ -142,7 +142,7 @@ def _splat(builder, value, vty):
                                   ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
 
 
-def _mark_wide(builder):
+def _mark_wide(builder, vty):
     """Mark the function being generated with ``"prefer-vector-width"="512"`` and
     ``"min-legal-vector-width"="512"`` (what ``clang -mprefer-vector-width=512`` emits): LLVM's
     x86 tuning for Ice Lake and later (this host reports ``rocketlake``) prefers 256-bit
@@ -150,12 +150,16 @@ def _mark_wide(builder):
     throughput. Only this function is affected; without AVX-512 the backend splits the
     vectors into what the CPU has. llvmlite only accepts a fixed list of enum attributes, so
     the string attributes go into the attribute set directly (they are printed as they are)."""
+    bits = vty.count * (64 if isinstance(vty.element, ir.DoubleType) else 32)
+    if bits < 512:
+        return
     attrs = builder.function.attributes
     set.add(attrs, '"prefer-vector-width"="512"')
     set.add(attrs, '"min-legal-vector-width"="512"')
 
 
-def _make_conv_tile(M: int, NV: int, VW: int):
+@intrinsic(prefer_literal=True)
+def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
     """``acc[loc[p + r]] += x[src[p + r]] @ W`` for ``r < M`` (rows of ``NR = NV * VW``
     channels): a loop over the ``C_in`` input channels with ``M x NV`` vector accumulators,
     loaded from and stored back to the block accumulator; per input channel ``NV`` weight
@@ -164,62 +168,61 @@ def _make_conv_tile(M: int, NV: int, VW: int):
     Arguments: ``x`` (2-D, C-contiguous), ``w`` (C-contiguous), ``wo`` (element offset of the
     ``[C_in, NR]`` weight block), ``acc`` (2-D ``[rows, NR]``), ``src``, ``loc`` (1-D int32),
     ``p``."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (M_, NV_, VW_)):
+        return None
+    if not all(isinstance(a, types.Array) for a in (x, w, acc, src, loc)):
+        return None
+    M, NV, VW = M_.literal_value, NV_.literal_value, VW_.literal_value
     NR = NV * VW
 
-    @intrinsic
-    def tile(typingctx, x, w, wo, acc, src, loc, p):
-        if not all(isinstance(a, types.Array) for a in (x, w, acc, src, loc)):
-            return None
+    def codegen(context, builder, sig, args):
+        fty = context.get_value_type(x.dtype)
+        vty = _vec_type(fty, VW)
+        _mark_wide(builder, vty)
+        al = _align(fty)
+        i64 = ir.IntType(64)
+        fma = _fma_fn(builder, vty)
+        xa, wa, aa, sa, la = (context.make_array(t)(context, builder, v) for t, v in
+                              ((x, args[0]), (w, args[1]), (acc, args[3]), (src, args[4]), (loc, args[5])))
+        wo_v, p_v = args[2], args[6]
+        c_in = builder.extract_value(xa.shape, 1)
+        slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
 
-        def codegen(context, builder, sig, args):
-            _mark_wide(builder)
-            fty = context.get_value_type(x.dtype)
-            vty = _vec_type(fty, VW)
-            al = _align(fty)
-            i64 = ir.IntType(64)
-            fma = _fma_fn(builder, vty)
-            xa, wa, aa, sa, la = (context.make_array(t)(context, builder, v) for t, v in
-                                  ((x, args[0]), (w, args[1]), (acc, args[3]), (src, args[4]), (loc, args[5])))
-            wo_v, p_v = args[2], args[6]
-            c_in = builder.extract_value(xa.shape, 1)
-            slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
+        def slot(i):
+            return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
 
-            def slot(i):
-                return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
+        def vptr(base, off):
+            return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
 
-            def vptr(base, off):
-                return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
-
-            arows, xrows = [], []
+        arows, xrows = [], []
+        for r in range(M):
+            q = builder.add(p_v, ir.Constant(i64, r))
+            srow = builder.sext(builder.load(builder.gep(sa.data, [q])), i64)
+            lrow = builder.sext(builder.load(builder.gep(la.data, [q])), i64)
+            xrows.append(builder.gep(xa.data, [builder.mul(srow, c_in)]))
+            arows.append(builder.gep(aa.data, [builder.mul(lrow, ir.Constant(i64, NR))]))
+            for v in range(NV):
+                builder.store(builder.load(vptr(arows[r], v * VW), align=al), slot(r * NV + v))
+        wbase = builder.gep(wa.data, [wo_v])
+        with cgutils.for_range(builder, c_in) as loop:
+            ci = loop.index
+            wrow = builder.gep(wbase, [builder.mul(ci, ir.Constant(i64, NR))])
+            wv = [builder.load(vptr(wrow, v * VW), align=al) for v in range(NV)]
             for r in range(M):
-                q = builder.add(p_v, ir.Constant(i64, r))
-                srow = builder.sext(builder.load(builder.gep(sa.data, [q])), i64)
-                lrow = builder.sext(builder.load(builder.gep(la.data, [q])), i64)
-                xrows.append(builder.gep(xa.data, [builder.mul(srow, c_in)]))
-                arows.append(builder.gep(aa.data, [builder.mul(lrow, ir.Constant(i64, NR))]))
+                a = _splat(builder, builder.load(builder.gep(xrows[r], [ci])), vty)
                 for v in range(NV):
-                    builder.store(builder.load(vptr(arows[r], v * VW), align=al), slot(r * NV + v))
-            wbase = builder.gep(wa.data, [wo_v])
-            with cgutils.for_range(builder, c_in) as loop:
-                ci = loop.index
-                wrow = builder.gep(wbase, [builder.mul(ci, ir.Constant(i64, NR))])
-                wv = [builder.load(vptr(wrow, v * VW), align=al) for v in range(NV)]
-                for r in range(M):
-                    a = _splat(builder, builder.load(builder.gep(xrows[r], [ci])), vty)
-                    for v in range(NV):
-                        sp = slot(r * NV + v)
-                        builder.store(builder.call(fma, [a, wv[v], builder.load(sp)]), sp)
-            for r in range(M):
-                for v in range(NV):
-                    builder.store(builder.load(slot(r * NV + v)), vptr(arows[r], v * VW), align=al)
-            return context.get_dummy_value()
+                    sp = slot(r * NV + v)
+                    builder.store(builder.call(fma, [a, wv[v], builder.load(sp)]), sp)
+        for r in range(M):
+            for v in range(NV):
+                builder.store(builder.load(slot(r * NV + v)), vptr(arows[r], v * VW), align=al)
+        return context.get_dummy_value()
 
-        return types.none(x, w, wo, acc, src, loc, p), codegen
-
-    return tile
+    return types.none(x, w, wo, acc, src, loc, p, M_, NV_, VW_), codegen
 
 
-def _make_wgrad_tile(M: int, NV: int, VW: int):
+@intrinsic(prefer_literal=True)
+def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc, M_, NV_, VW_):
     """``part[ao:] += sum_p x[src[p], c0 : c0 + M].T (outer) g[row(p), cb-th block]`` over
     the pairs of offset ``k`` in the row blocks ``b0 <= b < b1`` (segment ``s = b * K + k``:
     entries ``bptr[s] : bptr[s] + cnt[s]``, ``row(p) = b * BLOCK_ROWS + loc[p]``), in order,
@@ -228,80 +231,71 @@ def _make_wgrad_tile(M: int, NV: int, VW: int):
 
     Arguments: ``x`` (2-D), ``c0``, ``g`` (3-D ``[N_out, ncb, NR]``), ``cb``, ``part``, ``ao``,
     ``b0``, ``b1``, ``k``, ``K``, ``bptr`` (int64), ``cnt``, ``src``, ``loc`` (int32)."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (M_, NV_, VW_)):
+        return None
+    if not all(isinstance(a, types.Array) for a in (x, g, part, bptr, cnt, src, loc)):
+        return None
+    M, NV, VW = M_.literal_value, NV_.literal_value, VW_.literal_value
     NR = NV * VW
 
-    @intrinsic
-    def tile(typingctx, x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc):
-        if not all(isinstance(a, types.Array) for a in (x, g, part, bptr, cnt, src, loc)):
-            return None
+    def codegen(context, builder, sig, args):
+        fty = context.get_value_type(x.dtype)
+        vty = _vec_type(fty, VW)
+        _mark_wide(builder, vty)
+        al = _align(fty)
+        i64 = ir.IntType(64)
+        fma = _fma_fn(builder, vty)
+        xa, ga, pa, ba, ca, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
+            (x, args[0]), (g, args[2]), (part, args[4]), (bptr, args[10]), (cnt, args[11]),
+            (src, args[12]), (loc, args[13])))
+        c0_v, cb_v, ao_v, b0_v, b1_v, k_v, K_v = (args[1], args[3], args[5], args[6], args[7],
+                                                  args[8], args[9])
+        c_in = builder.extract_value(xa.shape, 1)
+        g_row = builder.mul(builder.extract_value(ga.shape, 1), ir.Constant(i64, NR))
+        gcol = builder.mul(cb_v, ir.Constant(i64, NR))
+        slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
 
-        def codegen(context, builder, sig, args):
-            _mark_wide(builder)
-            fty = context.get_value_type(x.dtype)
-            vty = _vec_type(fty, VW)
-            al = _align(fty)
-            i64 = ir.IntType(64)
-            fma = _fma_fn(builder, vty)
-            xa, ga, pa, ba, ca, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
-                (x, args[0]), (g, args[2]), (part, args[4]), (bptr, args[10]), (cnt, args[11]),
-                (src, args[12]), (loc, args[13])))
-            c0_v, cb_v, ao_v, b0_v, b1_v, k_v, K_v = (args[1], args[3], args[5], args[6], args[7],
-                                                      args[8], args[9])
-            c_in = builder.extract_value(xa.shape, 1)
-            g_row = builder.mul(builder.extract_value(ga.shape, 1), ir.Constant(i64, NR))
-            gcol = builder.mul(cb_v, ir.Constant(i64, NR))
-            slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
+        def slot(i):
+            return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
 
-            def slot(i):
-                return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
+        def vptr(base, off):
+            return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
 
-            def vptr(base, off):
-                return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
+        abase = builder.gep(pa.data, [ao_v])
+        for i in range(M * NV):
+            builder.store(builder.load(vptr(abase, i * VW), align=al), slot(i))
+        with cgutils.for_range(builder, b1_v, start=b0_v) as bl:
+            b = bl.index
+            r0 = builder.mul(b, ir.Constant(i64, BLOCK_ROWS))
+            seg = builder.add(builder.mul(b, K_v), k_v)
+            s_v = builder.load(builder.gep(ba.data, [seg]))
+            e_v = builder.add(s_v, builder.sext(builder.load(builder.gep(ca.data, [seg])), i64))
+            with cgutils.for_range(builder, e_v, start=s_v) as loop:
+                p = loop.index
+                xi = builder.sext(builder.load(builder.gep(sa.data, [p])), i64)
+                gi = builder.add(r0, builder.sext(builder.load(builder.gep(la.data, [p])), i64))
+                xrow = builder.gep(xa.data, [builder.add(builder.mul(xi, c_in), c0_v)])
+                grow = builder.gep(ga.data, [builder.add(builder.mul(gi, g_row), gcol)])
+                gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
+                for r in range(M):
+                    a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
+                    for v in range(NV):
+                        sp = slot(r * NV + v)
+                        builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
+        for i in range(M * NV):
+            builder.store(builder.load(slot(i)), vptr(abase, i * VW), align=al)
+        return context.get_dummy_value()
 
-            abase = builder.gep(pa.data, [ao_v])
-            for i in range(M * NV):
-                builder.store(builder.load(vptr(abase, i * VW), align=al), slot(i))
-            with cgutils.for_range(builder, b1_v, start=b0_v) as bl:
-                b = bl.index
-                r0 = builder.mul(b, ir.Constant(i64, BLOCK_ROWS))
-                seg = builder.add(builder.mul(b, K_v), k_v)
-                s_v = builder.load(builder.gep(ba.data, [seg]))
-                e_v = builder.add(s_v, builder.sext(builder.load(builder.gep(ca.data, [seg])), i64))
-                with cgutils.for_range(builder, e_v, start=s_v) as loop:
-                    p = loop.index
-                    xi = builder.sext(builder.load(builder.gep(sa.data, [p])), i64)
-                    gi = builder.add(r0, builder.sext(builder.load(builder.gep(la.data, [p])), i64))
-                    xrow = builder.gep(xa.data, [builder.add(builder.mul(xi, c_in), c0_v)])
-                    grow = builder.gep(ga.data, [builder.add(builder.mul(gi, g_row), gcol)])
-                    gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
-                    for r in range(M):
-                        a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
-                        for v in range(NV):
-                            sp = slot(r * NV + v)
-                            builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
-            for i in range(M * NV):
-                builder.store(builder.load(slot(i)), vptr(abase, i * VW), align=al)
-            return context.get_dummy_value()
-
-        return types.none(x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc), codegen
-
-    return tile
-
-
-def _vector_width(dt: str, NR: int) -> int:
-    """Lanes per vector: 512-bit vectors, or one narrower vector for a narrower block."""
-    return min(NR, 16 if dt == "f4" else 8)
+    return types.none(x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc, M_, NV_, VW_), codegen
 
 
 @functools.lru_cache(maxsize=None)
-def _conv_kernel(dt: str, NR: int, MR: int, P: int):
+def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     """``out = bias + sum_k x[map_k] @ w[k]`` for ``NR``-wide channel blocks: per task one row
     block x one channel block, its accumulator on the stack, the plan's segments in tiles of
     ``MR`` rows, then of ``PAD`` rows."""
     npdt = _NP[dt]
-    VW = _vector_width(dt, NR)
-    tile_full = _make_conv_tile(MR, NR // VW, VW)
-    tile_pad = _make_conv_tile(P, NR // VW, VW)
+    NV = NR // VW
     A = (BLOCK_ROWS + 1) * NR
 
     @njit(parallel=True, cache=True, nogil=True)
@@ -326,10 +320,10 @@ def _conv_kernel(dt: str, NR: int, MR: int, P: int):
                 wo = ((cb * K + k) * C_in) * NR
                 p = bptr[b * K + k]
                 while e - p >= MR:
-                    tile_full(x, w, wo, acc, src, loc, p)
+                    _conv_tile(x, w, wo, acc, src, loc, p, MR, NV, VW)
                     p += MR
                 while p < e:
-                    tile_pad(x, w, wo, acc, src, loc, p)
+                    _conv_tile(x, w, wo, acc, src, loc, p, P, NV, VW)
                     p += P
             for r in range(nr):
                 for c in range(NR):
@@ -352,12 +346,11 @@ WG_CHUNK_BLOCKS = 8
 
 
 @functools.lru_cache(maxsize=None)
-def _wgrad_kernel(dt: str, NR: int, MR: int):
+def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
     """Partial sums ``part[ch, k, cb, tile rows] = sum_{pairs of chunk ch} x[src, tile].T
     (outer) g[dst, block cb]`` in ``MR x NR`` register tiles (rows: input channels, columns:
     output channels)."""
-    VW = _vector_width(dt, NR)
-    wtile = _make_wgrad_tile(MR, NR // VW, VW)
+    NV = NR // VW
 
     @njit(parallel=True, cache=True, nogil=True)
     def kernel(x, g, bptr, cnt, src, loc, chunk_blocks, part):
@@ -384,7 +377,8 @@ def _wgrad_kernel(dt: str, NR: int, MR: int):
                         # (not in storage): both compute the same sums
                         c0 = min(tile * MR, C_in - MR)
                         ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
-                        wtile(x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc)
+                        _wgrad_tile(x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc,
+                                    MR, NV, VW)
 
     return kernel
 
@@ -417,18 +411,40 @@ def _wgrad_reduce_kernel(dt: str, NR: int, MR: int):
 # --------------------------------------------------------------------------------------------
 # tile choice
 # --------------------------------------------------------------------------------------------
-# (dtype, NR) -> MR: rows per tile of the forward / input-gradient kernel (a multiple of PAD)
-# and input channels per tile of the weight gradient (measured, see the module docstring)
-_CONV_TILES = {
-    ("f4", 8): 16, ("f4", 16): 12, ("f4", 32): 8, ("f4", 64): 4,
-    ("f8", 4): 16, ("f8", 8): 12, ("f8", 16): 8, ("f8", 32): 4,
+# Per instruction set: the channel-block widths NR (elements), the vector width VW, and per
+# (dtype, NR) the rows per tile of the forward / input-gradient kernel (a multiple of PAD) and
+# the tile heights (input channels) of the weight gradient, tallest first. Accumulators per
+# tile: rows x NR / VW vectors, at most 24 of AVX-512's 32 registers (12 of AVX2's 16).
+# AVX-512 shapes measured (module docstring); AVX2 shapes only sized by that rule, unmeasured.
+_TILES = {
+    "avx512": {
+        "widths": {"f4": (8, 16, 32, 64), "f8": (4, 8, 16, 32)},
+        "vw": {"f4": 16, "f8": 8},
+        "conv": {("f4", 8): 16, ("f4", 16): 12, ("f4", 32): 12, ("f4", 64): 4,
+                 ("f8", 4): 16, ("f8", 8): 12, ("f8", 16): 8, ("f8", 32): 4},
+        "wgrad": {("f4", 8): (16, 8, 4, 2, 1), ("f4", 16): (16, 8, 4, 2, 1),
+                  ("f4", 32): (12, 8, 4, 2, 1), ("f4", 64): (6, 4, 2, 1),
+                  ("f8", 4): (16, 8, 4, 2, 1), ("f8", 8): (16, 8, 4, 2, 1),
+                  ("f8", 16): (12, 8, 4, 2, 1), ("f8", 32): (6, 4, 2, 1)},
+    },
+    "avx2": {
+        "widths": {"f4": (8, 16), "f8": (4, 8)},
+        "vw": {"f4": 8, "f8": 4},
+        "conv": {("f4", 8): 12, ("f4", 16): 4, ("f8", 4): 12, ("f8", 8): 4},
+        "wgrad": {("f4", 8): (12, 8, 4, 2, 1), ("f4", 16): (6, 4, 2, 1),
+                  ("f8", 4): (12, 8, 4, 2, 1), ("f8", 8): (6, 4, 2, 1)},
+    },
 }
-_WGRAD_HEIGHTS = {
-    ("f4", 8): (16, 8, 4, 2, 1), ("f4", 16): (16, 8, 4, 2, 1), ("f4", 32): (12, 8, 4, 2, 1),
-    ("f4", 64): (6, 4, 2, 1),
-    ("f8", 4): (16, 8, 4, 2, 1), ("f8", 8): (16, 8, 4, 2, 1), ("f8", 16): (12, 8, 4, 2, 1),
-    ("f8", 32): (6, 4, 2, 1),
-}
+
+
+@functools.lru_cache(maxsize=None)
+def _isa() -> str:
+    """``avx512`` when the host (as numba compiles for it) has AVX-512F, else ``avx2``
+    (also the shapes used without AVX2: LLVM splits the vectors into what exists)."""
+    from numba.core.codegen import get_host_cpu_features
+
+    features = numba.config.CPU_FEATURES or get_host_cpu_features()
+    return "avx512" if "+avx512f" in features.split(",") else "avx2"
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -438,11 +454,17 @@ def _dt(dtype: torch.dtype) -> str:
 def _block_width(dt: str, channels: int) -> int:
     """Channel block ``NR`` for ``channels`` output channels: the smallest of the tile widths
     that holds them, else the widest (blocks of it, the last one padded)."""
-    widths = (8, 16, 32, 64) if dt == "f4" else (4, 8, 16, 32)
+    widths = _TILES[_isa()]["widths"][dt]
     for w in widths:
         if channels <= w:
             return w
     return widths[-1]
+
+
+def _vector_width(dt: str, NR: int) -> int:
+    """Lanes per vector: the instruction set's widest, or one narrower vector for a narrower
+    block."""
+    return min(NR, _TILES[_isa()]["vw"][dt])
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -525,7 +547,7 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return src.new_zeros(0, c_out)
     dt = _dt(cdt)
     NR = _block_width(dt, c_out)
-    MR = _CONV_TILES[(dt, NR)]
+    MR = _TILES[_isa()]["conv"][(dt, NR)]
     ncb = -(-c_out // NR)
     x = src.to(cdt).contiguous()
     w = _blocked_weight(weight, NR, cdt, flip)
@@ -536,7 +558,7 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         if bias is not None:
             b[:c_out] = bias
     out = torch.empty(n_dst, ncb, NR, dtype=cdt)
-    _launch(_conv_kernel(dt, NR, MR, plan.pad), x.numpy(), w.numpy(), b.view(ncb, NR).numpy(),
+    _launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(), b.view(ncb, NR).numpy(),
             bias is not None, plan.bptr, plan.src, plan.loc, out.numpy())
     out = out.view(n_dst, ncb * NR)
     if ncb * NR != c_out:  # a padded channel block: one copy, only for such channel counts
@@ -598,7 +620,7 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
     NR = _block_width(dt, c_out)
     # input channels per tile: the tallest tile when C_in has that many (the last tile
     # overlaps its neighbour), else the shortest that holds them all (zero columns added)
-    heights = _WGRAD_HEIGHTS[(dt, NR)]
+    heights = _TILES[_isa()]["wgrad"][(dt, NR)]
     MR = heights[0] if c_in >= heights[0] else min(m for m in heights if m >= c_in)
     ncb = -(-c_out // NR)
     x = features.to(cdt).contiguous()
@@ -620,7 +642,7 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
     chunk_blocks = -(-nblk // nchunk)
     nchunk = -(-nblk // chunk_blocks)
     part = torch.empty(nchunk, K, ncb, TR, NR, dtype=cdt)
-    _launch(_wgrad_kernel(dt, NR, MR), x.numpy(), g.view(plan.n_out, ncb, NR).numpy(),
+    _launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(), g.view(plan.n_out, ncb, NR).numpy(),
             plan.bptr, plan.cnt, plan.src, plan.loc, chunk_blocks, part.numpy())
     if nchunk > 1:
         out = torch.empty(K, ci_k, c_out, dtype=cdt)
