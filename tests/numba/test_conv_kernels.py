@@ -132,21 +132,26 @@ def test_submanifold_map(gen, dtype, c):
     torch.testing.assert_close(nk.conv_forward(x, w, b, km.nbr, plan), tb.conv_forward(x, w, b, km), **tol(dtype, c))
 
 
-def test_plan_layout(gen):
-    nbr = random_map(gen, 300, 333, fill=0.3)
-    plan = nk.build_plan(nbr, 300)
-    nb = -(-333 // nk.BLOCK_ROWS)
+@pytest.mark.parametrize("fill", [0.02, 0.3, 0.9])
+def test_plan_layout(gen, fill):
+    nbr = random_map(gen, 1300, 1333, fill=fill)
+    plan = nk.build_plan(nbr, 1300)
+    R = plan.block_rows
+    assert nk.MIN_BLOCK_ROWS <= R <= nk.MAX_BLOCK_ROWS
+    nb = -(-1333 // R)
     assert plan.bptr.shape == (nb * K + 1,) and plan.bptr[0] == 0
     seg_len = plan.bptr[1:] - plan.bptr[:-1]
-    assert (seg_len % nk.PAD == 0).all() and (seg_len - plan.cnt >= 0).all() and (seg_len - plan.cnt < nk.PAD).all()
+    assert (seg_len % plan.pad == 0).all() and (seg_len >= plan.cnt).all() and (seg_len - plan.cnt < plan.pad).all()
     for b in range(nb):
         for k in range(K):
             s, c, e = plan.bptr[b * K + k], plan.cnt[b * K + k], plan.bptr[b * K + k + 1]
-            rows = torch.from_numpy(plan.loc[s:s + c]).long() + b * nk.BLOCK_ROWS
-            expect = (nbr[k, b * nk.BLOCK_ROWS:(b + 1) * nk.BLOCK_ROWS] >= 0).nonzero().squeeze(1) + b * nk.BLOCK_ROWS
+            rows = torch.from_numpy(plan.loc[s:s + c]).long() + b * R
+            expect = (nbr[k, b * R:(b + 1) * R] >= 0).nonzero().squeeze(1) + b * R
             assert torch.equal(rows, expect)
             assert torch.equal(torch.from_numpy(plan.src[s:s + c]), nbr[k, rows])
-            assert (plan.loc[s + c:e] == nk.BLOCK_ROWS).all()
+            assert (plan.loc[s + c:e] == R).all()
+            if e > s + c:
+                assert (plan.src[s + c:e] == plan.src[s + c - 1]).all()
 
 
 # -- empty inputs, 16-bit inputs -------------------------------------------------------------------

@@ -17,9 +17,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-#: Output rows per block (one task of the forward / input-gradient kernels, and the unit of the
-#: plan). The block's accumulator ``[BLOCK_ROWS, NR]`` lives on the task's stack.
-BLOCK_ROWS = 128
+#: Output rows per block (one task of the forward / input-gradient kernels, the unit of the
+#: plan): chosen per map between these bounds so that an offset's segment of a block holds
+#: about ``SEGMENT_PAIRS`` pairs (denser maps: smaller blocks, more tasks; sparser maps:
+#: larger blocks, less tile padding). The block's accumulator ``[rows + 1, NR]`` lives on the
+#: task's stack, sized for ``MAX_BLOCK_ROWS``.
+MIN_BLOCK_ROWS = 128
+MAX_BLOCK_ROWS = 512
+SEGMENT_PAIRS = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,17 +51,17 @@ def _stack_ptr(typingctx, dtype, size):
 # plan
 # --------------------------------------------------------------------------------------------
 #: Each (row block, offset) segment of a plan is padded to a multiple of ``PAD`` entries (input
-#: row repeated, output row = the scratch row ``BLOCK_ROWS``), so the forward kernel runs whole
-#: tiles only: tiles of ``MR`` rows (a multiple of ``PAD``) and then of ``PAD`` rows.
+#: row repeated, output row = the block accumulator's scratch row), so the forward kernel runs
+#: whole tiles only: tiles of ``MR`` rows (a multiple of ``PAD``) and then of ``PAD`` rows.
 PAD = 4
 
 
 class ConvPlan(NamedTuple):
-    """A map's pairs grouped by (row block of ``BLOCK_ROWS`` output rows, offset). The entries
+    """A map's pairs grouped by (row block of ``block_rows`` output rows, offset). The entries
     of block ``b``, offset ``k`` are ``bptr[s] : bptr[s + 1]``, ``s = b * K + k``, ordered by
     output row: the first ``cnt[s]`` are pairs (input row ``src``, output row
-    ``b * BLOCK_ROWS + loc``), the rest (fewer than ``PAD``) are padding with
-    ``loc = BLOCK_ROWS`` and ``src`` = the segment's last input row. The identity offset of a
+    ``b * block_rows + loc``), the rest (fewer than ``pad``) are padding with
+    ``loc = block_rows`` (the scratch row) and ``src`` = the segment's last input row. The identity offset of a
     submanifold map is an ordinary offset here (its segments are the block's own rows)."""
 
     bptr: np.ndarray  # int64 [n_blocks * K + 1]
@@ -67,6 +72,7 @@ class ConvPlan(NamedTuple):
     n_in: int
     kernel_volume: int
     pad: int
+    block_rows: int
 
 
 def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
@@ -74,10 +80,17 @@ def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
     rows. Cache it on the map (``kmap.cached("numba_plan@nbr", ...)``): every layer on the map
     and the input gradient of a symmetric map reuse it."""
     K, n_out = nbr.shape
-    nb = -(-n_out // BLOCK_ROWS)
-    t = torch.full((K, nb * BLOCK_ROWS), -1, dtype=torch.int32)
+    counts = (nbr >= 0).sum(1)
+    # the pairs of an offset per output row, the fullest offset (a submanifold map's identity)
+    # left out: blocks of about SEGMENT_PAIRS / fill rows
+    fill = float(counts.sum() - counts.max()) / max(1, (K - 1) * n_out) if K > 1 else 1.0
+    block = MIN_BLOCK_ROWS
+    while block < MAX_BLOCK_ROWS and block * fill < SEGMENT_PAIRS:
+        block *= 2
+    nb = -(-n_out // block)
+    t = torch.full((K, nb * block), -1, dtype=torch.int32)
     t[:, :n_out] = nbr
-    t = t.view(K, nb, BLOCK_ROWS).permute(1, 0, 2).reshape(nb * K, BLOCK_ROWS)  # segments
+    t = t.view(K, nb, block).permute(1, 0, 2).reshape(nb * K, block)  # segments
     valid = t >= 0
     cnt = valid.sum(1, dtype=torch.int32)
     padded = (cnt + (pad - 1)) // pad * pad
@@ -91,7 +104,7 @@ def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
     rank = torch.arange(seg.numel(), dtype=torch.int64) - first[seg]
     pos = bptr[seg] + rank
     src = torch.empty(total, dtype=torch.int32)
-    loc = torch.full((total,), BLOCK_ROWS, dtype=torch.int32)
+    loc = torch.full((total,), block, dtype=torch.int32)
     src[pos] = vals
     loc[pos] = r.to(torch.int32)
     npad = (padded - cnt).long()
@@ -102,7 +115,8 @@ def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
             torch.cumsum(npad, 0) - npad, npad)
         ppos = pend - npad[pseg] + prank
         src[ppos] = src[bptr[pseg] + cnt[pseg].long() - 1]
-    return ConvPlan(bptr.numpy(), cnt.numpy(), src.numpy(), loc.numpy(), n_out, int(n_in), K, pad)
+    return ConvPlan(bptr.numpy(), cnt.numpy(), src.numpy(), loc.numpy(), n_out, int(n_in), K, pad,
+                    block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,9 +179,10 @@ def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
     loaded from and stored back to the block accumulator; per input channel ``NV`` weight
     vectors are loaded once and each row's input value is broadcast once.
 
-    Arguments: ``x`` (2-D, C-contiguous), ``w`` (C-contiguous), ``wo`` (element offset of the
-    ``[C_in, NR]`` weight block), ``acc`` (2-D ``[rows, NR]``), ``src``, ``loc`` (1-D int32),
-    ``p``."""
+    Arguments: ``x`` (2-D, C-contiguous), ``w`` (3-D ``[K, C_in, Cp]``, C-contiguous), ``wo``
+    (element offset of the ``[C_in, NR]`` weight block, rows ``Cp`` apart), ``acc`` (2-D
+    ``[rows, NR]``), ``src``, ``loc`` (1-D int32), ``p``, and the literal tile shape ``M``,
+    ``NV``, ``VW``."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (M_, NV_, VW_)):
         return None
     if not all(isinstance(a, types.Array) for a in (x, w, acc, src, loc)):
@@ -186,6 +201,7 @@ def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
                               ((x, args[0]), (w, args[1]), (acc, args[3]), (src, args[4]), (loc, args[5])))
         wo_v, p_v = args[2], args[6]
         c_in = builder.extract_value(xa.shape, 1)
+        w_row = builder.extract_value(wa.shape, 2)
         slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
 
         def slot(i):
@@ -206,7 +222,7 @@ def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
         wbase = builder.gep(wa.data, [wo_v])
         with cgutils.for_range(builder, c_in) as loop:
             ci = loop.index
-            wrow = builder.gep(wbase, [builder.mul(ci, ir.Constant(i64, NR))])
+            wrow = builder.gep(wbase, [builder.mul(ci, w_row)])
             wv = [builder.load(vptr(wrow, v * VW), align=al) for v in range(NV)]
             for r in range(M):
                 a = _splat(builder, builder.load(builder.gep(xrows[r], [ci])), vty)
@@ -222,18 +238,19 @@ def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
 
 
 @intrinsic(prefer_literal=True)
-def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc, M_, NV_, VW_):
-    """``part[ao:] += sum_p x[src[p], c0 : c0 + M].T (outer) g[row(p), cb-th block]`` over
-    the pairs of offset ``k`` in the row blocks ``b0 <= b < b1`` (segment ``s = b * K + k``:
-    entries ``bptr[s] : bptr[s] + cnt[s]``, ``row(p) = b * BLOCK_ROWS + loc[p]``), in order,
-    with ``M x NV`` vector accumulators (rows: input channels, columns: the block's output
-    channels) loaded from and stored back to ``part`` at element offset ``ao``.
+def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_, VW_):
+    """``part[ao:] += sum_{ps <= p < pe} x[src[p], c0 : c0 + M].T (outer) g[r0 + loc[p], cb-th
+    block]``, the pairs in order, with ``M x NV`` vector accumulators (rows: input channels,
+    columns: the block's output channels) loaded from and stored back to ``part`` at element
+    offset ``ao``; per pair ``NV`` output-gradient vectors are loaded once and each input
+    value is broadcast once.
 
-    Arguments: ``x`` (2-D), ``c0``, ``g`` (3-D ``[N_out, ncb, NR]``), ``cb``, ``part``, ``ao``,
-    ``b0``, ``b1``, ``k``, ``K``, ``bptr`` (int64), ``cnt``, ``src``, ``loc`` (int32)."""
+    Arguments: ``x`` (2-D, C-contiguous), ``c0``, ``g`` (3-D ``[N_out, ncb, NR]``), ``cb``,
+    ``part`` (C-contiguous), ``ao``, ``ps``, ``pe``, ``r0``, ``src``, ``loc`` (1-D int32), and
+    the literal tile shape ``M``, ``NV``, ``VW``."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (M_, NV_, VW_)):
         return None
-    if not all(isinstance(a, types.Array) for a in (x, g, part, bptr, cnt, src, loc)):
+    if not all(isinstance(a, types.Array) for a in (x, g, part, src, loc)):
         return None
     M, NV, VW = M_.literal_value, NV_.literal_value, VW_.literal_value
     NR = NV * VW
@@ -245,11 +262,9 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src,
         al = _align(fty)
         i64 = ir.IntType(64)
         fma = _fma_fn(builder, vty)
-        xa, ga, pa, ba, ca, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
-            (x, args[0]), (g, args[2]), (part, args[4]), (bptr, args[10]), (cnt, args[11]),
-            (src, args[12]), (loc, args[13])))
-        c0_v, cb_v, ao_v, b0_v, b1_v, k_v, K_v = (args[1], args[3], args[5], args[6], args[7],
-                                                  args[8], args[9])
+        xa, ga, pa, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
+            (x, args[0]), (g, args[2]), (part, args[4]), (src, args[9]), (loc, args[10])))
+        c0_v, cb_v, ao_v, ps_v, pe_v, r0_v = args[1], args[3], args[5], args[6], args[7], args[8]
         c_in = builder.extract_value(xa.shape, 1)
         g_row = builder.mul(builder.extract_value(ga.shape, 1), ir.Constant(i64, NR))
         gcol = builder.mul(cb_v, ir.Constant(i64, NR))
@@ -264,29 +279,23 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src,
         abase = builder.gep(pa.data, [ao_v])
         for i in range(M * NV):
             builder.store(builder.load(vptr(abase, i * VW), align=al), slot(i))
-        with cgutils.for_range(builder, b1_v, start=b0_v) as bl:
-            b = bl.index
-            r0 = builder.mul(b, ir.Constant(i64, BLOCK_ROWS))
-            seg = builder.add(builder.mul(b, K_v), k_v)
-            s_v = builder.load(builder.gep(ba.data, [seg]))
-            e_v = builder.add(s_v, builder.sext(builder.load(builder.gep(ca.data, [seg])), i64))
-            with cgutils.for_range(builder, e_v, start=s_v) as loop:
-                p = loop.index
-                xi = builder.sext(builder.load(builder.gep(sa.data, [p])), i64)
-                gi = builder.add(r0, builder.sext(builder.load(builder.gep(la.data, [p])), i64))
-                xrow = builder.gep(xa.data, [builder.add(builder.mul(xi, c_in), c0_v)])
-                grow = builder.gep(ga.data, [builder.add(builder.mul(gi, g_row), gcol)])
-                gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
-                for r in range(M):
-                    a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
-                    for v in range(NV):
-                        sp = slot(r * NV + v)
-                        builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
+        with cgutils.for_range(builder, pe_v, start=ps_v) as loop:
+            p = loop.index
+            xi = builder.sext(builder.load(builder.gep(sa.data, [p])), i64)
+            gi = builder.add(r0_v, builder.sext(builder.load(builder.gep(la.data, [p])), i64))
+            xrow = builder.gep(xa.data, [builder.add(builder.mul(xi, c_in), c0_v)])
+            grow = builder.gep(ga.data, [builder.add(builder.mul(gi, g_row), gcol)])
+            gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
+            for r in range(M):
+                a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
+                for v in range(NV):
+                    sp = slot(r * NV + v)
+                    builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
         for i in range(M * NV):
             builder.store(builder.load(slot(i)), vptr(abase, i * VW), align=al)
         return context.get_dummy_value()
 
-    return types.none(x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc, M_, NV_, VW_), codegen
+    return types.none(x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_, VW_), codegen
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,28 +305,29 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     ``MR`` rows, then of ``PAD`` rows."""
     npdt = _NP[dt]
     NV = NR // VW
-    A = (BLOCK_ROWS + 1) * NR
+    A = (MAX_BLOCK_ROWS + 1) * NR
 
     @njit(parallel=True, cache=True, nogil=True)
-    def kernel(x, w, bias, has_bias, bptr, src, loc, out):
-        # x [N_in, C_in]; w [ncb, K, C_in, NR]; bias [ncb, NR]; out [N_out, ncb, NR]
+    def kernel(x, w, bias, has_bias, block, bptr, src, loc, out):
+        # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, ncb, NR]
         n_out = out.shape[0]
         C_in = x.shape[1]
-        ncb, K = w.shape[0], w.shape[1]
-        nblk = (n_out + BLOCK_ROWS - 1) // BLOCK_ROWS
+        K, Cp = w.shape[0], w.shape[2]
+        ncb = Cp // NR
+        nblk = (n_out + block - 1) // block
         for task in prange(nblk * ncb):
             b = task // ncb
             cb = task - b * ncb
-            r0 = b * BLOCK_ROWS
-            nr = min(BLOCK_ROWS, n_out - r0)
-            # the block's accumulator; row BLOCK_ROWS takes the padding entries
-            acc = numba.carray(_stack_ptr(npdt, A), (BLOCK_ROWS + 1, NR))
+            r0 = b * block
+            nr = min(block, n_out - r0)
+            # the block's accumulator; row `block` takes the padding entries
+            acc = numba.carray(_stack_ptr(npdt, A), (MAX_BLOCK_ROWS + 1, NR))
             for r in range(nr):
                 for c in range(NR):
                     acc[r, c] = bias[cb, c] if has_bias else 0.0
             for k in range(K):
                 e = bptr[b * K + k + 1]
-                wo = ((cb * K + k) * C_in) * NR
+                wo = k * C_in * Cp + cb * NR
                 p = bptr[b * K + k]
                 while e - p >= MR:
                     _conv_tile(x, w, wo, acc, src, loc, p, MR, NV, VW)
@@ -336,13 +346,16 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
 #: ``[K, C_in, C_out]`` and the partials are summed in chunk order. The count depends on the
 #: map and the channels only (never on the threads): results are the same at any thread count.
 WG_MAX_CHUNKS = 16
-#: Row blocks per chunk at least (a small map is one chunk: no partials to sum).
-WG_MIN_CHUNK_BLOCKS = 4
+#: Output rows per chunk at least (a small map is one chunk: no partials to sum).
+WG_MIN_CHUNK_ROWS = 512
 #: Cap on the partials' memory (bytes); fewer chunks above it.
 WG_PARTIAL_BYTES = 1 << 24
-#: Row blocks whose pairs a weight-gradient task streams for every offset and channel tile
-#: before moving on: their gathered rows stay in L2 for all of them.
-WG_CHUNK_BLOCKS = 8
+#: Bytes of input and output-gradient rows of the pairs every channel tile of a weight-gradient
+#: task runs over before the next pairs (they stay in L1 for all tiles).
+WG_CHUNK_BYTES = 24 << 10
+#: Bytes of input and output-gradient rows a weight-gradient task streams for every offset and
+#: channel tile before moving on (whole row blocks, at least one): they stay in L2 for all.
+WG_PASS_BYTES = 1 << 18
 
 
 @functools.lru_cache(maxsize=None)
@@ -353,12 +366,12 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
     NV = NR // VW
 
     @njit(parallel=True, cache=True, nogil=True)
-    def kernel(x, g, bptr, cnt, src, loc, chunk_blocks, part):
+    def kernel(x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part):
         # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR]
         nchunk, K, ncb, TR = part.shape[0], part.shape[1], part.shape[2], part.shape[3]
         C_in = x.shape[1]
         n_out = g.shape[0]
-        nblk = (n_out + BLOCK_ROWS - 1) // BLOCK_ROWS
+        nblk = (n_out + block - 1) // block
         n_tiles = TR // MR
         for task in prange(nchunk * ncb):
             ch = task // ncb
@@ -369,16 +382,23 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
                         part[ch, k, cb, i, c] = 0.0
             bs = ch * chunk_blocks
             be = min(nblk, bs + chunk_blocks)
-            for b0 in range(bs, be, WG_CHUNK_BLOCKS):
-                b1 = min(be, b0 + WG_CHUNK_BLOCKS)
+            # every element sums its pairs in (block, pair) order; the passes and pair chunks
+            # only decide when an accumulator tile goes to memory and back (exactly)
+            for b0 in range(bs, be, pass_blocks):
+                b1 = min(be, b0 + pass_blocks)
                 for k in range(K):
-                    for tile in range(n_tiles):
-                        # the last tile ends at C_in, overlapping its neighbour in channels
-                        # (not in storage): both compute the same sums
-                        c0 = min(tile * MR, C_in - MR)
-                        ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
-                        _wgrad_tile(x, c0, g, cb, part, ao, b0, b1, k, K, bptr, cnt, src, loc,
-                                    MR, NV, VW)
+                    for b in range(b0, b1):
+                        s = bptr[b * K + k]
+                        e = s + cnt[b * K + k]
+                        for ps in range(s, e, pair_chunk):
+                            pe = min(e, ps + pair_chunk)
+                            for tile in range(n_tiles):
+                                # the last tile ends at C_in, overlapping its neighbour in
+                                # channels (not in storage): both compute the same sums
+                                c0 = min(tile * MR, C_in - MR)
+                                ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
+                                _wgrad_tile(x, c0, g, cb, part, ao, ps, pe, b * block, src, loc,
+                                            MR, NV, VW)
 
     return kernel
 
@@ -506,9 +526,9 @@ def _set_threads() -> None:
         numba.set_num_threads(n)
 
 
-def _blocked_weight(weight: torch.Tensor, NR: int, cdt: torch.dtype, flip: bool) -> torch.Tensor:
-    """``[K, C_in, C_out]`` -> ``[ncb, K, C_in, NR]`` contiguous, zero-padded to the block width
-    (``flip``: offsets in reverse order)."""
+def _padded_weight(weight: torch.Tensor, NR: int, cdt: torch.dtype, flip: bool) -> torch.Tensor:
+    """``[K, C_in, C_out]`` contiguous in ``cdt``, output channels zero-padded to whole blocks of
+    ``NR`` (``flip``: offsets in reverse order). No copy when nothing changes."""
     K, c_in, c_out = weight.shape
     ncb = -(-c_out // NR)
     w = weight.to(cdt)
@@ -516,18 +536,19 @@ def _blocked_weight(weight: torch.Tensor, NR: int, cdt: torch.dtype, flip: bool)
         w = w.flip(0)
     if ncb * NR != c_out:
         w = torch.cat([w, w.new_zeros(K, c_in, ncb * NR - c_out)], 2)
-    if ncb == 1:
-        return w.contiguous().view(1, K, c_in, NR)
-    return w.reshape(K, c_in, ncb, NR).permute(2, 0, 1, 3).contiguous()
+    return w.contiguous()
 
 
-def _launch(kernel, *args) -> None:
-    """Run a parallel kernel with torch's thread count, its tasks handed out one at a time
-    (dynamic scheduling: blocks differ in work; which thread runs a task never changes a
-    result). Serialised by ``_launch_lock``: the ``workqueue`` layer takes one parallel launch
-    at a time."""
+def _launch(kernel, *args, dynamic: bool = True) -> None:
+    """Run a parallel kernel with torch's thread count; ``dynamic``: its tasks handed out one
+    at a time (blocks differ in work; which thread runs a task never changes a result), else
+    in equal contiguous ranges. Serialised by ``_launch_lock``: the ``workqueue`` layer takes
+    one parallel launch at a time."""
     with _launch_lock:
         _set_threads()
+        if not dynamic:
+            kernel(*args)
+            return
         old = numba.set_parallel_chunksize(1)
         try:
             kernel(*args)
@@ -550,7 +571,7 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     MR = _TILES[_isa()]["conv"][(dt, NR)]
     ncb = -(-c_out // NR)
     x = src.to(cdt).contiguous()
-    w = _blocked_weight(weight, NR, cdt, flip)
+    w = _padded_weight(weight, NR, cdt, flip)
     if bias is not None and ncb * NR == c_out:
         b = bias.to(cdt).contiguous()
     else:
@@ -559,7 +580,7 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             b[:c_out] = bias
     out = torch.empty(n_dst, ncb, NR, dtype=cdt)
     _launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(), b.view(ncb, NR).numpy(),
-            bias is not None, plan.bptr, plan.src, plan.loc, out.numpy())
+            bias is not None, plan.block_rows, plan.bptr, plan.src, plan.loc, out.numpy())
     out = out.view(n_dst, ncb * NR)
     if ncb * NR != c_out:  # a padded channel block: one copy, only for such channel counts
         out = out[:, :c_out].contiguous()
@@ -592,14 +613,6 @@ def conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, rev: torch
     nbr[K-1-k]``), so one plan serves forward and backward."""
     plan = _plan(plan, rev, grad_out.shape[0])
     return _run_conv(grad_out, weight.transpose(1, 2), None, plan, flip=flip_offsets)
-
-
-def _wgrad_rows(c_in: int, MR: int) -> torch.Tensor:
-    """Storage row of each input channel in the partials (the last tile overlaps)."""
-    n_tiles = -(-c_in // MR)
-    ci = torch.arange(c_in)
-    tile = torch.clamp(ci // MR, max=n_tiles - 1)
-    return tile * MR + ci - torch.clamp(tile * MR, max=c_in - MR)
 
 
 def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: torch.Tensor,
@@ -636,22 +649,21 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
     ci_k = x.shape[1]
     n_tiles = -(-ci_k // MR)
     TR = n_tiles * MR
-    nblk = -(-plan.n_out // BLOCK_ROWS)
-    nchunk = max(1, min(nblk // WG_MIN_CHUNK_BLOCKS, WG_MAX_CHUNKS,
+    nblk = -(-plan.n_out // plan.block_rows)
+    nchunk = max(1, min(plan.n_out // WG_MIN_CHUNK_ROWS, nblk, WG_MAX_CHUNKS,
                         WG_PARTIAL_BYTES // (K * TR * ncb * NR * x.element_size())))
     chunk_blocks = -(-nblk // nchunk)
     nchunk = -(-nblk // chunk_blocks)
     part = torch.empty(nchunk, K, ncb, TR, NR, dtype=cdt)
+    row_bytes = (ci_k + ncb * NR) * x.element_size()
+    pass_blocks = max(1, WG_PASS_BYTES // (row_bytes * plan.block_rows))
+    # several channel tiles re-read each pair's rows: in chunks that stay in L1 for all of them
+    pair_chunk = max(16, WG_CHUNK_BYTES // row_bytes) if n_tiles * ncb > 1 else 1 << 30
     _launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(), g.view(plan.n_out, ncb, NR).numpy(),
-            plan.bptr, plan.cnt, plan.src, plan.loc, chunk_blocks, part.numpy())
-    if nchunk > 1:
-        out = torch.empty(K, ci_k, c_out, dtype=cdt)
-        _launch(_wgrad_reduce_kernel(dt, NR, MR), part.numpy(), out.numpy())
-    if nchunk == 1:  # the partial is the result: only re-laid out
-        res = part[0]
-        if TR != ci_k:
-            res = res[:, :, _wgrad_rows(ci_k, MR)]
-        out = res.permute(0, 2, 1, 3).reshape(K, ci_k, ncb * NR)[:, :, :c_out]
-    if ci_k != c_in or not out.is_contiguous():
+            plan.block_rows, plan.bptr, plan.cnt, plan.src, plan.loc, chunk_blocks, pass_blocks,
+            pair_chunk, part.numpy())
+    out = torch.empty(K, ci_k, c_out, dtype=cdt)
+    _launch(_wgrad_reduce_kernel(dt, NR, MR), part.numpy(), out.numpy(), dynamic=False)
+    if ci_k != c_in:
         out = out[:, :c_in].contiguous()
     return out if cdt == dtype else out.to(dtype)
