@@ -309,8 +309,8 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
 
     @njit(parallel=True, cache=True, nogil=True)
     def kernel(x, w, bias, has_bias, block, bptr, src, loc, out):
-        # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, ncb, NR]
-        n_out = out.shape[0]
+        # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, C_out]
+        n_out, C_out = out.shape
         C_in = x.shape[1]
         K, Cp = w.shape[0], w.shape[2]
         ncb = Cp // NR
@@ -335,9 +335,16 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
                 while p < e:
                     _conv_tile(x, w, wo, acc, src, loc, p, P, NV, VW)
                     p += P
-            for r in range(nr):
-                for c in range(NR):
-                    out[r0 + r, cb, c] = acc[r, c]
+            co0 = cb * NR
+            if co0 + NR <= C_out:
+                for r in range(nr):
+                    orow = out[r0 + r, co0:co0 + NR]
+                    for c in range(NR):
+                        orow[c] = acc[r, c]
+            else:  # the last block of a channel count that is not a multiple of NR
+                for r in range(nr):
+                    for c in range(C_out - co0):
+                        out[r0 + r, co0 + c] = acc[r, c]
 
     return kernel
 
@@ -348,6 +355,10 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
 WG_MAX_CHUNKS = 16
 #: Output rows per chunk at least (a small map is one chunk: no partials to sum).
 WG_MIN_CHUNK_ROWS = 512
+#: Partial elements up to which the calling thread sums them itself; ranges of rows in that
+#: many parallel tasks above.
+WG_SERIAL_REDUCE = 1 << 16
+WG_REDUCE_TASKS = 32
 #: Cap on the partials' memory (bytes); fewer chunks above it.
 WG_PARTIAL_BYTES = 1 << 24
 #: Bytes of input and output-gradient rows of the pairs every channel tile of a weight-gradient
@@ -358,16 +369,39 @@ WG_CHUNK_BYTES = 24 << 10
 WG_PASS_BYTES = 1 << 18
 
 
+@njit(inline="always")
+def _wgrad_reduce_rows(part, out, i0, i1, MR):
+    """``out[k, ci, :] = sum_ch part[ch, k, cb, row(ci), c]`` (chunks in order) for the flat
+    (k, ci) indices ``i0 <= i < i1``; ``row(ci)``: the storage row of ``ci`` (the last tile
+    overlaps its neighbour)."""
+    nchunk, ncb, TR, NR = part.shape[0], part.shape[2], part.shape[3], part.shape[4]
+    C_in, C_out = out.shape[1], out.shape[2]
+    n_tiles = TR // MR
+    for i in range(i0, i1):
+        k = i // C_in
+        ci = i - k * C_in
+        tile = min(ci // MR, n_tiles - 1)
+        row = tile * MR + ci - min(tile * MR, C_in - MR)
+        for cb in range(ncb):
+            for c in range(min(NR, C_out - cb * NR)):
+                acc = part[0, k, cb, row, c]
+                for ch in range(1, nchunk):
+                    acc += part[ch, k, cb, row, c]
+                out[k, ci, cb * NR + c] = acc
+
+
 @functools.lru_cache(maxsize=None)
 def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
     """Partial sums ``part[ch, k, cb, tile rows] = sum_{pairs of chunk ch} x[src, tile].T
     (outer) g[dst, block cb]`` in ``MR x NR`` register tiles (rows: input channels, columns:
-    output channels)."""
+    output channels), then ``out = sum_ch part[ch]`` in chunk order."""
     NV = NR // VW
 
     @njit(parallel=True, cache=True, nogil=True)
-    def kernel(x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part):
-        # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR]
+    def kernel(x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out,
+               reduce):
+        # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR];
+        # out [K, C_in, C_out] (not reduce: part is out)
         nchunk, K, ncb, TR = part.shape[0], part.shape[1], part.shape[2], part.shape[3]
         C_in = x.shape[1]
         n_out = g.shape[0]
@@ -399,31 +433,17 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
                                 ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
                                 _wgrad_tile(x, c0, g, cb, part, ao, ps, pe, b * block, src, loc,
                                             MR, NV, VW)
-
-    return kernel
-
-
-@functools.lru_cache(maxsize=None)
-def _wgrad_reduce_kernel(dt: str, NR: int, MR: int):
-    """``out[k, ci, co] = sum_ch part[ch, k, cb, row(ci), c]`` in chunk order."""
-
-    @njit(parallel=True, cache=True, nogil=True)
-    def kernel(part, out):
-        nchunk, K, ncb, TR = part.shape[0], part.shape[1], part.shape[2], part.shape[3]
-        C_in, C_out = out.shape[1], out.shape[2]
-        n_tiles = TR // MR
-        for task in prange(K * C_in):
-            k = task // C_in
-            ci = task - k * C_in
-            tile = min(ci // MR, n_tiles - 1)
-            row = tile * MR + ci - min(tile * MR, C_in - MR)
-            for cb in range(ncb):
-                cw = min(NR, C_out - cb * NR)
-                for c in range(cw):
-                    acc = part[0, k, cb, row, c]
-                    for ch in range(1, nchunk):
-                        acc += part[ch, k, cb, row, c]
-                    out[k, ci, cb * NR + c] = acc
+        # the ordered sum over chunks: by the calling thread when it is small (a parallel
+        # region costs more), else in ranges of (offset, input channel) rows
+        n = K * C_in
+        if not reduce:
+            pass
+        elif nchunk * n * ncb * NR <= WG_SERIAL_REDUCE:
+            _wgrad_reduce_rows(part, out, 0, n, MR)
+        else:
+            step = (n + WG_REDUCE_TASKS - 1) // WG_REDUCE_TASKS
+            for t in prange(WG_REDUCE_TASKS):
+                _wgrad_reduce_rows(part, out, min(n, t * step), min(n, (t + 1) * step), MR)
 
     return kernel
 
@@ -516,7 +536,7 @@ def _configure_threading() -> None:
     _configured = True
 
 
-def _set_threads() -> None:
+def _set_threads() -> int:
     """numba's threads for the next parallel region (a per-thread setting in numba): torch's
     ``torch.get_num_threads()``, capped by numba's pool (``NUMBA_NUM_THREADS``, the core count
     unless set)."""
@@ -524,6 +544,7 @@ def _set_threads() -> None:
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+    return n
 
 
 def _padded_weight(weight: torch.Tensor, NR: int, cdt: torch.dtype, flip: bool) -> torch.Tensor:
@@ -545,8 +566,7 @@ def _launch(kernel, *args, dynamic: bool = True) -> None:
     in equal contiguous ranges. Serialised by ``_launch_lock``: the ``workqueue`` layer takes
     one parallel launch at a time."""
     with _launch_lock:
-        _set_threads()
-        if not dynamic:
+        if _set_threads() == 1 or not dynamic:
             kernel(*args)
             return
         old = numba.set_parallel_chunksize(1)
@@ -572,19 +592,29 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ncb = -(-c_out // NR)
     x = src.to(cdt).contiguous()
     w = _padded_weight(weight, NR, cdt, flip)
-    if bias is not None and ncb * NR == c_out:
+    if bias is None:
+        b = _zeros(ncb * NR, cdt)
+    elif ncb * NR == c_out:
         b = bias.to(cdt).contiguous()
     else:
         b = torch.zeros(ncb * NR, dtype=cdt)
-        if bias is not None:
-            b[:c_out] = bias
-    out = torch.empty(n_dst, ncb, NR, dtype=cdt)
-    _launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(), b.view(ncb, NR).numpy(),
-            bias is not None, plan.block_rows, plan.bptr, plan.src, plan.loc, out.numpy())
-    out = out.view(n_dst, ncb * NR)
-    if ncb * NR != c_out:  # a padded channel block: one copy, only for such channel counts
-        out = out[:, :c_out].contiguous()
+        b[:c_out] = bias
+    out = torch.empty(n_dst, c_out, dtype=cdt)
+    _launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(),
+            b.view(ncb, NR).numpy(), bias is not None, plan.block_rows, plan.bptr, plan.src,
+            plan.loc, out.numpy())
     return out if cdt == dtype else out.to(dtype)
+
+
+_ZEROS = {}
+
+
+def _zeros(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A shared read-only zero vector (the bias of a conv without one)."""
+    z = _ZEROS.get((n, dtype))
+    if z is None:
+        z = _ZEROS[(n, dtype)] = torch.zeros(n, dtype=dtype)
+    return z
 
 
 def _plan(plan: Optional[ConvPlan], table: torch.Tensor, n_src: int) -> ConvPlan:
@@ -631,10 +661,14 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
         return torch.zeros(K, c_in, c_out, dtype=dtype)
     dt = _dt(cdt)
     NR = _block_width(dt, c_out)
-    # input channels per tile: the tallest tile when C_in has that many (the last tile
-    # overlaps its neighbour), else the shortest that holds them all (zero columns added)
+    # input channels per tile: the shortest tile that holds them all (zero columns added);
+    # else the tallest tile, or a shorter one (at least half as tall) that divides C_in; else
+    # the tallest, the last tile overlapping its neighbour
     heights = _TILES[_isa()]["wgrad"][(dt, NR)]
-    MR = heights[0] if c_in >= heights[0] else min(m for m in heights if m >= c_in)
+    if c_in <= heights[0]:
+        MR = min(m for m in heights if m >= c_in)
+    else:
+        MR = next((m for m in heights if c_in % m == 0 and 2 * m >= heights[0]), heights[0])
     ncb = -(-c_out // NR)
     x = features.to(cdt).contiguous()
     if c_in < MR:
@@ -654,16 +688,16 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
                         WG_PARTIAL_BYTES // (K * TR * ncb * NR * x.element_size())))
     chunk_blocks = -(-nblk // nchunk)
     nchunk = -(-nblk // chunk_blocks)
-    part = torch.empty(nchunk, K, ncb, TR, NR, dtype=cdt)
+    out = torch.empty(K, ci_k, c_out, dtype=cdt)
+    direct = nchunk == 1 and ncb * NR == c_out == NR and TR == ci_k  # the one partial is out
+    part = out.view(1, K, 1, TR, NR) if direct else torch.empty(nchunk, K, ncb, TR, NR, dtype=cdt)
     row_bytes = (ci_k + ncb * NR) * x.element_size()
     pass_blocks = max(1, WG_PASS_BYTES // (row_bytes * plan.block_rows))
     # several channel tiles re-read each pair's rows: in chunks that stay in L1 for all of them
     pair_chunk = max(16, WG_CHUNK_BYTES // row_bytes) if n_tiles * ncb > 1 else 1 << 30
     _launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(), g.view(plan.n_out, ncb, NR).numpy(),
             plan.block_rows, plan.bptr, plan.cnt, plan.src, plan.loc, chunk_blocks, pass_blocks,
-            pair_chunk, part.numpy())
-    out = torch.empty(K, ci_k, c_out, dtype=cdt)
-    _launch(_wgrad_reduce_kernel(dt, NR, MR), part.numpy(), out.numpy(), dynamic=False)
+            pair_chunk, part.numpy(), out.numpy(), not direct)
     if ci_k != c_in:
         out = out[:, :c_in].contiguous()
     return out if cdt == dtype else out.to(dtype)
