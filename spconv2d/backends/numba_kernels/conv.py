@@ -1,6 +1,97 @@
-"""Sparse convolution on the CPU in numba: output-stationary gathered GEMMs with register tiles.
+"""Sparse convolution on the CPU in numba: output-stationary gathered GEMMs in register tiles.
 
-(draft; the contract docstring is completed below once the tile set is measured)
+Contract
+--------
+Shapes: ``features [N_in, C_in]``, ``weight [K, C_in, C_out]`` (any strides), ``bias [C_out]``
+or None, ``nbr [K, N_out]`` int32 (-1 = missing; at most one output per (offset, input), as in
+every convolution map). Torch CPU tensors in, a new torch tensor out. ``N = 0`` and any channel
+count from 1 up are handled.
+
+**Forward** (:func:`conv_forward`)::
+
+    out[j, :] = bias + sum_k  features[nbr[k, j], :] @ weight[k]      (missing terms are 0)
+
+**Input gradient** (:func:`conv_backward_input`): the same kernel on the reverse table ``rev
+[K, N_in]`` (``rev[k, i] = j <=> nbr[k, j] = i``) with the weight transposed per offset::
+
+    grad_in[i, :] = sum_k grad_out[rev[k, i], :] @ weight[k].T
+
+A symmetric (submanifold) map has ``rev[k] = nbr[K-1-k]``: pass ``nbr`` and its plan with
+``flip_offsets=True`` (the weight's offsets are reversed instead): one plan for both.
+
+**Weight gradient** (:func:`conv_backward_weight`)::
+
+    grad_w[k] = sum_j  features[nbr[k, j]].T (outer) grad_out[j]       -> [K, C_in, C_out]
+
+Plan (:func:`build_plan`; cache it on the map: ``kmap.cached("numba_plan@nbr", lambda:
+build_plan(kmap.nbr, kmap.n_in))``, and ``"numba_plan@rev"`` = ``build_plan(kmap.rev,
+kmap.n_out)`` for the input gradient of a map that is not symmetric; ``transpose()`` hands
+them over): the output rows in blocks of ``block_rows`` (128..512, chosen per map from its
+fill); per (block, offset) the pairs of that block compacted into one segment (``src`` input
+row, ``loc`` row in the block), padded to a multiple of ``PAD = 4`` with entries that go to a
+scratch row. Work follows the pairs: a missing neighbour costs nothing but padding. A
+submanifold map's identity offset needs no special case: its segments are the block's own
+rows, read contiguously like a dense GEMM's, in the same kernel and the same tiles.
+
+Kernels
+-------
+Forward / input gradient, output-stationary: one task = one row block x one block of ``NR``
+output channels; its accumulator ``[block_rows + 1, NR]`` lives on the task's stack, starts
+at the bias, and the block's output rows are written once, at the end. Per offset, the
+segment runs in tiles of ``MR`` gathered rows (then tiles of ``PAD`` rows): a micro-kernel
+loads the tile's ``MR x NR`` accumulators into registers, loops over the input channels
+(``NR / VW`` weight vectors loaded and each row's input value broadcast once per channel, one
+vector FMA per accumulator) and stores them back.
+
+Weight gradient, output-stationary on partial sums: the rows are split into at most
+``WG_MAX_CHUNKS`` chunks (how many depends on the map and the channels only, never on the
+threads); one task = one chunk x one channel block, writing its own partial ``[K, C_in, NR]``
+in ``MR x NR`` register tiles (rows: input channels, columns: output channels; per pair
+``NR / VW`` output-gradient vectors loaded and each input value broadcast once), the pairs
+streamed in passes that stay in L2 and in pair chunks that stay in L1 for every channel tile.
+The partials are then summed in chunk order (a single chunk is the result itself).
+
+The micro-kernels are LLVM IR with explicit vector types (``_conv_tile``, ``_wgrad_tile``):
+the same tiles written as scalar numba loops were vectorised by LLVM for some tile shapes
+only (for others it left scalar code, or SLP-vectorised them into gathers and scatters through
+memory: 4-14x slower than the torch path), so the vector code is emitted directly:
+``<VW x float>`` accumulators in an ``alloca`` with constant indices (SROA keeps them in
+registers) and ``llvm.fma``. Functions using 512-bit vectors carry
+``"prefer-vector-width"="512"``: LLVM's tuning for this host (reported as ``rocketlake``)
+prefers 256-bit vectors and would split every one. No ``fastmath``; numba's SLP setting is
+left alone (off, as shipped).
+
+Specialisations (compiled lazily, one per (dtype, NR, MR) in use; table ``_TILES``): ``NR`` =
+the smallest of 8/16/32/64 fp32 (4/8/16/32 fp64) channels that holds ``C_out`` (wider: blocks
+of 64 / 32, the last one zero-padded); ``MR`` so that the accumulators take at most 24 of the
+32 AVX-512 registers: 8x16 (ymm), 16x12, 32x12, 64x4 fp32 forward tiles (fp64: 4x16, 8x12,
+16x8, 32x4); weight-gradient heights 16 (NR <= 16), 12 or 8 (NR = 32), 6 or 4 (NR = 64), a
+height that divides ``C_in`` preferred. Measured side by side on this machine: 64x4 and 64x6
+within noise, 64x8 spills (-30%), 16x8 -10% vs 16x12..24, ``PAD = 2`` tails -25%, software
+prefetch of the next tile's rows -0..5%, block rows 64/128/256 within 5% at 25% density, 512
+rows 10-20% faster than 128 at 1-10%. Without AVX-512 the 256-bit shapes in ``_TILES`` apply
+(sized by the register rule, not measured). The tile shape is a literal argument of
+module-level intrinsics, so numba's on-disk cache keys stay stable across processes.
+
+Determinism: no atomics; every output element is summed in an order fixed by the plan and the
+tile shape (forward: bias, then the offsets in order, each a fixed FMA chain over the input
+channels; weight gradient: pairs in (block, row) order within a chunk, then chunks in order).
+Which thread runs which task never matters: results are bit-identical across runs and across
+thread counts (tested at 1 and 2 threads).
+
+Precision: float32 and float64 compute in their own precision with fused multiply-adds (the
+torch path's results differ by rounding). float16 / bfloat16 are converted to float32 by the
+launcher and the result is rounded once. Index arithmetic (``row * channels``) is 64-bit.
+
+Threads: each launch uses ``torch.get_num_threads()`` numba threads (capped by
+``NUMBA_NUM_THREADS``), tasks handed out dynamically. Threading layer: ``workqueue``, set in
+``_configure_threading`` (the only numba configuration this package touches, and only while
+nobody has chosen or started one; why not ``omp`` is explained there). Launches are serialised
+by a lock (``workqueue`` takes one parallel launch at a time).
+
+Compilation: nothing compiles at import; each specialisation compiles on first use and is
+cached on disk (``cache=True``: numba's ``__pycache__`` next to this file, or numba's user cache
+directory where that is not writable).
 """
 from __future__ import annotations
 
