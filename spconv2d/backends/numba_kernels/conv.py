@@ -49,7 +49,9 @@ threads); one task = one chunk x one channel block, writing its own partial ``[K
 in ``MR x NR`` register tiles (rows: input channels, columns: output channels; per pair
 ``NR / VW`` output-gradient vectors loaded and each input value broadcast once), the pairs
 streamed in passes that stay in L2 and in pair chunks that stay in L1 for every channel tile.
-The partials are then summed in chunk order (a single chunk is the result itself).
+The partials are then summed in chunk order and each output element written once; a single
+chunk of a single channel block is the output itself (the task accumulates there in place).
+The forward and the input gradient write each output row once.
 
 The micro-kernels are LLVM IR with explicit vector types (``_conv_tile``, ``_wgrad_tile``):
 the same tiles written as scalar numba loops were vectorised by LLVM for some tile shapes
@@ -152,8 +154,9 @@ class ConvPlan(NamedTuple):
     of block ``b``, offset ``k`` are ``bptr[s] : bptr[s + 1]``, ``s = b * K + k``, ordered by
     output row: the first ``cnt[s]`` are pairs (input row ``src``, output row
     ``b * block_rows + loc``), the rest (fewer than ``pad``) are padding with
-    ``loc = block_rows`` (the scratch row) and ``src`` = the segment's last input row. The identity offset of a
-    submanifold map is an ordinary offset here (its segments are the block's own rows)."""
+    ``loc = block_rows`` (the scratch row) and ``src`` = the segment's last input row. The
+    identity offset of a submanifold map is an ordinary offset here (its segments are the
+    block's own rows)."""
 
     bptr: np.ndarray  # int64 [n_blocks * K + 1]
     cnt: np.ndarray   # int32 [n_blocks * K]
@@ -288,8 +291,8 @@ def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
         al = _align(fty)
         i64 = ir.IntType(64)
         fma = _fma_fn(builder, vty)
-        xa, wa, aa, sa, la = (context.make_array(t)(context, builder, v) for t, v in
-                              ((x, args[0]), (w, args[1]), (acc, args[3]), (src, args[4]), (loc, args[5])))
+        xa, wa, aa, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
+            (x, args[0]), (w, args[1]), (acc, args[3]), (src, args[4]), (loc, args[5])))
         wo_v, p_v = args[2], args[6]
         c_in = builder.extract_value(xa.shape, 1)
         w_row = builder.extract_value(wa.shape, 2)
@@ -786,9 +789,9 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
     pass_blocks = max(1, WG_PASS_BYTES // (row_bytes * plan.block_rows))
     # several channel tiles re-read each pair's rows: in chunks that stay in L1 for all of them
     pair_chunk = max(16, WG_CHUNK_BYTES // row_bytes) if n_tiles * ncb > 1 else 1 << 30
-    _launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(), g.view(plan.n_out, ncb, NR).numpy(),
-            plan.block_rows, plan.bptr, plan.cnt, plan.src, plan.loc, chunk_blocks, pass_blocks,
-            pair_chunk, part.numpy(), out.numpy(), not direct)
+    _launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(),
+            g.view(plan.n_out, ncb, NR).numpy(), plan.block_rows, plan.bptr, plan.cnt, plan.src,
+            plan.loc, chunk_blocks, pass_blocks, pair_chunk, part.numpy(), out.numpy(), not direct)
     if ci_k != c_in:
         out = out[:, :c_in].contiguous()
     return out if cdt == dtype else out.to(dtype)
