@@ -126,8 +126,9 @@ SEGMENT_PAIRS = 32
 @intrinsic
 def _stack_ptr(typingctx, dtype, size):
     """Pointer to ``size`` (a compile-time constant) elements of ``dtype`` on the stack: an
-    ``alloca`` in the function's entry block, so LLVM's SROA can keep a constant-indexed tile
-    in registers."""
+    ``alloca`` in the entry block of the function being generated (for a ``prange`` body: of
+    its outlined task function, so one buffer per thread, reused by its tasks). Holds a forward
+    task's block accumulator."""
     if not isinstance(size, types.IntegerLiteral):
         return None
     n = size.literal_value
@@ -224,8 +225,8 @@ _NP = {"f4": np.float32, "f8": np.float64}
 # --------------------------------------------------------------------------------------------
 # LLVM's auto-vectorisers do not reliably turn a register tile written as scalar loops into
 # vector FMAs: depending on the tile shape they fully unroll first and leave scalar code, or
-# SLP-vectorise it into gathers and scatters through memory (measured: 4-14x slower than the
-# vectorised shapes). The micro-kernels below emit the vector code directly: the
+# SLP-vectorise it into gathers and scatters through memory (measured: those kernels were
+# 4-14x slower than the torch path). The micro-kernels below emit the vector code directly: the
 # accumulators are an array of ``<VW x float>`` in an ``alloca`` with constant indices, which
 # SROA turns into registers, and every multiply-add is one ``llvm.fma`` (a fixed order of
 # fused multiply-adds: deterministic, and no ``fastmath`` needed).
