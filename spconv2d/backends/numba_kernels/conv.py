@@ -1,0 +1,798 @@
+"""Sparse convolution on the CPU in numba: output-stationary gathered GEMMs in register tiles.
+
+Contract
+--------
+Shapes: ``features [N_in, C_in]``, ``weight [K, C_in, C_out]`` (any strides), ``bias [C_out]``
+or None, ``nbr [K, N_out]`` int32 (-1 = missing; at most one output per (offset, input), as in
+every convolution map). Torch CPU tensors in, a new torch tensor out. ``N = 0`` and any channel
+count from 1 up are handled.
+
+**Forward** (:func:`conv_forward`)::
+
+    out[j, :] = bias + sum_k  features[nbr[k, j], :] @ weight[k]      (missing terms are 0)
+
+**Input gradient** (:func:`conv_backward_input`): the same kernel on the reverse table ``rev
+[K, N_in]`` (``rev[k, i] = j <=> nbr[k, j] = i``) with the weight transposed per offset::
+
+    grad_in[i, :] = sum_k grad_out[rev[k, i], :] @ weight[k].T
+
+A symmetric (submanifold) map has ``rev[k] = nbr[K-1-k]``: pass ``nbr`` and its plan with
+``flip_offsets=True`` (the weight's offsets are reversed instead): one plan for both.
+
+**Weight gradient** (:func:`conv_backward_weight`)::
+
+    grad_w[k] = sum_j  features[nbr[k, j]].T (outer) grad_out[j]       -> [K, C_in, C_out]
+
+Plan (:func:`build_plan`; cache it on the map: ``kmap.cached("numba_plan@nbr", lambda:
+build_plan(kmap.nbr, kmap.n_in))``, and ``"numba_plan@rev"`` = ``build_plan(kmap.rev,
+kmap.n_out)`` for the input gradient of a map that is not symmetric; ``transpose()`` hands
+them over): the output rows in blocks of ``block_rows`` (128..512, chosen per map from its
+fill); per (block, offset) the pairs of that block compacted into one segment (``src`` input
+row, ``loc`` row in the block), padded to a multiple of ``PAD = 4`` with entries that go to a
+scratch row. Work follows the pairs: a missing neighbour costs nothing but padding. A
+submanifold map's identity offset needs no special case: its segments are the block's own
+rows, read contiguously like a dense GEMM's, in the same kernel and the same tiles.
+
+Kernels
+-------
+Forward / input gradient, output-stationary: one task = one row block x one block of ``NR``
+output channels; its accumulator ``[block_rows + 1, NR]`` lives on the task's stack, starts
+at the bias, and the block's output rows are written once, at the end. Per offset, the
+segment runs in tiles of ``MR`` gathered rows (then tiles of ``PAD`` rows): a micro-kernel
+loads the tile's ``MR x NR`` accumulators into registers, loops over the input channels
+(``NR / VW`` weight vectors loaded and each row's input value broadcast once per channel, one
+vector FMA per accumulator) and stores them back.
+
+Weight gradient, output-stationary on partial sums: the rows are split into at most
+``WG_MAX_CHUNKS`` chunks (how many depends on the map and the channels only, never on the
+threads); one task = one chunk x one channel block, writing its own partial ``[K, C_in, NR]``
+in ``MR x NR`` register tiles (rows: input channels, columns: output channels; per pair
+``NR / VW`` output-gradient vectors loaded and each input value broadcast once), the pairs
+streamed in passes that stay in L2 and in pair chunks that stay in L1 for every channel tile.
+The partials are then summed in chunk order and each output element written once; a single
+chunk of a single channel block is the output itself (the task accumulates there in place).
+The forward and the input gradient write each output row once.
+
+The micro-kernels are LLVM IR with explicit vector types (``_conv_tile``, ``_wgrad_tile``):
+the same tiles written as scalar numba loops were vectorised by LLVM for some tile shapes
+only (for others it left scalar code, or SLP-vectorised them into gathers and scatters through
+memory: 4-14x slower than the torch path), so the vector code is emitted directly:
+``<VW x float>`` accumulators in an ``alloca`` with constant indices (SROA keeps them in
+registers) and ``llvm.fma``. Functions using 512-bit vectors carry
+``"prefer-vector-width"="512"``: LLVM's tuning for this host (reported as ``rocketlake``)
+prefers 256-bit vectors and would split every one. No ``fastmath``; numba's SLP setting is
+left alone (off, as shipped).
+
+Specialisations (compiled lazily, one per (dtype, NR, MR) in use; table ``_TILES``): ``NR`` =
+the smallest of 8/16/32/64 fp32 (4/8/16/32 fp64) channels that holds ``C_out`` (wider: blocks
+of 64 / 32, the last one zero-padded); ``MR`` so that the accumulators take at most 24 of the
+32 AVX-512 registers: 8x16 (ymm), 16x12, 32x12, 64x4 fp32 forward tiles (fp64: 4x16, 8x12,
+16x8, 32x4); weight-gradient heights 16 (NR <= 16), 12 or 8 (NR = 32), 6 or 4 (NR = 64), a
+height that divides ``C_in`` preferred. Measured side by side on this machine: 64x4 and 64x6
+within noise, 64x8 spills (-30%), 16x8 -10% vs 16x12..24, ``PAD = 2`` tails -25%, software
+prefetch of the next tile's rows -0..5%, block rows 64/128/256 within 5% at 25% density, 512
+rows 10-20% faster than 128 at 1-10%. Without AVX-512 the 256-bit shapes in ``_TILES`` apply
+(sized by the register rule, not measured). The tile shape is a literal argument of
+module-level intrinsics, so numba's on-disk cache keys stay stable across processes.
+
+Determinism: no atomics; every output element is summed in an order fixed by the plan and the
+tile shape (forward: bias, then the offsets in order, each a fixed FMA chain over the input
+channels; weight gradient: pairs in (block, row) order within a chunk, then chunks in order).
+Which thread runs which task never matters: results are bit-identical across runs and across
+thread counts (tested at 1 and 2 threads).
+
+Precision: float32 and float64 compute in their own precision with fused multiply-adds (the
+torch path's results differ by rounding). float16 / bfloat16 are converted to float32 by the
+launcher and the result is rounded once. Index arithmetic (``row * channels``) is 64-bit.
+
+Threads: each launch uses ``torch.get_num_threads()`` numba threads (capped by
+``NUMBA_NUM_THREADS``), tasks handed out dynamically. Threading layer: ``workqueue``, set in
+``_configure_threading`` (the only numba configuration this package touches, and only while
+nobody has chosen or started one; why not ``omp`` is explained there). Launches are serialised
+by a lock (``workqueue`` takes one parallel launch at a time).
+
+Compilation: nothing compiles at import; each specialisation compiles on first use and is
+cached on disk (``cache=True``: numba's ``__pycache__`` next to this file, or numba's user cache
+directory where that is not writable).
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+import numba
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+#: Output rows per block (one task of the forward / input-gradient kernels, the unit of the
+#: plan): chosen per map between these bounds so that an offset's segment of a block holds
+#: about ``SEGMENT_PAIRS`` pairs (denser maps: smaller blocks, more tasks; sparser maps:
+#: larger blocks, less tile padding). The block's accumulator ``[rows + 1, NR]`` lives on the
+#: task's stack, sized for ``MAX_BLOCK_ROWS``.
+MIN_BLOCK_ROWS = 128
+MAX_BLOCK_ROWS = 512
+SEGMENT_PAIRS = 32
+
+
+# --------------------------------------------------------------------------------------------
+# intrinsics
+# --------------------------------------------------------------------------------------------
+@intrinsic
+def _stack_ptr(typingctx, dtype, size):
+    """Pointer to ``size`` (a compile-time constant) elements of ``dtype`` on the stack: an
+    ``alloca`` in the entry block of the function being generated (for a ``prange`` body: of
+    its outlined task function, so one buffer per thread, reused by its tasks). Holds a forward
+    task's block accumulator."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    n = size.literal_value
+    dt = dtype.dtype
+
+    def codegen(context, builder, sig, args):
+        ty = context.get_value_type(dt)
+        return cgutils.alloca_once(builder, ty, size=ir.Constant(ir.IntType(64), n))
+
+    return types.CPointer(dt)(dtype, size), codegen
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------
+#: Each (row block, offset) segment of a plan is padded to a multiple of ``PAD`` entries (input
+#: row repeated, output row = the block accumulator's scratch row), so the forward kernel runs
+#: whole tiles only: tiles of ``MR`` rows (a multiple of ``PAD``) and then of ``PAD`` rows.
+PAD = 4
+
+
+class ConvPlan(NamedTuple):
+    """A map's pairs grouped by (row block of ``block_rows`` output rows, offset). The entries
+    of block ``b``, offset ``k`` are ``bptr[s] : bptr[s + 1]``, ``s = b * K + k``, ordered by
+    output row: the first ``cnt[s]`` are pairs (input row ``src``, output row
+    ``b * block_rows + loc``), the rest (fewer than ``pad``) are padding with
+    ``loc = block_rows`` (the scratch row) and ``src`` = the segment's last input row. The
+    identity offset of a submanifold map is an ordinary offset here (its segments are the
+    block's own rows)."""
+
+    bptr: np.ndarray  # int64 [n_blocks * K + 1]
+    cnt: np.ndarray   # int32 [n_blocks * K]
+    src: np.ndarray   # int32 [entries]
+    loc: np.ndarray   # int32 [entries]
+    n_out: int
+    n_in: int
+    kernel_volume: int
+    pad: int
+    block_rows: int
+
+
+def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
+    """The :class:`ConvPlan` of ``nbr [K, N_out]`` (int32, -1 = missing) for ``n_in`` input
+    rows. Cache it on the map (``kmap.cached("numba_plan@nbr", ...)``): every layer on the map
+    and the input gradient of a symmetric map reuse it."""
+    K, n_out = nbr.shape
+    counts = (nbr >= 0).sum(1)
+    # the pairs of an offset per output row, the fullest offset (a submanifold map's identity)
+    # left out: blocks of about SEGMENT_PAIRS / fill rows
+    fill = float(counts.sum() - counts.max()) / max(1, (K - 1) * n_out) if K > 1 else 1.0
+    block = MIN_BLOCK_ROWS
+    while block < MAX_BLOCK_ROWS and block * fill < SEGMENT_PAIRS:
+        block *= 2
+    nb = -(-n_out // block)
+    t = torch.full((K, nb * block), -1, dtype=torch.int32)
+    t[:, :n_out] = nbr
+    t = t.view(K, nb, block).permute(1, 0, 2).reshape(nb * K, block)  # segments
+    valid = t >= 0
+    cnt = valid.sum(1, dtype=torch.int32)
+    padded = (cnt + (pad - 1)) // pad * pad
+    bptr = torch.zeros(nb * K + 1, dtype=torch.int64)
+    torch.cumsum(padded, 0, out=bptr[1:])
+    total = int(bptr[-1])
+    seg, r = valid.nonzero(as_tuple=True)  # ordered by (segment, row)
+    vals = t[seg, r]
+    first = torch.zeros(nb * K + 1, dtype=torch.int64)
+    torch.cumsum(cnt.long(), 0, out=first[1:])
+    rank = torch.arange(seg.numel(), dtype=torch.int64) - first[seg]
+    pos = bptr[seg] + rank
+    src = torch.empty(total, dtype=torch.int32)
+    loc = torch.full((total,), block, dtype=torch.int32)
+    src[pos] = vals
+    loc[pos] = r.to(torch.int32)
+    npad = (padded - cnt).long()
+    if total and int(npad.sum()):
+        pseg = torch.repeat_interleave(torch.arange(nb * K), npad)
+        pend = bptr[pseg + 1]
+        prank = torch.arange(pseg.numel(), dtype=torch.int64) - torch.repeat_interleave(
+            torch.cumsum(npad, 0) - npad, npad)
+        ppos = pend - npad[pseg] + prank
+        src[ppos] = src[bptr[pseg] + cnt[pseg].long() - 1]
+    return ConvPlan(bptr.numpy(), cnt.numpy(), src.numpy(), loc.numpy(), n_out, int(n_in), K, pad,
+                    block)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+_NP = {"f4": np.float32, "f8": np.float64}
+
+
+# --------------------------------------------------------------------------------------------
+# micro-kernels, written as LLVM IR with explicit vector types
+# --------------------------------------------------------------------------------------------
+# LLVM's auto-vectorisers do not reliably turn a register tile written as scalar loops into
+# vector FMAs: depending on the tile shape they fully unroll first and leave scalar code, or
+# SLP-vectorise it into gathers and scatters through memory (measured: those kernels were
+# 4-14x slower than the torch path). The micro-kernels below emit the vector code directly: the
+# accumulators are an array of ``<VW x float>`` in an ``alloca`` with constant indices, which
+# SROA turns into registers, and every multiply-add is one ``llvm.fma`` (a fixed order of
+# fused multiply-adds: deterministic, and no ``fastmath`` needed).
+
+
+def _vec_type(fty, VW):
+    return ir.VectorType(fty, VW)
+
+
+def _align(fty) -> int:
+    return 8 if isinstance(fty, ir.DoubleType) else 4
+
+
+def _fma_fn(builder, vty):
+    name = f"llvm.fma.v{vty.count}f{32 if isinstance(vty.element, ir.FloatType) else 64}"
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), name)
+
+
+def _splat(builder, value, vty):
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
+
+
+def _mark_wide(builder, vty):
+    """Mark the function being generated with ``"prefer-vector-width"="512"`` and
+    ``"min-legal-vector-width"="512"`` (what ``clang -mprefer-vector-width=512`` emits): LLVM's
+    x86 tuning for Ice Lake and later (this host reports ``rocketlake``) prefers 256-bit
+    vectors and would split every 512-bit operation in two, halving an AVX-512 core's FMA
+    throughput. Only this function is affected; without AVX-512 the backend splits the
+    vectors into what the CPU has. llvmlite only accepts a fixed list of enum attributes, so
+    the string attributes go into the attribute set directly (they are printed as they are)."""
+    bits = vty.count * (64 if isinstance(vty.element, ir.DoubleType) else 32)
+    if bits < 512:
+        return
+    attrs = builder.function.attributes
+    set.add(attrs, '"prefer-vector-width"="512"')
+    set.add(attrs, '"min-legal-vector-width"="512"')
+
+
+@intrinsic(prefer_literal=True)
+def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
+    """``acc[loc[p + r]] += x[src[p + r]] @ W`` for ``r < M`` (rows of ``NR = NV * VW``
+    channels): a loop over the ``C_in`` input channels with ``M x NV`` vector accumulators,
+    loaded from and stored back to the block accumulator; per input channel ``NV`` weight
+    vectors are loaded once and each row's input value is broadcast once.
+
+    Arguments: ``x`` (2-D, C-contiguous), ``w`` (3-D ``[K, C_in, Cp]``, C-contiguous), ``wo``
+    (element offset of the ``[C_in, NR]`` weight block, rows ``Cp`` apart), ``acc`` (2-D
+    ``[rows, NR]``), ``src``, ``loc`` (1-D int32), ``p``, and the literal tile shape ``M``,
+    ``NV``, ``VW``."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (M_, NV_, VW_)):
+        return None
+    if not all(isinstance(a, types.Array) for a in (x, w, acc, src, loc)):
+        return None
+    M, NV, VW = M_.literal_value, NV_.literal_value, VW_.literal_value
+    NR = NV * VW
+
+    def codegen(context, builder, sig, args):
+        fty = context.get_value_type(x.dtype)
+        vty = _vec_type(fty, VW)
+        _mark_wide(builder, vty)
+        al = _align(fty)
+        i64 = ir.IntType(64)
+        fma = _fma_fn(builder, vty)
+        xa, wa, aa, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
+            (x, args[0]), (w, args[1]), (acc, args[3]), (src, args[4]), (loc, args[5])))
+        wo_v, p_v = args[2], args[6]
+        c_in = builder.extract_value(xa.shape, 1)
+        w_row = builder.extract_value(wa.shape, 2)
+        slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
+
+        def slot(i):
+            return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
+
+        def vptr(base, off):
+            return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
+
+        arows, xrows = [], []
+        for r in range(M):
+            q = builder.add(p_v, ir.Constant(i64, r))
+            srow = builder.sext(builder.load(builder.gep(sa.data, [q])), i64)
+            lrow = builder.sext(builder.load(builder.gep(la.data, [q])), i64)
+            xrows.append(builder.gep(xa.data, [builder.mul(srow, c_in)]))
+            arows.append(builder.gep(aa.data, [builder.mul(lrow, ir.Constant(i64, NR))]))
+            for v in range(NV):
+                builder.store(builder.load(vptr(arows[r], v * VW), align=al), slot(r * NV + v))
+        wbase = builder.gep(wa.data, [wo_v])
+        with cgutils.for_range(builder, c_in) as loop:
+            ci = loop.index
+            wrow = builder.gep(wbase, [builder.mul(ci, w_row)])
+            wv = [builder.load(vptr(wrow, v * VW), align=al) for v in range(NV)]
+            for r in range(M):
+                a = _splat(builder, builder.load(builder.gep(xrows[r], [ci])), vty)
+                for v in range(NV):
+                    sp = slot(r * NV + v)
+                    builder.store(builder.call(fma, [a, wv[v], builder.load(sp)]), sp)
+        for r in range(M):
+            for v in range(NV):
+                builder.store(builder.load(slot(r * NV + v)), vptr(arows[r], v * VW), align=al)
+        return context.get_dummy_value()
+
+    return types.none(x, w, wo, acc, src, loc, p, M_, NV_, VW_), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_, VW_):
+    """``part[ao:] += sum_{ps <= p < pe} x[src[p], c0 : c0 + M].T (outer) g[r0 + loc[p], cb-th
+    block]``, the pairs in order, with ``M x NV`` vector accumulators (rows: input channels,
+    columns: the block's output channels) loaded from and stored back to ``part`` at element
+    offset ``ao``; per pair ``NV`` output-gradient vectors are loaded once and each input
+    value is broadcast once.
+
+    Arguments: ``x`` (2-D, C-contiguous), ``c0``, ``g`` (3-D ``[N_out, ncb, NR]``), ``cb``,
+    ``part`` (C-contiguous), ``ao``, ``ps``, ``pe``, ``r0``, ``src``, ``loc`` (1-D int32), and
+    the literal tile shape ``M``, ``NV``, ``VW``."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (M_, NV_, VW_)):
+        return None
+    if not all(isinstance(a, types.Array) for a in (x, g, part, src, loc)):
+        return None
+    M, NV, VW = M_.literal_value, NV_.literal_value, VW_.literal_value
+    NR = NV * VW
+
+    def codegen(context, builder, sig, args):
+        fty = context.get_value_type(x.dtype)
+        vty = _vec_type(fty, VW)
+        _mark_wide(builder, vty)
+        al = _align(fty)
+        i64 = ir.IntType(64)
+        fma = _fma_fn(builder, vty)
+        xa, ga, pa, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
+            (x, args[0]), (g, args[2]), (part, args[4]), (src, args[9]), (loc, args[10])))
+        c0_v, cb_v, ao_v, ps_v, pe_v, r0_v = args[1], args[3], args[5], args[6], args[7], args[8]
+        c_in = builder.extract_value(xa.shape, 1)
+        g_row = builder.mul(builder.extract_value(ga.shape, 1), ir.Constant(i64, NR))
+        gcol = builder.mul(cb_v, ir.Constant(i64, NR))
+        slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
+
+        def slot(i):
+            return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
+
+        def vptr(base, off):
+            return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
+
+        abase = builder.gep(pa.data, [ao_v])
+        for i in range(M * NV):
+            builder.store(builder.load(vptr(abase, i * VW), align=al), slot(i))
+        with cgutils.for_range(builder, pe_v, start=ps_v) as loop:
+            p = loop.index
+            xi = builder.sext(builder.load(builder.gep(sa.data, [p])), i64)
+            gi = builder.add(r0_v, builder.sext(builder.load(builder.gep(la.data, [p])), i64))
+            xrow = builder.gep(xa.data, [builder.add(builder.mul(xi, c_in), c0_v)])
+            grow = builder.gep(ga.data, [builder.add(builder.mul(gi, g_row), gcol)])
+            gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
+            for r in range(M):
+                a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
+                for v in range(NV):
+                    sp = slot(r * NV + v)
+                    builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
+        for i in range(M * NV):
+            builder.store(builder.load(slot(i)), vptr(abase, i * VW), align=al)
+        return context.get_dummy_value()
+
+    return types.none(x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_, VW_), codegen
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
+    """``out = bias + sum_k x[map_k] @ w[k]`` for ``NR``-wide channel blocks: per task one row
+    block x one channel block, its accumulator on the stack, the plan's segments in tiles of
+    ``MR`` rows, then of ``PAD`` rows."""
+    npdt = _NP[dt]
+    NV = NR // VW
+    A = (MAX_BLOCK_ROWS + 1) * NR
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def kernel(x, w, bias, has_bias, block, bptr, src, loc, out):
+        # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, C_out]
+        n_out, C_out = out.shape
+        C_in = x.shape[1]
+        K, Cp = w.shape[0], w.shape[2]
+        ncb = Cp // NR
+        nblk = (n_out + block - 1) // block
+        for task in prange(nblk * ncb):
+            b = task // ncb
+            cb = task - b * ncb
+            r0 = b * block
+            nr = min(block, n_out - r0)
+            # the block's accumulator; row `block` takes the padding entries
+            acc = numba.carray(_stack_ptr(npdt, A), (MAX_BLOCK_ROWS + 1, NR))
+            for r in range(nr):
+                for c in range(NR):
+                    acc[r, c] = bias[cb, c] if has_bias else 0.0
+            for k in range(K):
+                e = bptr[b * K + k + 1]
+                wo = k * C_in * Cp + cb * NR
+                p = bptr[b * K + k]
+                while e - p >= MR:
+                    _conv_tile(x, w, wo, acc, src, loc, p, MR, NV, VW)
+                    p += MR
+                while p < e:
+                    _conv_tile(x, w, wo, acc, src, loc, p, P, NV, VW)
+                    p += P
+            co0 = cb * NR
+            if co0 + NR <= C_out:
+                for r in range(nr):
+                    orow = out[r0 + r, co0:co0 + NR]
+                    for c in range(NR):
+                        orow[c] = acc[r, c]
+            else:  # the last block of a channel count that is not a multiple of NR
+                for r in range(nr):
+                    for c in range(C_out - co0):
+                        out[r0 + r, co0 + c] = acc[r, c]
+
+    return kernel
+
+
+#: Row chunks of the weight gradient: each chunk's sums go to its own partial
+#: ``[K, C_in, C_out]`` and the partials are summed in chunk order. The count depends on the
+#: map and the channels only (never on the threads): results are the same at any thread count.
+WG_MAX_CHUNKS = 16
+#: Output rows per chunk at least (a small map is one chunk: no partials to sum).
+WG_MIN_CHUNK_ROWS = 512
+#: Partial elements up to which the calling thread sums them itself; ranges of rows in that
+#: many parallel tasks above.
+WG_SERIAL_REDUCE = 1 << 16
+WG_REDUCE_TASKS = 32
+#: Cap on the partials' memory (bytes); fewer chunks above it.
+WG_PARTIAL_BYTES = 1 << 24
+#: Bytes of input and output-gradient rows of the pairs every channel tile of a weight-gradient
+#: task runs over before the next pairs (they stay in L1 for all tiles).
+WG_CHUNK_BYTES = 24 << 10
+#: Bytes of input and output-gradient rows a weight-gradient task streams for every offset and
+#: channel tile before moving on (whole row blocks, at least one): they stay in L2 for all.
+WG_PASS_BYTES = 1 << 18
+
+
+@njit(inline="always")
+def _wgrad_reduce_rows(part, out, i0, i1, MR):
+    """``out[k, ci, :] = sum_ch part[ch, k, cb, row(ci), c]`` (chunks in order) for the flat
+    (k, ci) indices ``i0 <= i < i1``; ``row(ci)``: the storage row of ``ci`` (the last tile
+    overlaps its neighbour)."""
+    nchunk, ncb, TR, NR = part.shape[0], part.shape[2], part.shape[3], part.shape[4]
+    C_in, C_out = out.shape[1], out.shape[2]
+    n_tiles = TR // MR
+    for i in range(i0, i1):
+        k = i // C_in
+        ci = i - k * C_in
+        tile = min(ci // MR, n_tiles - 1)
+        row = tile * MR + ci - min(tile * MR, C_in - MR)
+        for cb in range(ncb):
+            for c in range(min(NR, C_out - cb * NR)):
+                acc = part[0, k, cb, row, c]
+                for ch in range(1, nchunk):
+                    acc += part[ch, k, cb, row, c]
+                out[k, ci, cb * NR + c] = acc
+
+
+@functools.lru_cache(maxsize=None)
+def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
+    """Partial sums ``part[ch, k, cb, tile rows] = sum_{pairs of chunk ch} x[src, tile].T
+    (outer) g[dst, block cb]`` in ``MR x NR`` register tiles (rows: input channels, columns:
+    output channels), then ``out = sum_ch part[ch]`` in chunk order."""
+    NV = NR // VW
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def kernel(x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out,
+               reduce):
+        # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR];
+        # out [K, C_in, C_out] (not reduce: part is out)
+        nchunk, K, ncb, TR = part.shape[0], part.shape[1], part.shape[2], part.shape[3]
+        C_in = x.shape[1]
+        n_out = g.shape[0]
+        nblk = (n_out + block - 1) // block
+        n_tiles = TR // MR
+        for task in prange(nchunk * ncb):
+            ch = task // ncb
+            cb = task - ch * ncb
+            for k in range(K):
+                for i in range(TR):
+                    for c in range(NR):
+                        part[ch, k, cb, i, c] = 0.0
+            bs = ch * chunk_blocks
+            be = min(nblk, bs + chunk_blocks)
+            # every element sums its pairs in (block, pair) order; the passes and pair chunks
+            # only decide when an accumulator tile goes to memory and back (exactly)
+            for b0 in range(bs, be, pass_blocks):
+                b1 = min(be, b0 + pass_blocks)
+                for k in range(K):
+                    for b in range(b0, b1):
+                        s = bptr[b * K + k]
+                        e = s + cnt[b * K + k]
+                        for ps in range(s, e, pair_chunk):
+                            pe = min(e, ps + pair_chunk)
+                            for tile in range(n_tiles):
+                                # the last tile ends at C_in, overlapping its neighbour in
+                                # channels (not in storage): both compute the same sums
+                                c0 = min(tile * MR, C_in - MR)
+                                ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
+                                _wgrad_tile(x, c0, g, cb, part, ao, ps, pe, b * block, src, loc,
+                                            MR, NV, VW)
+        # the ordered sum over chunks: by the calling thread when it is small (a parallel
+        # region costs more), else in ranges of (offset, input channel) rows
+        n = K * C_in
+        if not reduce:
+            pass
+        elif nchunk * n * ncb * NR <= WG_SERIAL_REDUCE:
+            _wgrad_reduce_rows(part, out, 0, n, MR)
+        else:
+            step = (n + WG_REDUCE_TASKS - 1) // WG_REDUCE_TASKS
+            for t in prange(WG_REDUCE_TASKS):
+                _wgrad_reduce_rows(part, out, min(n, t * step), min(n, (t + 1) * step), MR)
+
+    return kernel
+
+
+# --------------------------------------------------------------------------------------------
+# tile choice
+# --------------------------------------------------------------------------------------------
+# Per instruction set: the channel-block widths NR (elements), the vector width VW, and per
+# (dtype, NR) the rows per tile of the forward / input-gradient kernel (a multiple of PAD) and
+# the tile heights (input channels) of the weight gradient, tallest first. Accumulators per
+# tile: rows x NR / VW vectors, at most 24 of AVX-512's 32 registers (12 of AVX2's 16).
+# AVX-512 shapes measured (module docstring); AVX2 shapes only sized by that rule, unmeasured.
+_TILES = {
+    "avx512": {
+        "widths": {"f4": (8, 16, 32, 64), "f8": (4, 8, 16, 32)},
+        "vw": {"f4": 16, "f8": 8},
+        "conv": {("f4", 8): 16, ("f4", 16): 12, ("f4", 32): 12, ("f4", 64): 4,
+                 ("f8", 4): 16, ("f8", 8): 12, ("f8", 16): 8, ("f8", 32): 4},
+        "wgrad": {("f4", 8): (16, 8, 4, 2, 1), ("f4", 16): (16, 8, 4, 2, 1),
+                  ("f4", 32): (12, 8, 4, 2, 1), ("f4", 64): (6, 4, 2, 1),
+                  ("f8", 4): (16, 8, 4, 2, 1), ("f8", 8): (16, 8, 4, 2, 1),
+                  ("f8", 16): (12, 8, 4, 2, 1), ("f8", 32): (6, 4, 2, 1)},
+    },
+    "avx2": {
+        "widths": {"f4": (8, 16), "f8": (4, 8)},
+        "vw": {"f4": 8, "f8": 4},
+        "conv": {("f4", 8): 12, ("f4", 16): 4, ("f8", 4): 12, ("f8", 8): 4},
+        "wgrad": {("f4", 8): (12, 8, 4, 2, 1), ("f4", 16): (6, 4, 2, 1),
+                  ("f8", 4): (12, 8, 4, 2, 1), ("f8", 8): (6, 4, 2, 1)},
+    },
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _isa() -> str:
+    """``avx512`` when the host (as numba compiles for it) has AVX-512F, else ``avx2``
+    (also the shapes used without AVX2: LLVM splits the vectors into what exists)."""
+    from numba.core.codegen import get_host_cpu_features
+
+    features = numba.config.CPU_FEATURES or get_host_cpu_features()
+    return "avx512" if "+avx512f" in features.split(",") else "avx2"
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return "f8" if dtype == torch.float64 else "f4"
+
+
+def _block_width(dt: str, channels: int) -> int:
+    """Channel block ``NR`` for ``channels`` output channels: the smallest of the tile widths
+    that holds them, else the widest (blocks of it, the last one padded)."""
+    widths = _TILES[_isa()]["widths"][dt]
+    for w in widths:
+        if channels <= w:
+            return w
+    return widths[-1]
+
+
+def _vector_width(dt: str, NR: int) -> int:
+    """Lanes per vector: the instruction set's widest, or one narrower vector for a narrower
+    block."""
+    return min(NR, _TILES[_isa()]["vw"][dt])
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_launch_lock = threading.Lock()
+_configured = False
+
+
+def _configure_threading() -> None:
+    """The one place this package sets numba configuration: the threading layer, before numba
+    starts its thread pool, and only when nobody chose one (``NUMBA_THREADING_LAYER`` unset
+    and no parallel numba code has run yet).
+
+    ``workqueue``: its idle threads block. numba's ``omp`` layer loads the system's GNU
+    OpenMP, a second runtime next to PyTorch's own ``libgomp``; its idle threads spin
+    (``GOMP_SPINCOUNT``) and, on this 2-core VM where ``pause`` is slow, kept a core busy for
+    ~0.3 s after every kernel, making single-threaded ``index_add_`` calls 15-30x slower.
+    ``tbb`` is not installed by the ``cpu`` extra. ``workqueue`` is not thread-safe: launches
+    are serialised by ``_launch_lock``."""
+    global _configured
+    if _configured:
+        return
+    from numba.np.ufunc import parallel as _parallel
+
+    if not _parallel._is_initialized and str(numba.config.THREADING_LAYER).lower() == "default":
+        numba.config.THREADING_LAYER = "workqueue"
+    _configured = True
+
+
+def _set_threads() -> int:
+    """numba's threads for the next parallel region (a per-thread setting in numba): torch's
+    ``torch.get_num_threads()``, capped by numba's pool (``NUMBA_NUM_THREADS``, the core count
+    unless set)."""
+    _configure_threading()
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+def _padded_weight(weight: torch.Tensor, NR: int, cdt: torch.dtype, flip: bool) -> torch.Tensor:
+    """``[K, C_in, C_out]`` contiguous in ``cdt``, output channels zero-padded to whole blocks of
+    ``NR`` (``flip``: offsets in reverse order). No copy when nothing changes."""
+    K, c_in, c_out = weight.shape
+    ncb = -(-c_out // NR)
+    w = weight.to(cdt)
+    if flip:
+        w = w.flip(0)
+    if ncb * NR != c_out:
+        w = torch.cat([w, w.new_zeros(K, c_in, ncb * NR - c_out)], 2)
+    return w.contiguous()
+
+
+def _launch(kernel, *args, dynamic: bool = True) -> None:
+    """Run a parallel kernel with torch's thread count; ``dynamic``: its tasks handed out one
+    at a time (blocks differ in work; which thread runs a task never changes a result), else
+    in equal contiguous ranges. Serialised by ``_launch_lock``: the ``workqueue`` layer takes
+    one parallel launch at a time."""
+    with _launch_lock:
+        if _set_threads() == 1 or not dynamic:
+            kernel(*args)
+            return
+        old = numba.set_parallel_chunksize(1)
+        try:
+            kernel(*args)
+        finally:
+            numba.set_parallel_chunksize(old)
+
+
+def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              plan: ConvPlan, flip: bool) -> torch.Tensor:
+    dtype = src.dtype
+    cdt = _compute_dtype(dtype)
+    K, c_in, c_out = weight.shape
+    if K != plan.kernel_volume or src.shape[0] != plan.n_in or src.shape[1] != c_in:
+        raise ValueError("features, weight and plan do not match")
+    n_dst = plan.n_out
+    if n_dst == 0:
+        return src.new_zeros(0, c_out)
+    dt = _dt(cdt)
+    NR = _block_width(dt, c_out)
+    MR = _TILES[_isa()]["conv"][(dt, NR)]
+    ncb = -(-c_out // NR)
+    x = src.to(cdt).contiguous()
+    w = _padded_weight(weight, NR, cdt, flip)
+    if bias is None:
+        b = _zeros(ncb * NR, cdt)
+    elif ncb * NR == c_out:
+        b = bias.to(cdt).contiguous()
+    else:
+        b = torch.zeros(ncb * NR, dtype=cdt)
+        b[:c_out] = bias
+    out = torch.empty(n_dst, c_out, dtype=cdt)
+    _launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(),
+            b.view(ncb, NR).numpy(), bias is not None, plan.block_rows, plan.bptr, plan.src,
+            plan.loc, out.numpy())
+    return out if cdt == dtype else out.to(dtype)
+
+
+_ZEROS = {}
+
+
+def _zeros(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A shared read-only zero vector (the bias of a conv without one)."""
+    z = _ZEROS.get((n, dtype))
+    if z is None:
+        z = _ZEROS[(n, dtype)] = torch.zeros(n, dtype=dtype)
+    return z
+
+
+def _plan(plan: Optional[ConvPlan], table: torch.Tensor, n_src: int) -> ConvPlan:
+    if plan is None:
+        return build_plan(table, n_src)
+    if plan.n_out != table.shape[1] or plan.kernel_volume != table.shape[0]:
+        raise ValueError("plan does not match the map")
+    return plan
+
+
+def conv_forward(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 nbr: torch.Tensor, plan: Optional[ConvPlan] = None) -> torch.Tensor:
+    """``out[j] = bias + sum_k features[nbr[k, j]] @ weight[k]`` -> ``[N_out, C_out]``;
+    ``plan`` = ``build_plan(nbr, N_in)`` (built here when not given)."""
+    plan = _plan(plan, nbr, features.shape[0])
+    return _run_conv(features, weight, bias, plan, flip=False)
+
+
+def conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, rev: torch.Tensor,
+                        plan: Optional[ConvPlan] = None, flip_offsets: bool = False) -> torch.Tensor:
+    """``grad_in[i] = sum_k grad_out[rev[k, i]] @ weight[k].T`` -> ``[N_in, C_in]``;
+    ``plan`` = ``build_plan(rev, N_out)``.
+
+    ``flip_offsets=True`` reads offset ``k`` of ``rev`` and ``plan`` as offset ``K-1-k``: for a
+    symmetric (submanifold) map pass the map's own ``nbr`` and forward plan (``rev[k] =
+    nbr[K-1-k]``), so one plan serves forward and backward."""
+    plan = _plan(plan, rev, grad_out.shape[0])
+    return _run_conv(grad_out, weight.transpose(1, 2), None, plan, flip=flip_offsets)
+
+
+def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: torch.Tensor,
+                         plan: Optional[ConvPlan] = None) -> torch.Tensor:
+    """``grad_w[k] = sum_j features[nbr[k, j]].T (outer) grad_out[j]`` -> ``[K, C_in, C_out]``
+    in the features' dtype (16-bit inputs accumulate in fp32); ``plan`` = ``build_plan(nbr,
+    N_in)``."""
+    plan = _plan(plan, nbr, features.shape[0])
+    dtype = features.dtype
+    cdt = _compute_dtype(dtype)
+    K = plan.kernel_volume
+    c_in, c_out = features.shape[1], grad_out.shape[1]
+    if grad_out.shape[0] != plan.n_out or features.shape[0] != plan.n_in:
+        raise ValueError("features, grad_out and plan do not match")
+    if plan.n_out == 0 or plan.n_in == 0:
+        return torch.zeros(K, c_in, c_out, dtype=dtype)
+    dt = _dt(cdt)
+    NR = _block_width(dt, c_out)
+    # input channels per tile: the shortest tile that holds them all (zero columns added);
+    # else the tallest tile, or a shorter one (at least half as tall) that divides C_in; else
+    # the tallest, the last tile overlapping its neighbour
+    heights = _TILES[_isa()]["wgrad"][(dt, NR)]
+    if c_in <= heights[0]:
+        MR = min(m for m in heights if m >= c_in)
+    else:
+        MR = next((m for m in heights if c_in % m == 0 and 2 * m >= heights[0]), heights[0])
+    ncb = -(-c_out // NR)
+    x = features.to(cdt).contiguous()
+    if c_in < MR:
+        x = torch.cat([x, x.new_zeros(x.shape[0], MR - c_in)], 1)
+    g = grad_out.to(cdt)
+    if ncb * NR != c_out:
+        gp = torch.zeros(plan.n_out, ncb * NR, dtype=cdt)
+        gp[:, :c_out] = g
+        g = gp
+    else:
+        g = g.contiguous()
+    ci_k = x.shape[1]
+    n_tiles = -(-ci_k // MR)
+    TR = n_tiles * MR
+    nblk = -(-plan.n_out // plan.block_rows)
+    nchunk = max(1, min(plan.n_out // WG_MIN_CHUNK_ROWS, nblk, WG_MAX_CHUNKS,
+                        WG_PARTIAL_BYTES // (K * TR * ncb * NR * x.element_size())))
+    chunk_blocks = -(-nblk // nchunk)
+    nchunk = -(-nblk // chunk_blocks)
+    out = torch.empty(K, ci_k, c_out, dtype=cdt)
+    direct = nchunk == 1 and ncb * NR == c_out == NR and TR == ci_k  # the one partial is out
+    part = out.view(1, K, 1, TR, NR) if direct else torch.empty(nchunk, K, ncb, TR, NR, dtype=cdt)
+    row_bytes = (ci_k + ncb * NR) * x.element_size()
+    pass_blocks = max(1, WG_PASS_BYTES // (row_bytes * plan.block_rows))
+    # several channel tiles re-read each pair's rows: in chunks that stay in L1 for all of them
+    pair_chunk = max(16, WG_CHUNK_BYTES // row_bytes) if n_tiles * ncb > 1 else 1 << 30
+    _launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(),
+            g.view(plan.n_out, ncb, NR).numpy(), plan.block_rows, plan.bptr, plan.cnt, plan.src,
+            plan.loc, chunk_blocks, pass_blocks, pair_chunk, part.numpy(), out.numpy(), not direct)
+    if ci_k != c_in:
+        out = out[:, :c_in].contiguous()
+    return out if cdt == dtype else out.to(dtype)
