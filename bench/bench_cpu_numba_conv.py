@@ -75,15 +75,15 @@ class Case:
         feats = torch.randn(coords.shape[0], c, generator=g)
         x = sp.SparseTensor(feats, coords, (H, W), B)
         tb = TorchBackend()
-        km = subm_map(x, (3, 3), (1, 1), tb)
+        km = subm_map(x, (3, 3), (1, 1), tb).kmap
         plan = nk.build_plan(km.nbr, km.n_in)
         weight = torch.randn(c, c, 3, 3, generator=g) * (1.0 / (9 * c) ** 0.5)  # nn.Conv2d layout
         w_kio = weight.permute(2, 3, 1, 0).reshape(K, c, c).contiguous()
         bias = torch.randn(c, generator=g)
         grad = torch.randn(coords.shape[0], c, generator=g)
         # the torch path's derived structures, built once as in a model
-        km.pairs, km.rev
-        tb._table(km, False), tb._table(km, True)
+        tb.conv_forward(feats, w_kio, bias, km), tb.conv_backward_input(grad, w_kio, km)
+        tb.conv_backward_weight(feats, grad, km)
         self.info = dict(shape=list(shape), channels=c, density=density, op=op, active=int(coords.shape[0]),
                          pairs=int((km.nbr >= 0).sum()), cpu=CPU)
         self.fns = {}

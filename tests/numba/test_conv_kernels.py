@@ -109,7 +109,7 @@ def subm(gen, c, n=(3, 40, 70), density=0.3, dtype=torch.float32):
     mask = torch.rand(B, H, W, generator=gen) < density
     coords = mask.nonzero().to(torch.int32)
     x = sp.SparseTensor(torch.randn(coords.shape[0], c, generator=gen, dtype=dtype), coords, (H, W), B)
-    return x.features, subm_map(x, (3, 3), (1, 1), TorchBackend())
+    return x.features, subm_map(x, (3, 3), (1, 1), TorchBackend()).kmap
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

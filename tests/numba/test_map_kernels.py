@@ -11,6 +11,7 @@ import torch  # noqa: E402
 import spconv2d as sp  # noqa: E402
 from spconv2d import backends, maps  # noqa: E402
 from spconv2d.backends.numba_kernels import maps as nm  # noqa: E402
+from spconv2d.backends.numba_kernels.runtime import PARALLEL_MIN_WORK  # noqa: E402
 from spconv2d.testing import conv2d_sites, conv_transpose2d_sites, random_sparse, sites  # noqa: E402
 
 BE = backends.resolve(torch.device("cpu"), "torch")
@@ -33,7 +34,7 @@ def _fresh(x):
                                             ((5, 5), (2, 1)), ((3, 5), (1, 2)), ((1, 3), (1, 1)), ((5, 1), (2, 2))])
 def test_subm_matches_torch_path(gen, path, ksize, dilation):
     x = _x(gen)
-    ref = maps.subm_map(x, ksize, dilation, BE).nbr
+    ref = maps.subm_map(x, ksize, dilation, BE).kmap.nbr
     got = nm.subm_table(x.coords, x.batch_size, x.spatial_shape, ksize, dilation, **PATHS[path])
     assert got.dtype == torch.int32 and torch.equal(got, ref)
 
@@ -44,13 +45,13 @@ def test_subm_densities_and_index_strategies(gen, path, density):
     x = _x(gen, (17, 9), density, batch=2, empty=())
     got = nm.subm_table(x.coords, x.batch_size, x.spatial_shape, 3, 1, **PATHS[path])
     for strategy in ("grid", "sort"):
-        assert torch.equal(got, maps.subm_map(_fresh(x), (3, 3), (1, 1), BE, strategy).nbr)
+        assert torch.equal(got, maps.subm_map(_fresh(x), (3, 3), (1, 1), BE, strategy).kmap.nbr)
 
 
 def test_subm_raster_order_input(gen):
     x = random_sparse(2, 1, (8, 10), 0.4, shuffle=False, generator=gen)
     for kw in PATHS.values():
-        assert torch.equal(nm.subm_table(x.coords, 2, (8, 10), 3, **kw), maps.subm_map(x, (3, 3), (1, 1), BE).nbr)
+        assert torch.equal(nm.subm_table(x.coords, 2, (8, 10), 3, **kw), maps.subm_map(x, (3, 3), (1, 1), BE).kmap.nbr)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -80,9 +81,9 @@ def test_int64_keys(gen):
     c = torch.unique(c, dim=0)
     c = c[torch.randperm(c.shape[0], generator=gen)].to(torch.int32)
     x = sp.SparseTensor(torch.zeros(c.shape[0], 1), c, (H, W), 2)
-    assert x._cs.keys.dtype == torch.int64
+    assert x.coord_set.keys.dtype == torch.int64
     assert nm.key_dtype(2, (H, W)) is not None and not nm.use_grid(2 * H * W, c.shape[0])
-    assert torch.equal(nm.subm_table(c, 2, (H, W), 3), maps.subm_map(x, (3, 3), (1, 1), BE).nbr)
+    assert torch.equal(nm.subm_table(c, 2, (H, W), 3), maps.subm_map(x, (3, 3), (1, 1), BE).kmap.nbr)
     oc, nbr = nm.conv_table(c, 2, (H, W), 3, 2, 1)
     cs, km = maps.conv_map(x, (3, 3), (2, 2), (1, 1), (1, 1))
     assert torch.equal(oc, cs.coords) and torch.equal(nbr, km.nbr)
@@ -174,11 +175,11 @@ def test_lookup_transposed_onto_target(gen, geom):
     target = _x(gen, (13, 11))
     offsets = _transposed_offsets(k, p, r)
     down_cs, _ = maps.conv_map(target, k, s, p, r)
-    coarse = random_sparse(3, 1, down_cs.spatial_shape, 0.5, empty=(2,), generator=gen)._cs
+    coarse = random_sparse(3, 1, down_cs.spatial_shape, 0.5, empty=(2,), generator=gen).coord_set
     coarse.name = ("unrelated", geom)
-    for cs in (down_cs, target._manager.add(coarse)):
-        x = sp.SparseTensor._from_coordset(torch.zeros(cs.num, 1, dtype=torch.float64), cs, target._manager)
-        ref = maps.conv_transpose_to_map(x, target, k, s, p, r, BE).nbr
+    for cs in (down_cs, target.coordinate_manager.add(coarse)):
+        x = target.derive(torch.zeros(cs.num, 1, dtype=torch.float64), cs)
+        ref = maps.conv_transpose_to_map(x, target, k, s, p, r, BE).kmap.nbr
         for kw in PATHS.values():
             got = nm.lookup_table(x.coords, 3, x.spatial_shape, target.coords, (1, 1), offsets, s, **kw)
             assert torch.equal(got, ref)
@@ -191,7 +192,7 @@ def test_lookup_matches_neighbor_table(gen, scale, divisor, strategy):
     x = _x(gen, (9, 12))
     out = random_sparse(3, 1, (14, 10), 0.4, empty=(0,), generator=gen)
     offsets = torch.randint(-5, 6, (7, 2), generator=gen)
-    idx = x._cs.index(BE, strategy)
+    idx = x.coord_set.index(BE, strategy)
     ref = BE.neighbor_table(idx, out.coords, x.spatial_shape, scale, offsets, divisor)
     for kw in PATHS.values():
         got = nm.lookup_table(x.coords, 3, x.spatial_shape, out.coords, scale, offsets, divisor, **kw)
@@ -215,7 +216,7 @@ def test_reverse_table(gen):
 
 def test_same_result_on_one_and_two_threads(gen):
     x = _x(gen, (128, 192), 0.3, batch=2, empty=())
-    assert x.num_active * 9 >= nm.PARALLEL_MIN_WORK  # (two threads do run)
+    assert x.num_active * 9 >= PARALLEL_MIN_WORK  # (two threads do run)
     old = torch.get_num_threads()
     results = []
     try:
@@ -298,10 +299,9 @@ def test_scratch_grid_left_clean(gen):
         nm.subm_table(dup, 3, (40, 60), 3)
     with pytest.raises(ValueError):
         nm.check_coords(dup, 3, (40, 60))
-    buf = nm._scratch.grid
-    assert buf is not None and bool((buf == -1).all())
+    assert nm.scratch_size() > 0 and nm.scratch_is_clear()
     nm.release_scratch()
-    assert nm._scratch_size() == 0
+    assert nm.scratch_size() == 0
 
 
 def test_first_kernel_keeps_torch_threads():

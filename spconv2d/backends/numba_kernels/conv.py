@@ -86,10 +86,8 @@ torch path's results differ by rounding). float16 / bfloat16 are converted to fl
 launcher and the result is rounded once. Index arithmetic (``row * channels``) is 64-bit.
 
 Threads: each launch uses ``torch.get_num_threads()`` numba threads (capped by
-``NUMBA_NUM_THREADS``), tasks handed out dynamically. Threading layer: ``workqueue``, set in
-``_configure_threading`` (the only numba configuration this package touches, and only while
-nobody has chosen or started one; why not ``omp`` is explained there). Launches are serialised
-by a lock (``workqueue`` takes one parallel launch at a time).
+``NUMBA_NUM_THREADS``), tasks handed out dynamically, through ``runtime.launch`` (the
+``workqueue`` threading layer, one launch at a time; see ``runtime``).
 
 Compilation: nothing compiles at import; each specialisation compiles on first use and is
 cached on disk (``cache=True``: numba's ``__pycache__`` next to this file, or numba's user cache
@@ -109,6 +107,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .runtime import launch
 
 #: Output rows per block (one task of the forward / input-gradient kernels, the unit of the
 #: plan): chosen per map between these bounds so that an offset's segment of a block holds
@@ -606,42 +606,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_launch_lock = threading.Lock()
-_configured = False
-
-
-def _configure_threading() -> None:
-    """The one place this package sets numba configuration: the threading layer, before numba
-    starts its thread pool, and only when nobody chose one (``NUMBA_THREADING_LAYER`` unset
-    and no parallel numba code has run yet).
-
-    ``workqueue``: its idle threads block. numba's ``omp`` layer loads the system's GNU
-    OpenMP, a second runtime next to PyTorch's own ``libgomp``; its idle threads spin
-    (``GOMP_SPINCOUNT``) and, on this 2-core VM where ``pause`` is slow, kept a core busy for
-    ~0.3 s after every kernel, making single-threaded ``index_add_`` calls 15-30x slower.
-    ``tbb`` is not installed by the ``cpu`` extra. ``workqueue`` is not thread-safe: launches
-    are serialised by ``_launch_lock``."""
-    global _configured
-    if _configured:
-        return
-    from numba.np.ufunc import parallel as _parallel
-
-    if not _parallel._is_initialized and str(numba.config.THREADING_LAYER).lower() == "default":
-        numba.config.THREADING_LAYER = "workqueue"
-    _configured = True
-
-
-def _set_threads() -> int:
-    """numba's threads for the next parallel region (a per-thread setting in numba): torch's
-    ``torch.get_num_threads()``, capped by numba's pool (``NUMBA_NUM_THREADS``, the core count
-    unless set)."""
-    _configure_threading()
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n
-
-
 def _padded_weight(weight: torch.Tensor, NR: int, cdt: torch.dtype, flip: bool) -> torch.Tensor:
     """``[K, C_in, C_out]`` contiguous in ``cdt``, output channels zero-padded to whole blocks of
     ``NR`` (``flip``: offsets in reverse order). No copy when nothing changes."""
@@ -653,22 +617,6 @@ def _padded_weight(weight: torch.Tensor, NR: int, cdt: torch.dtype, flip: bool) 
     if ncb * NR != c_out:
         w = torch.cat([w, w.new_zeros(K, c_in, ncb * NR - c_out)], 2)
     return w.contiguous()
-
-
-def _launch(kernel, *args, dynamic: bool = True) -> None:
-    """Run a parallel kernel with torch's thread count; ``dynamic``: its tasks handed out one
-    at a time (blocks differ in work; which thread runs a task never changes a result), else
-    in equal contiguous ranges. Serialised by ``_launch_lock``: the ``workqueue`` layer takes
-    one parallel launch at a time."""
-    with _launch_lock:
-        if _set_threads() == 1 or not dynamic:
-            kernel(*args)
-            return
-        old = numba.set_parallel_chunksize(1)
-        try:
-            kernel(*args)
-        finally:
-            numba.set_parallel_chunksize(old)
 
 
 def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -695,9 +643,9 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         b = torch.zeros(ncb * NR, dtype=cdt)
         b[:c_out] = bias
     out = torch.empty(n_dst, c_out, dtype=cdt)
-    _launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(),
-            b.view(ncb, NR).numpy(), bias is not None, plan.block_rows, plan.bptr, plan.src,
-            plan.loc, out.numpy())
+    launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(),
+           b.view(ncb, NR).numpy(), bias is not None, plan.block_rows, plan.bptr, plan.src,
+           plan.loc, out.numpy(), dynamic=True)
     return out if cdt == dtype else out.to(dtype)
 
 
@@ -790,9 +738,10 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
     pass_blocks = max(1, WG_PASS_BYTES // (row_bytes * plan.block_rows))
     # several channel tiles re-read each pair's rows: in chunks that stay in L1 for all of them
     pair_chunk = max(16, WG_CHUNK_BYTES // row_bytes) if n_tiles * ncb > 1 else 1 << 30
-    _launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(),
-            g.view(plan.n_out, ncb, NR).numpy(), plan.block_rows, plan.bptr, plan.cnt, plan.src,
-            plan.loc, chunk_blocks, pass_blocks, pair_chunk, part.numpy(), out.numpy(), not direct)
+    launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(),
+           g.view(plan.n_out, ncb, NR).numpy(), plan.block_rows, plan.bptr, plan.cnt, plan.src,
+           plan.loc, chunk_blocks, pass_blocks, pair_chunk, part.numpy(), out.numpy(), not direct,
+           dynamic=True)
     if ci_k != c_in:
         out = out[:, :c_in].contiguous()
     return out if cdt == dtype else out.to(dtype)

@@ -21,7 +21,7 @@ Contract
 * Deterministic: every output entry is written by exactly one iteration; the only shared
   writes are occupancy marks of the same value. Parallel loops (``prange``) use
   ``min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)`` threads, one below
-  ``PARALLEL_MIN_WORK`` elementary steps.
+  ``runtime.PARALLEL_MIN_WORK`` elementary steps, one launch at a time (``runtime``).
 * Compiled lazily on first call and cached on disk (``cache=True``); importing this module
   compiles nothing and touches no environment variable.
 """
@@ -35,6 +35,8 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange
+
+from .runtime import parallel_kernel, request_threads, threads_for
 
 Pair = Tuple[int, int]
 
@@ -70,41 +72,21 @@ def _scratch_grid(size: int) -> np.ndarray:
     return buf
 
 
-def _scratch_size() -> int:
+def scratch_size() -> int:
+    """Cells of this thread's scratch grid (0: none)."""
     buf = getattr(_scratch, "grid", None)
     return 0 if buf is None else buf.shape[0]
+
+
+def scratch_is_clear() -> bool:
+    """True when this thread's scratch grid is absent or all -1 (the invariant between calls)."""
+    buf = getattr(_scratch, "grid", None)
+    return buf is None or bool((buf == -1).all())
 
 
 def release_scratch() -> None:
     """Free this thread's scratch grid."""
     _scratch.grid = None
-
-
-# Below this many elementary steps (lookups, cells) a kernel runs on one thread: a parallel
-# region costs microseconds on an idle machine and, measured on a loaded 2-core machine,
-# milliseconds when the second thread has to wait for a core. (Chosen, not tuned.)
-PARALLEL_MIN_WORK = 1 << 15
-
-
-_layer_started = False
-
-
-def _threads(work: int) -> None:
-    """Threads for the next kernel: torch's count (capped by numba's pool), one for small work.
-
-    The first call starts numba's threading layer, which (measured: the ``omp`` layer, numba
-    0.68, torch 2.14) sets the thread count of the OpenMP runtime torch uses to
-    ``NUMBA_NUM_THREADS``: ``torch.get_num_threads()`` silently changes from what the user set.
-    Torch's count is restored right after."""
-    global _layer_started
-    t = torch.get_num_threads()
-    if not _layer_started:
-        numba.set_num_threads(1)  # (starts the layer)
-        if torch.get_num_threads() != t:
-            torch.set_num_threads(t)
-        _layer_started = True
-    n = min(t, numba.config.NUMBA_NUM_THREADS) if work >= PARALLEL_MIN_WORK else 1
-    numba.set_num_threads(max(1, n))
 
 
 def _pair(v, name: str) -> Pair:
@@ -138,13 +120,13 @@ def use_grid(key_space: int, n: int, grid_max_keys: int = GRID_MAX_KEYS,
 def _lookup_grid_ok(key_space: int, n: int, grid_max_keys: int, grid_keys_per_site: int) -> bool:
     """``use_grid``, or a lookup that fits the scratch buffer this thread already holds."""
     return use_grid(key_space, n, grid_max_keys, grid_keys_per_site) or (
-        key_space <= grid_max_keys and key_space <= min(_scratch_size(), SCRATCH_MAX_KEYS))
+        key_space <= grid_max_keys and key_space <= min(scratch_size(), SCRATCH_MAX_KEYS))
 
 
 # -----------------------------------------------------------------------------------------
 # kernels: indexes
 # -----------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _pack_keys(coords, H, W, keys):
     for i in prange(coords.shape[0]):
         keys[i] = (coords[i, 0] * H + coords[i, 1]) * W + coords[i, 2]
@@ -197,7 +179,7 @@ def _sorted_index(coords: np.ndarray, batch_size: int, spatial_shape: Pair):
 # -----------------------------------------------------------------------------------------
 # kernels: validation (what ``SparseTensor(check=True)`` does: range, keys, duplicates)
 # -----------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _validate(coords, B, H, W, out, keys):
     """Contiguous int32 copy of ``coords`` (any strides, int32 or int64) and their keys; returns
     how many rows lie outside the grid (their keys are left -1)."""
@@ -217,7 +199,7 @@ def _validate(coords, B, H, W, out, keys):
     return bad
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _count_duplicates_grid(keys, grid):
     """Rows whose key another row also holds (scatter every row, then check it stuck: exact and
     deterministic although which duplicate wins the scatter is not). ``grid`` (all -1) is left
@@ -252,7 +234,7 @@ def check_coords(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[
         return out, torch.from_numpy(keys)
     key_space = batch_size * H * W
     grid = _lookup_grid_ok(key_space, n, grid_max_keys, grid_keys_per_site)
-    _threads(n)
+    request_threads(n)
     if _validate(coords.numpy(), batch_size, H, W, out.numpy(), keys):
         from ...tensor import _check_range
         _check_range(coords, (H, W), batch_size)  # raises with the first bad row
@@ -271,7 +253,7 @@ def check_coords(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[
 # -----------------------------------------------------------------------------------------
 # kernels: submanifold
 # -----------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _subm_grid(coords, H, W, py, px, delta, centre, grid):
     """Submanifold table from a grid padded by ``(py, px)`` cells of -1 on each side, so every
     neighbour is one unchecked load ``grid[key + delta[k]]``. Returns ``(nbr, bad)``, ``bad``
@@ -309,7 +291,7 @@ def _lower_bound(skeys, q, lo):
     return lo
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _subm_sorted(coords, skeys, perm, has_perm, H, W, kh, kw, ry, rx, nbr):
     """Submanifold table from sorted keys: one binary search per kernel row, then a forward
     scan over that image row for the ``kw`` offsets (their keys ascend)."""
@@ -374,13 +356,13 @@ def subm_table(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[in
     py, px = (kh // 2) * ry, (kw // 2) * rx
     grid_size = batch_size * (H + 2 * py) * (W + 2 * px)
     if _lookup_grid_ok(grid_size, n, grid_max_keys, grid_keys_per_site):
-        _threads(n * K)
+        request_threads(n * K)
         nbr, bad = _subm_grid(c, H, W, py, px, offs[:, 0] * (W + 2 * px) + offs[:, 1], centre,
                               _scratch_grid(grid_size))
         if bad:
             _raise_duplicate(c, batch_size, (H, W))
     else:
-        _threads(n * K)
+        request_threads(n * K)
         nbr = np.empty((K, n), np.int32)
         skeys, perm = _sorted_index(c, batch_size, (H, W))
         if _first_duplicate(skeys) >= 0:
@@ -406,7 +388,7 @@ def _affine(o, scale, off, div, size):
     return q
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _lookup_grid(in_coords, H, W, out_coords, sy, sx, offs, dy, dx, nbr, grid):
     """``grid`` (all -1, at least ``B * H * W`` cells) is left all -1."""
     K = offs.shape[0]
@@ -428,7 +410,7 @@ def _lookup_grid(in_coords, H, W, out_coords, sy, sx, offs, dy, dx, nbr, grid):
         grid[(in_coords[i, 0] * H + in_coords[i, 1]) * W + in_coords[i, 2]] = -1
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _lookup_sorted(skeys, perm, has_perm, H, W, out_coords, sy, sx, offs, dy, dx, nbr):
     K = offs.shape[0]
     for j in prange(out_coords.shape[0]):
@@ -468,10 +450,10 @@ def lookup_table(in_coords: torch.Tensor, in_batch: int, in_shape: Sequence[int]
     key_space = in_batch * H * W
     work = c_out.shape[0] * offs.shape[0]
     if _lookup_grid_ok(key_space, max(c_in.shape[0], c_out.shape[0]), grid_max_keys, grid_keys_per_site):
-        _threads(work + c_in.shape[0])
+        request_threads(work + c_in.shape[0])
         _lookup_grid(c_in, H, W, c_out, sy, sx, offs, dy, dx, nbr, _scratch_grid(key_space))
     else:
-        _threads(work)
+        request_threads(work)
         skeys, perm = _sorted_index(c_in, in_batch, (H, W))
         _lookup_sorted(skeys, perm if perm is not None else np.empty(0, np.int32), perm is not None,
                        H, W, c_out, sy, sx, offs, dy, dx, nbr)
@@ -481,7 +463,7 @@ def lookup_table(in_coords: torch.Tensor, in_batch: int, in_shape: Sequence[int]
 # -----------------------------------------------------------------------------------------
 # kernels: generated outputs (strided and transposed), ``out = (in * mul + off[k]) / div``
 # -----------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _mark(coords, Ho, Wo, my, mx, offs, dy, dx, occ):
     """``occ[key] = 0`` (from -1) for every output some input proposes (same-value writes only)."""
     K = offs.shape[0]
@@ -497,7 +479,7 @@ def _mark(coords, Ho, Wo, my, mx, offs, dy, dx, occ):
                     occ[(b * Ho + oy) * Wo + ox] = 0
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _mark_blocks(coords, Ho, Wo, sy, sx, occ):
     """k == s, p == 0, r == 1: each input proposes its block's output only."""
     for i in prange(coords.shape[0]):
@@ -507,7 +489,7 @@ def _mark_blocks(coords, Ho, Wo, sy, sx, occ):
             occ[(coords[i, 0] * Ho + oy) * Wo + ox] = 0
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _number_rows(occ, B, Ho, Wo, K, nchunks):
     """Occupied cells -> their raster rank (in place); the output coordinates; ``nbr [K, M]``
     initialised to -1."""
@@ -543,7 +525,7 @@ def _number_rows(occ, B, Ho, Wo, K, nchunks):
     return out, nbr
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _fill_grid(coords, Ho, Wo, my, mx, offs, dy, dx, rows, nbr, out):
     """``nbr[k, rows[key(out)]] = i``: each (k, output) has one input, so no write collides.
     Then the cells of ``rows`` that ``out`` occupies are reset to -1."""
@@ -562,7 +544,7 @@ def _fill_grid(coords, Ho, Wo, my, mx, offs, dy, dx, rows, nbr, out):
         rows[(out[r, 0] * Ho + out[r, 1]) * Wo + out[r, 2]] = -1
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _fill_blocks(coords, Ho, Wo, sy, sx, kw, rows, nbr, out):
     for i in prange(coords.shape[0]):
         iy = coords[i, 1]
@@ -575,7 +557,7 @@ def _fill_blocks(coords, Ho, Wo, sy, sx, kw, rows, nbr, out):
         rows[(out[r, 0] * Ho + out[r, 1]) * Wo + out[r, 2]] = -1
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _count_proposals(coords, Ho, Wo, my, mx, offs, dy, dx, counts):
     K = offs.shape[0]
     for i in prange(coords.shape[0]):
@@ -588,7 +570,7 @@ def _count_proposals(coords, Ho, Wo, my, mx, offs, dy, dx, counts):
         counts[i + 1] = c
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _write_proposals(coords, Ho, Wo, my, mx, offs, dy, dx, start, keys):
     K = offs.shape[0]
     for i in prange(coords.shape[0]):
@@ -615,7 +597,7 @@ def _unique_sorted(skeys):
     return n
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _fill_sorted(coords, Ho, Wo, my, mx, offs, dy, dx, out_keys, nbr):
     K = offs.shape[0]
     for i in prange(coords.shape[0]):
@@ -630,7 +612,7 @@ def _fill_sorted(coords, Ho, Wo, my, mx, offs, dy, dx, out_keys, nbr):
                     nbr[k, _find(out_keys, (b * Ho + oy) * Wo + ox)] = i
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _unpack(keys, Ho, Wo, K):
     """Output coordinates of sorted unique keys and ``nbr [K, M]`` initialised to -1."""
     m = keys.shape[0]
@@ -656,20 +638,20 @@ def _generate(c: np.ndarray, batch_size: int, out_shape: Pair, K: int, mul: Pair
         return torch.zeros((0, 3), dtype=torch.int32), torch.zeros((K, 0), dtype=torch.int32)
     key_space = batch_size * Ho * Wo
     if use_grid(key_space, n, grid_max_keys, grid_keys_per_site):
-        _threads(max(n * K, key_space))
+        request_threads(max(n * K, key_space))
         occ = _scratch_grid(key_space)  # all -1; marked cells are reset by the fill
         if blocks is not None:
             _mark_blocks(c, Ho, Wo, blocks[0], blocks[1], occ)
         else:
             _mark(c, Ho, Wo, mul[0], mul[1], offs, div[0], div[1], occ)
-        nchunks = min(batch_size * Ho, 8 * numba.get_num_threads())
+        nchunks = min(batch_size * Ho, 8 * threads_for(max(n * K, key_space)))
         out, nbr = _number_rows(occ, batch_size, Ho, Wo, K, nchunks)
         if blocks is not None:
             _fill_blocks(c, Ho, Wo, blocks[0], blocks[1], blocks[2], occ, nbr, out)
         else:
             _fill_grid(c, Ho, Wo, mul[0], mul[1], offs, div[0], div[1], occ, nbr, out)
         return torch.from_numpy(out), torch.from_numpy(nbr)
-    _threads(n * K)
+    request_threads(n * K)
     counts = np.zeros(n + 1, np.int64)
     _count_proposals(c, Ho, Wo, mul[0], mul[1], offs, div[0], div[1], counts)
     start = np.cumsum(counts)
@@ -749,7 +731,7 @@ def conv_transpose_table(coords: torch.Tensor, batch_size: int, spatial_shape: S
 # -----------------------------------------------------------------------------------------
 # derived tables
 # -----------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _reverse(nbr, rev):
     K = nbr.shape[0]
     for k in prange(K):
@@ -764,6 +746,6 @@ def reverse_table(nbr: torch.Tensor, n_in: int) -> torch.Tensor:
     a = nbr.to(torch.int32).contiguous().numpy()
     rev = np.full((a.shape[0], n_in), -1, np.int32)
     if a.size:
-        _threads(a.size)
+        request_threads(a.size)
         _reverse(a, rev)
     return torch.from_numpy(rev)

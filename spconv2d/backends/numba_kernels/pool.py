@@ -18,7 +18,7 @@ Contract
 * Deterministic, no atomics: forward is output-stationary (one iteration per output row),
   backward input-stationary over ``rev`` (one iteration per input row). Parallel over rows with
   ``min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)`` threads (one for small
-  inputs, ``maps.PARALLEL_MIN_WORK``).
+  inputs, ``runtime.PARALLEL_MIN_WORK``), one launch at a time.
 * Compiled lazily on first call and cached on disk (``cache=True``).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .maps import _threads  # (one thread below maps.PARALLEL_MIN_WORK steps)
+from .runtime import parallel_kernel, request_threads
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -53,7 +53,7 @@ def _table(t: torch.Tensor, name: str) -> np.ndarray:
 # -----------------------------------------------------------------------------------------
 # kernels
 # -----------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _max_forward(f, nbr, out, arg):
     K = nbr.shape[0]
     C = f.shape[1]
@@ -77,7 +77,7 @@ def _max_forward(f, nbr, out, arg):
                     a[c] = k
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _max_backward(g, arg, rev, gin):
     K = rev.shape[0]
     C = g.shape[1]
@@ -96,7 +96,7 @@ def _max_backward(g, arg, rev, gin):
                     acc[c] += gj[c]
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _avg_forward(f, nbr, out, count):
     K = nbr.shape[0]
     C = f.shape[1]
@@ -119,7 +119,7 @@ def _avg_forward(f, nbr, out, count):
             o[c] = o[c] / d
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@parallel_kernel
 def _avg_backward(g, count, rev, gin):
     K = rev.shape[0]
     C = g.shape[1]
@@ -152,7 +152,7 @@ def max_pool_forward(features: torch.Tensor, nbr: torch.Tensor) -> Tuple[torch.T
     out = torch.empty((n_out, f.shape[1]), dtype=features.dtype)
     arg = torch.empty((n_out, f.shape[1]), dtype=argmax_dtype(K))
     if n_out and f.shape[1]:
-        _threads(t.size * f.shape[1])
+        request_threads(t.size * f.shape[1])
         _max_forward(f, t, out.numpy(), arg.numpy())
     return out, arg
 
@@ -164,7 +164,7 @@ def max_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rev: torch.T
         raise ValueError(f"argmax has shape {tuple(argmax.shape)}, grad_out {g.shape}")
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
-        _threads(r.size * g.shape[1])
+        request_threads(r.size * g.shape[1])
         _max_backward(g, argmax.contiguous().numpy(), r, gin.numpy())
     return gin
 
@@ -177,7 +177,7 @@ def avg_pool_forward(features: torch.Tensor, nbr: torch.Tensor) -> Tuple[torch.T
     out = torch.empty((n_out, f.shape[1]), dtype=features.dtype)
     count = torch.empty(n_out, dtype=features.dtype)
     if n_out:
-        _threads(t.size * f.shape[1])
+        request_threads(t.size * f.shape[1])
         _avg_forward(f, t, out.numpy(), count.numpy())
     return out, count
 
@@ -187,6 +187,6 @@ def avg_pool_backward(grad_out: torch.Tensor, count: torch.Tensor, rev: torch.Te
     g, r = _features(grad_out, "grad_out"), _table(rev, "rev")
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
-        _threads(r.size * g.shape[1])
+        request_threads(r.size * g.shape[1])
         _avg_backward(g, count.to(grad_out.dtype).contiguous().numpy(), r, gin.numpy())
     return gin

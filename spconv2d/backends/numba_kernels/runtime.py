@@ -1,0 +1,101 @@
+"""How the numba kernels run: the threading layer, the thread count, one launch at a time.
+
+* **Threading layer** (:func:`configure_threading`, the one place this package sets numba
+  configuration): ``workqueue``, chosen only when nobody chose a layer (``NUMBA_THREADING_LAYER``
+  unset) and before numba starts its pool. Its idle threads block. numba's ``omp`` layer loads
+  the system's GNU OpenMP next to PyTorch's own ``libgomp``; its idle threads spin and slowed
+  PyTorch's single-threaded ops after every kernel (docs/ARCHITECTURE.md, "Measured choices");
+  ``tbb`` is not installed by the ``cpu`` extra.
+* **Threads**: each launch uses ``torch.get_num_threads()`` threads (capped by numba's pool,
+  ``NUMBA_NUM_THREADS``), one when the kernel has less than ``PARALLEL_MIN_WORK`` elementary
+  steps; starting numba's layer can change PyTorch's OpenMP thread count, which is restored.
+  So the backend never runs more threads than the user gave PyTorch, and never both at once.
+* **One launch at a time**: the ``workqueue`` layer takes one parallel launch per process;
+  :func:`launch` and kernels decorated with :func:`parallel_kernel` hold one lock.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Optional
+
+import numba
+import torch
+from numba import njit
+
+# Below this many elementary steps (lookups, cells, multiply-adds / 64) a kernel runs on one
+# thread: a parallel region costs microseconds on an idle machine and milliseconds when the
+# second thread waits for a busy core. (Chosen, not tuned.)
+PARALLEL_MIN_WORK = 1 << 15
+
+_lock = threading.RLock()
+_configured = False
+_started = False
+_requested = threading.local()
+
+
+def configure_threading() -> None:
+    """Choose the ``workqueue`` layer unless the user chose one or numba's pool runs already."""
+    global _configured
+    if _configured:
+        return
+    from numba.np.ufunc import parallel as numba_parallel
+
+    if not numba_parallel._is_initialized and str(numba.config.THREADING_LAYER).lower() == "default":
+        numba.config.THREADING_LAYER = "workqueue"
+    _configured = True
+
+
+def _set_threads(n: int) -> None:
+    global _started
+    configure_threading()
+    if not _started:
+        t = torch.get_num_threads()
+        numba.set_num_threads(1)  # starts the layer
+        if torch.get_num_threads() != t:
+            torch.set_num_threads(t)
+        _started = True
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+def threads_for(work: Optional[int] = None) -> int:
+    """The thread count for a kernel with ``work`` elementary steps (None: no limit)."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    return 1 if work is not None and work < PARALLEL_MIN_WORK else n
+
+
+def request_threads(work: Optional[int] = None) -> None:
+    """Set the thread count the next :func:`parallel_kernel` call on this thread uses."""
+    _requested.n = threads_for(work)
+
+
+def launch(kernel, *args, work: Optional[int] = None, dynamic: bool = False):
+    """Run a parallel kernel under the lock with ``threads_for(work)`` threads; ``dynamic``:
+    its ``prange`` iterations handed out one at a time (for tasks of unequal size; which thread
+    runs a task never changes a result)."""
+    with _lock:
+        n = threads_for(work)
+        _set_threads(n)
+        if n == 1 or not dynamic:
+            return kernel(*args)
+        old = numba.set_parallel_chunksize(1)
+        try:
+            return kernel(*args)
+        finally:
+            numba.set_parallel_chunksize(old)
+
+
+def parallel_kernel(fn):
+    """``njit(parallel=True, cache=True, nogil=True)`` whose calls from Python go through the
+    lock with the thread count of the last :func:`request_threads` on this thread."""
+    dispatcher = njit(cache=True, parallel=True, nogil=True)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        with _lock:
+            _set_threads(getattr(_requested, "n", None) or threads_for())
+            return dispatcher(*args)
+
+    call.dispatcher = dispatcher
+    return call
