@@ -41,8 +41,12 @@ def occupancy_limit(n_sites: int) -> int:
     return max(OCCUPANCY_KEYS_PER_SITE * n_sites, OCCUPANCY_MIN_KEYS)
 
 
+def _strategy(cs: CoordSet, be: Backend, index: Optional[str] = None) -> str:
+    return backends.resolve_index_strategy(be, cs.key_space, index, cs.num)
+
+
 def _index(cs: CoordSet, be: Backend, index: Optional[str] = None):
-    return cs.index(be, backends.resolve_index_strategy(be, cs.key_space, index, cs.num))
+    return cs.index(be, _strategy(cs, be, index))
 
 
 def _mirror_fill(nbr: torch.Tensor, half: int) -> None:
@@ -64,6 +68,10 @@ def subm_map(x: SparseTensor, ksize: Pair, dilation: Pair, be: Backend, index: O
         device = cs.coords.device
         offsets = (kernel_offsets(ksize, device) - torch.tensor([ksize[0] // 2, ksize[1] // 2], device=device)) \
             * torch.tensor(dilation, device=device)
+        if c > 0:
+            fused = be.build_subm_table(cs, ksize, dilation, _strategy(cs, be, index))
+            if fused is not None:
+                return BuiltMap(cs, KernelMap(fused, n, ksize, symmetric=True, identity_offset=c))
         index_ = _index(cs, be, index) if c > 0 else None  # (a 1x1 map needs no lookup at all)
         if c > 0 and be.full_subm_lookup(index_):
             # every offset in one gather each beats half of them plus the mirror scatter
@@ -92,10 +100,11 @@ def _scatter_candidates(cand_keys, valid, K, device):
     return out_keys, nbr
 
 
-def conv_map(x: SparseTensor, ksize: Pair, stride: Pair, padding: Pair, dilation: Pair, *,
-             occupancy_max_keys: Optional[int] = None) -> BuiltMap:
+def conv_map(x: SparseTensor, ksize: Pair, stride: Pair, padding: Pair, dilation: Pair, be: Optional[Backend] = None,
+             *, occupancy_max_keys: Optional[int] = None) -> BuiltMap:
     """Strided conv / pool: output sites = every output position whose receptive field holds an
-    active input (DESIGN §2), in raster order. ``occupancy_max_keys``: the largest output key
+    active input (DESIGN §2), in raster order. ``be``: a backend whose fused builder is used
+    when it has one (None: the generic builder). ``occupancy_max_keys``: the largest output key
     space a k == s map is built on an occupancy grid for (default :func:`occupancy_limit`;
     ``unique`` over the candidates beyond; both give the same map)."""
     cs = x.coord_set
@@ -111,6 +120,9 @@ def conv_map(x: SparseTensor, ksize: Pair, stride: Pair, padding: Pair, dilation
                 f"stride={stride}, padding={padding}, dilation={dilation} (output would be {(Ho, Wo)})"
             )
         out_shape = (Ho, Wo)
+        fused = None if be is None else be.build_conv_table(cs, ksize, stride, padding, dilation)
+        if fused is not None:
+            return _strided_out(x, key, None, out_shape, stride, fused[1], ksize, out_coords=fused[0])
         device = cs.coords.device
         K = ksize[0] * ksize[1]
         c = cs.coords.long()
@@ -157,12 +169,12 @@ def conv_map(x: SparseTensor, ksize: Pair, stride: Pair, padding: Pair, dilation
     return x.coordinate_manager.get_or_build(key, build)
 
 
-def _strided_out(x: SparseTensor, key: MapKey, out_keys, out_shape, stride, nbr, ksize) -> BuiltMap:
+def _strided_out(x: SparseTensor, key: MapKey, out_keys, out_shape, stride, nbr, ksize, out_coords=None) -> BuiltMap:
     """The output set (registered with the manager) and the map of a strided conv / pool from
-    its sorted unique output keys."""
+    its sorted unique output keys (or its raster-ordered output coordinates)."""
     cs = x.coord_set
     out_cs = CoordSet(
-        unpack_keys(out_keys, out_shape), out_shape, cs.batch_size,
+        unpack_keys(out_keys, out_shape) if out_coords is None else out_coords, out_shape, cs.batch_size,
         (cs.stride[0] * stride[0], cs.stride[1] * stride[1]), keys=out_keys, name=key,
     )
     return BuiltMap(x.coordinate_manager.add(out_cs), KernelMap(nbr, cs.num, ksize))
@@ -170,8 +182,9 @@ def _strided_out(x: SparseTensor, key: MapKey, out_keys, out_shape, stride, nbr,
 
 # -- transposed convolution ---------------------------------------------------------------
 def conv_transpose_map(x: SparseTensor, ksize: Pair, stride: Pair, padding: Pair, dilation: Pair,
-                       output_padding: Pair = (0, 0)) -> BuiltMap:
-    """Generative transposed conv: every output site that receives a contribution, raster order."""
+                       output_padding: Pair = (0, 0), be: Optional[Backend] = None) -> BuiltMap:
+    """Generative transposed conv: every output site that receives a contribution, raster order
+    (``be``: as in :func:`conv_map`)."""
     cs = x.coord_set
     key = MapKey("convT", cs.name, ksize, stride, padding, dilation, output_padding)
 
@@ -182,6 +195,12 @@ def conv_transpose_map(x: SparseTensor, ksize: Pair, stride: Pair, padding: Pair
         if Ho < 1 or Wo < 1:
             raise ValueError(f"transposed conv output size {(Ho, Wo)} is empty for input {cs.spatial_shape}")
         out_shape = (Ho, Wo)
+        out_stride = (max(1, cs.stride[0] // stride[0]), max(1, cs.stride[1] // stride[1]))
+        fused = None if be is None else be.build_conv_transpose_table(cs, ksize, stride, padding, dilation,
+                                                                       output_padding)
+        if fused is not None:
+            out_cs = CoordSet(fused[0], out_shape, cs.batch_size, out_stride, name=key)
+            return BuiltMap(x.coordinate_manager.add(out_cs), KernelMap(fused[1], cs.num, ksize))
         device = cs.coords.device
         K = ksize[0] * ksize[1]
         c = cs.coords.long()
@@ -191,7 +210,6 @@ def conv_transpose_map(x: SparseTensor, ksize: Pair, stride: Pair, padding: Pair
         vmask = (oy >= 0) & (oy < Ho) & (ox >= 0) & (ox < Wo)
         cand = (c[:, 0].unsqueeze(0) * Ho + oy) * Wo + ox
         out_keys, nbr = _scatter_candidates(cand, vmask, K, device)
-        out_stride = (max(1, cs.stride[0] // stride[0]), max(1, cs.stride[1] // stride[1]))
         out_cs = CoordSet(unpack_keys(out_keys, out_shape), out_shape, cs.batch_size, out_stride, keys=out_keys,
                           name=key)
         return BuiltMap(x.coordinate_manager.add(out_cs), KernelMap(nbr, cs.num, ksize))
@@ -229,7 +247,9 @@ def conv_transpose_to_map(x: SparseTensor, target: SparseTensor, ksize: Pair, st
             return BuiltMap(ts, down.kmap.transpose())
         offs = kernel_offsets(ksize, cs.coords.device)
         offsets = torch.stack((padding[0] - offs[:, 0] * dilation[0], padding[1] - offs[:, 1] * dilation[1]), 1)
-        nbr = be.neighbor_table(_index(cs, be, index), ts.coords, cs.spatial_shape, (1, 1), offsets, stride)
+        nbr = be.build_lookup_table(cs, ts.coords, (1, 1), offsets, stride, _strategy(cs, be, index))
+        if nbr is None:
+            nbr = be.neighbor_table(_index(cs, be, index), ts.coords, cs.spatial_shape, (1, 1), offsets, stride)
         return BuiltMap(ts, KernelMap(nbr, cs.num, ksize))
 
     return manager.get_or_build(key, build)

@@ -7,7 +7,8 @@ suite may write the environment; the library never does). On a CUDA machine,
 
 Markers (applied as skips at collection):
     ``triton``  needs the Triton kernels somewhere: the interpreter or a GPU;
-    ``cuda``    needs compiled Triton on a CUDA device (bf16, TF32, autotuning, large shapes).
+    ``cuda``    needs compiled Triton on a CUDA device (bf16, TF32, autotuning, large shapes);
+    ``numba``   needs numba (the ``cpu`` extra: the fused CPU backend).
 Fixtures: ``gen`` (a seeded generator), ``triton_device`` (where the kernels run) and
 ``backend_case`` (the backends every oracle test runs on, with their dtype and tolerances).
 """
@@ -15,6 +16,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
@@ -23,12 +25,16 @@ import torch  # noqa: E402
 from spconv2d.testing import triton_device as _triton_device  # noqa: E402
 
 TRITON_DEVICE = _triton_device()
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
 def pytest_collection_modifyitems(config, items):
     no_triton = pytest.mark.skip(reason="needs triton: the interpreter (TRITON_INTERPRET=1) or a CUDA device")
     no_cuda = pytest.mark.skip(reason="needs CUDA and compiled Triton (TRITON_INTERPRET=0)")
+    no_numba = pytest.mark.skip(reason="needs numba (pip install 'spconv2d[cpu]')")
     for item in items:
+        if "numba" in item.keywords and not HAVE_NUMBA:
+            item.add_marker(no_numba)
         if "triton" in item.keywords and TRITON_DEVICE is None:
             item.add_marker(no_triton)
         if "cuda" in item.keywords and TRITON_DEVICE != "cuda":
@@ -36,9 +42,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_ignore_collect(collection_path, config):
-    # the kernel modules import triton at module level
-    if TRITON_DEVICE is None and collection_path.parent.name == "kernels" and collection_path.suffix == ".py":
-        return True
+    # the kernel modules import triton / numba at module level
+    if collection_path.suffix == ".py":
+        if TRITON_DEVICE is None and collection_path.parent.name == "kernels":
+            return True
+        if not HAVE_NUMBA and collection_path.parent.name == "numba":
+            return True
     return None
 
 
@@ -93,6 +102,12 @@ def _cases():
                        id="torch-fp32")
     yield pytest.param(("torch-fp16", lambda: "torch", "cpu", torch.float16, dict(rtol=2e-2, atol=2e-2)),
                        id="torch-fp16")
+    yield pytest.param(("numba-fp64", lambda: "numba", "cpu", torch.float64, exact), id="numba-fp64",
+                       marks=pytest.mark.numba)
+    yield pytest.param(("numba-fp32", lambda: "numba", "cpu", torch.float32, dict(rtol=1e-4, atol=1e-4)),
+                       id="numba-fp32", marks=pytest.mark.numba)
+    yield pytest.param(("numba-fp16", lambda: "numba", "cpu", torch.float16, dict(rtol=2e-2, atol=2e-2)),
+                       id="numba-fp16", marks=pytest.mark.numba)
     dev = TRITON_DEVICE or "cpu"
     yield pytest.param(("triton-fp32", lambda: "triton", dev, torch.float32, dict(rtol=1e-4, atol=1e-4)),
                        id="triton-fp32", marks=pytest.mark.triton)

@@ -3,8 +3,9 @@
 A backend is an instance of a :class:`~spconv2d.backends.base.Backend` subclass; its options are
 constructor arguments. Precedence: an explicit ``backend=`` argument (a name or an instance),
 then the innermost ``with sp.backend(...)`` block, then the environment variable
-``SPCONV2D_BACKEND`` (a name), then ``auto``: CUDA tensors use the Triton kernels, everything
-else the PyTorch path.
+``SPCONV2D_BACKEND`` (a name), then ``auto``: CUDA tensors use the Triton kernels, CPU tensors
+the fused numba kernels when numba is installed (the ``cpu`` extra), everything else the
+PyTorch path.
 
     with sp.backend("torch", gather="table"): ...          # a name and its options
     with sp.backend(TorchBackend(dense_fallback=False)): ...  # an instance
@@ -20,6 +21,7 @@ The lookup index (``sort``, ``grid`` or ``hash``) is chosen likewise: ``index=``
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -29,7 +31,7 @@ import torch
 
 from .base import Backend, CoordIndex  # noqa: F401  (re-exported)
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "numba", "triton")
 INDEX_STRATEGIES = ("auto", "sort", "grid", "hash")
 
 BackendSpec = Union[str, Backend]
@@ -70,6 +72,19 @@ def _torch_backend_class():
     return TorchBackend
 
 
+def numba_available() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def _numba_backend_class():
+    if not numba_available():
+        raise RuntimeError("backend 'numba' was requested but the 'numba' package is not installed "
+                           "(pip install 'spconv2d[cpu]')")
+    from .numba_backend import NumbaBackend
+
+    return NumbaBackend
+
+
 def _triton_backend_class():
     if not triton_available():
         raise RuntimeError("backend 'triton' was requested but the 'triton' package is not installed")
@@ -78,7 +93,8 @@ def _triton_backend_class():
     return TritonBackend
 
 
-_CLASSES: Dict[str, Callable[[], type]] = {"torch": _torch_backend_class, "triton": _triton_backend_class}
+_CLASSES: Dict[str, Callable[[], type]] = {"torch": _torch_backend_class, "numba": _numba_backend_class,
+                                           "triton": _triton_backend_class}
 
 
 def create_backend(name: str, **options) -> Backend:
@@ -144,13 +160,31 @@ def resolve(device: torch.device, override: Optional[BackendSpec] = None) -> Bac
     """The backend instance for tensors on ``device``."""
     spec = requested_backend(override)
     if spec == "auto":
-        spec = "triton" if device.type == "cuda" and triton_available() else "torch"
+        spec = "triton" if device.type == "cuda" and triton_available() else auto_cpu_backend() \
+            if device.type == "cpu" else "torch"
     if (spec.name if isinstance(spec, Backend) else spec) == "triton":  # (checked before any import)
         if device.type == "cpu":
             _check_interpreter()
         elif device.type != "cuda":
             raise RuntimeError(f"backend 'triton' runs on CUDA or (interpreted) CPU tensors, not {device.type}")
     return spec if isinstance(spec, Backend) else default_backend(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def auto_cpu_backend() -> str:
+    """The backend ``auto`` gives CPU tensors: ``numba`` when it is installed and imports, else
+    ``torch`` (with a warning, once, when numba is installed but broken). Decided once per
+    process (``auto_cpu_backend.cache_clear()`` decides again)."""
+    if numba_available():
+        try:
+            default_backend("numba")
+            return "numba"
+        except Exception as e:  # a broken numba install must not break the library
+            import warnings
+
+            warnings.warn(f"spconv2d: the numba backend is unavailable ({type(e).__name__}: {e}); "
+                          f"using the PyTorch path", RuntimeWarning, stacklevel=3)
+    return "torch"
 
 
 def _check_interpreter() -> None:
@@ -181,4 +215,6 @@ def __getattr__(name: str):
         return _torch_backend_class()
     if name == "TritonBackend":
         return _triton_backend_class()
+    if name == "NumbaBackend":
+        return _numba_backend_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Dict, Optional, Protocol, Tuple
 
 import torch
 
+Table = torch.Tensor  # nbr [K, N_out] int32
+
 
 class CoordIndex(Protocol):
     """Maps packed keys to row numbers of one coordinate set."""
@@ -92,6 +94,42 @@ class Backend(abc.ABC):
         """True when looking every offset of a submanifold map up with ``index`` is cheaper than
         looking half of them up and mirroring the rest."""
         return False
+
+    # -- fused map builds (optional: None = the core's generic builder in ``spconv2d.maps``) --
+    # ``cs`` is the input ``CoordSet``; ``strategy`` the resolved index strategy. A result must
+    # equal the generic builder's exactly (same table, output sites in raster order).
+    def build_subm_table(self, cs, kernel_size, dilation, strategy: str) -> Optional[Table]:
+        """The submanifold table ``nbr [K, N]`` (centre = identity), or None."""
+        return None
+
+    def build_conv_table(self, cs, kernel_size, stride, padding, dilation) -> Optional[Tuple[torch.Tensor, Table]]:
+        """``(out_coords [M, 3] raster order, nbr [K, M])`` of a strided conv / pool, or None."""
+        return None
+
+    def build_conv_transpose_table(self, cs, kernel_size, stride, padding, dilation,
+                                   output_padding) -> Optional[Tuple[torch.Tensor, Table]]:
+        """``(out_coords, nbr)`` of a generative transposed conv, or None."""
+        return None
+
+    def build_lookup_table(self, cs, out_coords: torch.Tensor, scale, offsets: torch.Tensor, divisor,
+                           strategy: str) -> Optional[Table]:
+        """``nbr [K, N_out]`` by the affine rule from ``cs`` (the input set) to ``out_coords``, or
+        None (then ``build_index`` + ``neighbor_table``)."""
+        return None
+
+    # -- pooling (defaults: PyTorch ops, differentiable by autograd) ----------------------------
+    def max_pool(self, features: torch.Tensor, kmap) -> torch.Tensor:
+        """``[N_out, C]``: max over each output's valid neighbours (``kmap.nbr``)."""
+        idx = torch.where(kmap.nbr >= 0, kmap.nbr, features.shape[0]).long()  # missing -> the fill row
+        padded = torch.cat((features, features.new_full((1, features.shape[1]), float("-inf"))), 0)
+        return padded[idx].max(0).values
+
+    def avg_pool(self, features: torch.Tensor, kmap) -> torch.Tensor:
+        """``[N_out, C]``: mean over each output's valid neighbours (``kmap.nbr``)."""
+        idx = torch.where(kmap.nbr >= 0, kmap.nbr, features.shape[0]).long()
+        padded = torch.cat((features, features.new_zeros(1, features.shape[1])), 0)
+        count = (kmap.nbr >= 0).sum(0).clamp_(min=1).unsqueeze(1).to(features.dtype)
+        return padded[idx].sum(0) / count
 
     # -- convolution ---------------------------------------------------------------------------
     def prefers_dense_subm(self, density: float, c_in: int, c_out: int) -> bool:

@@ -136,7 +136,7 @@ def conv2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, 
     _check_weight(x, weight, bias, 1, "conv2d")
     ksize, stride, padding, dilation = conv_geometry("conv2d", tuple(weight.shape[2:]), stride, padding, dilation)
     be = backends.resolve(x.device, backend)
-    built = maps.conv_map(x, ksize, stride, padding, dilation)
+    built = maps.conv_map(x, ksize, stride, padding, dilation, be)
     return x.derive(_run(x.features, _as_kio(weight, False), bias, built.kmap, be), built.out)
 
 
@@ -157,5 +157,5 @@ def conv_transpose2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, di
     if output is not None:
         built = maps.conv_transpose_to_map(x, output, ksize, stride, padding, dilation, be, index)
         return output.replace(_run(x.features, w, bias, built.kmap, be))
-    built = maps.conv_transpose_map(x, ksize, stride, padding, dilation, output_padding)
+    built = maps.conv_transpose_map(x, ksize, stride, padding, dilation, output_padding, be)
     return x.derive(_run(x.features, w, bias, built.kmap, be), built.out)

@@ -3,9 +3,12 @@ kernel map); the max / mean runs over *active* inputs only: an inactive pixel is
 zero. Global pools reduce each batch item to one vector (an empty item gives zeros)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .. import maps
+from .. import backends, maps
+from ..backends import BackendSpec
 from ..geometry import conv_geometry
 from ..tensor import SparseTensor
 
@@ -19,28 +22,26 @@ def pool_geometry(op: str, kernel_size, stride, padding, dilation):
     return k, s, p, r
 
 
-def _gather(x: SparseTensor, kernel_size, stride, padding, dilation, fill: float, op: str):
+def _pool(x: SparseTensor, kernel_size, stride, padding, dilation, backend, op: str):
     if not isinstance(x, SparseTensor):
         raise TypeError(f"{op}: expected a SparseTensor, got {type(x).__name__}")
     k, s, p, r = pool_geometry(op, kernel_size, stride, padding, dilation)
-    built = maps.conv_map(x, k, s, p, r)
-    f = x.features
-    padded = torch.cat((f, f.new_full((1, f.shape[1]), fill)), 0)
-    idx = torch.where(built.kmap.nbr >= 0, built.kmap.nbr, x.num_active).long()  # missing -> the fill row
-    return padded[idx], built  # [K, N_out, C]
+    be = backends.resolve(x.device, backend)
+    built = maps.conv_map(x, k, s, p, r, be)
+    pool = be.max_pool if op == "max_pool2d" else be.avg_pool
+    return x.derive(pool(x.features, built.kmap), built.out)
 
 
-def max_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> SparseTensor:
+def max_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1, *,
+               backend: Optional[BackendSpec] = None) -> SparseTensor:
     """Max over the *active* inputs of each window; output sites as ``conv2d``'s."""
-    gathered, built = _gather(x, kernel_size, stride, padding, dilation, float("-inf"), "max_pool2d")
-    return x.derive(gathered.max(0).values, built.out)
+    return _pool(x, kernel_size, stride, padding, dilation, backend, "max_pool2d")
 
 
-def avg_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1) -> SparseTensor:
+def avg_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1, *,
+               backend: Optional[BackendSpec] = None) -> SparseTensor:
     """Mean over the *active* inputs of each window; output sites as ``conv2d``'s."""
-    gathered, built = _gather(x, kernel_size, stride, padding, dilation, 0.0, "avg_pool2d")
-    count = (built.kmap.nbr >= 0).sum(0).clamp_(min=1).unsqueeze(1).to(gathered.dtype)
-    return x.derive(gathered.sum(0) / count, built.out)
+    return _pool(x, kernel_size, stride, padding, dilation, backend, "avg_pool2d")
 
 
 def _batch_index(x: SparseTensor, op: str) -> torch.Tensor:

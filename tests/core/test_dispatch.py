@@ -9,10 +9,20 @@ from spconv2d.backends.base import Backend
 from spconv2d.backends.torch_backend import TorchBackend
 
 
-def test_default_backend_on_cpu_is_torch(monkeypatch):
+def test_default_backend_on_cpu_is_numba_when_installed_else_torch(monkeypatch):
     monkeypatch.delenv("SPCONV2D_BACKEND", raising=False)
     be = backends.resolve(torch.device("cpu"))
-    assert be.name == "torch" and be is backends.default_backend("torch")
+    expect = "numba" if backends.numba_available() else "torch"
+    assert be.name == expect and be is backends.default_backend(expect)
+    monkeypatch.setattr(backends, "numba_available", lambda: False)  # as without the cpu extra
+    backends.auto_cpu_backend.cache_clear()
+    try:
+        assert backends.resolve(torch.device("cpu")).name == "torch"
+    finally:
+        monkeypatch.undo()
+        backends.auto_cpu_backend.cache_clear()
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.resolve(torch.device("cpu"), "numbaa")
 
 
 def test_context_manager_and_env(monkeypatch):

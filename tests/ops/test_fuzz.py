@@ -1,5 +1,6 @@
 """Fuzz test: every op against its dense oracle on random geometry, batch, density, row order,
-backend form and index strategy, in float64, forward and backward.
+backend (the PyTorch path's forms, the numba backend) and index strategy, in float64, forward
+and backward.
 
 CI runs a bounded number of examples (``SPCONV2D_FUZZ_EXAMPLES``, default 200, well under a
 minute); ask for more with e.g. ``SPCONV2D_FUZZ_EXAMPLES=3000 python -m pytest
@@ -18,10 +19,11 @@ import spconv2d as sp
 from spconv2d.geometry import conv_output_size
 from spconv2d.testing import at_sites, avg_pool2d_dense, conv2d_sites, max_pool2d_dense, sites, sort_rows
 
+HAVE_NUMBA = sp.backends.numba_available()
 EXAMPLES = int(os.environ.get("SPCONV2D_FUZZ_EXAMPLES", 200))
 SEED = int(os.environ.get("SPCONV2D_FUZZ_SEED", 0))
 OPS = ("subm", "conv", "convT", "convT_to", "maxpool", "avgpool")
-FORMS = ("pairs", "table", "im2col", "auto")
+FORMS = ("pairs", "table", "im2col", "auto", "numba")
 STRATEGIES = ("auto", "sort", "grid", "hash")
 
 
@@ -119,7 +121,11 @@ def test_every_op_matches_its_dense_oracle(c):
         return
     g = torch.Generator().manual_seed(c["data_seed"])
     x = _input(c, g)
-    with sp.backend("torch", gather=c["form"], dense_fallback=c["dense_fallback"]):
+    if c["form"] == "numba":
+        backend = sp.backends.create_backend("numba", dense_fallback=c["dense_fallback"]) if HAVE_NUMBA else "torch"
+    else:
+        backend = sp.backends.create_backend("torch", gather=c["form"], dense_fallback=c["dense_fallback"])
+    with sp.backend(backend):
         y, ref, leaves, ref_leaves = _run(c, x, g)
     torch.testing.assert_close(y.features, ref, rtol=1e-10, atol=1e-10)
     if ref.numel():

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from ...geometry import pair
 from .runtime import parallel_kernel, request_threads, threads_for
 
 Pair = Tuple[int, int]
@@ -87,15 +88,6 @@ def scratch_is_clear() -> bool:
 def release_scratch() -> None:
     """Free this thread's scratch grid."""
     _scratch.grid = None
-
-
-def _pair(v, name: str) -> Pair:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(a) for a in v)
-    if len(t) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
 
 
 def _np_coords(coords: torch.Tensor) -> np.ndarray:
@@ -226,7 +218,7 @@ def check_coords(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[
     ``ValueError`` as ``SparseTensor`` is raised (its own checks produce the message)."""
     if coords.dtype not in (torch.int32, torch.int64) or coords.dim() != 2 or coords.shape[1] != 3:
         raise TypeError(f"coords must be int32 / int64 [N, 3], got {coords.dtype} {tuple(coords.shape)}")
-    H, W = _pair(spatial_shape, "spatial_shape")
+    H, W = pair(spatial_shape, "spatial_shape")
     n = coords.shape[0]
     out = torch.empty((n, 3), dtype=torch.int32)
     keys = np.empty(n, key_dtype(batch_size, (H, W)))
@@ -341,11 +333,11 @@ def subm_table(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[in
     Offset ``k = ky * kw + kx`` reads the site ``(y + (ky - kh//2) * ry, x + (kx - kw//2) * rx)``;
     the centre is the identity. Raises ``ValueError`` on duplicate coordinates (found for free
     by the lookups)."""
-    kh, kw = _pair(kernel_size, "kernel_size")
-    ry, rx = _pair(dilation, "dilation")
+    kh, kw = pair(kernel_size, "kernel_size")
+    ry, rx = pair(dilation, "dilation")
     if kh % 2 == 0 or kw % 2 == 0 or kh < 1 or kw < 1 or ry < 1 or rx < 1:
         raise ValueError(f"submanifold maps need odd kernel sizes and positive dilation, got {(kh, kw)}, {(ry, rx)}")
-    H, W = _pair(spatial_shape, "spatial_shape")
+    H, W = pair(spatial_shape, "spatial_shape")
     c = _np_coords(coords)
     n, K = c.shape[0], kh * kw
     centre = K // 2
@@ -437,9 +429,9 @@ def lookup_table(in_coords: torch.Tensor, in_batch: int, in_shape: Sequence[int]
 
     The transposed conv ``(k, s, p, r)`` onto a target's sites is ``scale = 1``,
     ``offsets[k] = (p - ky*r, p - kx*r)``, ``divisor = s`` (``spconv2d.maps.conv_transpose_to_map``)."""
-    H, W = _pair(in_shape, "in_shape")
-    sy, sx = _pair(scale, "scale")
-    dy, dx = _pair(divisor, "divisor")
+    H, W = pair(in_shape, "in_shape")
+    sy, sx = pair(scale, "scale")
+    dy, dx = pair(divisor, "divisor")
     if min(sy, sx, dy, dx) < 1:
         raise ValueError(f"scale and divisor must be positive, got {(sy, sx)}, {(dy, dx)}")
     c_in, c_out = _np_coords(in_coords), _np_coords(out_coords)
@@ -674,8 +666,8 @@ def conv_transpose_output_size(size: int, k: int, s: int, p: int, r: int, output
 
 
 def _geometry(kernel_size, stride, padding, dilation):
-    k = _pair(kernel_size, "kernel_size")
-    s, p, r = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    k = pair(kernel_size, "kernel_size")
+    s, p, r = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if min(k) < 1 or min(s) < 1 or min(r) < 1 or min(p) < 0:
         raise ValueError(f"invalid geometry kernel_size={k}, stride={s}, padding={p}, dilation={r}")
     return k, s, p, r
@@ -695,7 +687,7 @@ def conv_table(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[in
     receptive field holds an active input (DESIGN §2); ``nbr[k, j]`` is the input at
     ``out * s - p + k * r``. ``k == s, p == 0, r == 1``: one output per input (no division)."""
     k, s, p, r = _geometry(kernel_size, stride, padding, dilation)
-    H, W = _pair(spatial_shape, "spatial_shape")
+    H, W = pair(spatial_shape, "spatial_shape")
     Ho, Wo = (conv_output_size(H, k[0], s[0], p[0], r[0]), conv_output_size(W, k[1], s[1], p[1], r[1]))
     if Ho < 1 or Wo < 1:
         raise ValueError(
@@ -716,8 +708,8 @@ def conv_transpose_table(coords: torch.Tensor, batch_size: int, spatial_shape: S
     sites are those receiving a contribution ``out = in * s - p + k * r`` inside the output
     shape (``conv_transpose_output_size`` per axis)."""
     k, s, p, r = _geometry(kernel_size, stride, padding, dilation)
-    op = _pair(output_padding, "output_padding")
-    H, W = _pair(spatial_shape, "spatial_shape")
+    op = pair(output_padding, "output_padding")
+    H, W = pair(spatial_shape, "spatial_shape")
     Ho = conv_transpose_output_size(H, k[0], s[0], p[0], r[0], op[0])
     Wo = conv_transpose_output_size(W, k[1], s[1], p[1], r[1], op[1])
     if Ho < 1 or Wo < 1:

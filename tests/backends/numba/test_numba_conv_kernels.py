@@ -10,15 +10,14 @@ Determinism: each kernel's result is bit-identical across two runs and across 1 
 The first run of this file compiles the kernels (cached on disk by numba for the next runs).
 """
 import pytest
+import torch
 
-pytest.importorskip("numba")
+import spconv2d as sp
+from spconv2d.backends.numba_kernels import conv as nk
+from spconv2d.backends.torch_backend import TorchBackend
+from spconv2d.maps import subm_map
 
-import torch  # noqa: E402
-
-import spconv2d as sp  # noqa: E402
-from spconv2d.backends.numba_kernels import conv as nk  # noqa: E402
-from spconv2d.backends.torch_backend import TorchBackend  # noqa: E402
-from spconv2d.maps import subm_map  # noqa: E402
+pytestmark = pytest.mark.numba
 
 K = 9
 

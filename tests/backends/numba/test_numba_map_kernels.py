@@ -3,16 +3,15 @@
 import itertools
 
 import pytest
+import torch
 
-pytest.importorskip("numba")
+import spconv2d as sp
+from spconv2d import backends, maps
+from spconv2d.backends.numba_kernels import maps as nm
+from spconv2d.backends.numba_kernels.runtime import PARALLEL_MIN_WORK
+from spconv2d.testing import conv2d_sites, conv_transpose2d_sites, random_sparse, sites
 
-import torch  # noqa: E402
-
-import spconv2d as sp  # noqa: E402
-from spconv2d import backends, maps  # noqa: E402
-from spconv2d.backends.numba_kernels import maps as nm  # noqa: E402
-from spconv2d.backends.numba_kernels.runtime import PARALLEL_MIN_WORK  # noqa: E402
-from spconv2d.testing import conv2d_sites, conv_transpose2d_sites, random_sparse, sites  # noqa: E402
+pytestmark = pytest.mark.numba
 
 BE = backends.resolve(torch.device("cpu"), "torch")
 # grid_max_keys=0 forces the sorted-key path

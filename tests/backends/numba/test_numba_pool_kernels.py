@@ -1,16 +1,15 @@
 """The numba pooling kernels against the PyTorch path (``sp.functional.max_pool2d`` /
 ``avg_pool2d`` with autograd: bit-identical values and gradients) and the dense oracles."""
 import pytest
+import torch
 
-pytest.importorskip("numba")
+import spconv2d as sp
+from spconv2d import maps
+from spconv2d.backends.numba_kernels import maps as nm
+from spconv2d.backends.numba_kernels import pool as npool
+from spconv2d.testing import at_sites, avg_pool2d_dense, max_pool2d_dense, random_sparse
 
-import torch  # noqa: E402
-
-import spconv2d as sp  # noqa: E402
-from spconv2d import maps  # noqa: E402
-from spconv2d.backends.numba_kernels import maps as nm  # noqa: E402
-from spconv2d.backends.numba_kernels import pool as npool  # noqa: E402
-from spconv2d.testing import at_sites, avg_pool2d_dense, max_pool2d_dense, random_sparse  # noqa: E402
+pytestmark = pytest.mark.numba
 
 GEOMS = [((2, 2), (2, 2), (0, 0), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)), ((3, 3), (1, 1), (1, 1), (1, 1)),
          ((2, 2), (1, 1), (0, 0), (1, 1)), ((3, 3), (3, 3), (0, 0), (1, 1)), ((3, 2), (2, 1), (1, 0), (1, 1)),
@@ -33,7 +32,7 @@ def _torch_path(x, op, k, s, p, r, grad):
     torch.set_num_threads(1)
     try:
         f = x.features.detach().clone().requires_grad_(True)
-        y = getattr(sp.functional, op)(x.replace(f), k, s, p, r)
+        y = getattr(sp.functional, op)(x.replace(f), k, s, p, r, backend="torch")
         y.features.backward(grad)
     finally:
         torch.set_num_threads(old)
