@@ -108,7 +108,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .runtime import launch
+from .runtime import launch, parallel_kernel, request_threads
 
 #: Output rows per block (one task of the forward / input-gradient kernels, the unit of the
 #: plan): chosen per map between these bounds so that an offset's segment of a block holds
@@ -170,48 +170,80 @@ class ConvPlan(NamedTuple):
     block_rows: int
 
 
+@parallel_kernel
+def _plan_counts(nbr, block, cnt):
+    """``cnt[b * K + k]``: valid entries of offset ``k`` among the rows of block ``b``."""
+    K, n_out = nbr.shape
+    nb = cnt.shape[0] // K
+    for s in prange(nb * K):
+        b, k = s // K, s % K
+        c = 0
+        for j in range(b * block, min((b + 1) * block, n_out)):
+            if nbr[k, j] >= 0:
+                c += 1
+        cnt[s] = c
+
+
+@parallel_kernel
+def _plan_fill(nbr, block, bptr, src, loc):
+    """Each segment's pairs in row order, then its padding (the last pair's input row, written
+    to the scratch row ``block``). Branch-free over the table (every entry is written at the
+    cursor, which advances on a pair only; the segment's end bounds the writes): a random
+    table's branches mispredicted and took 2x as long."""
+    K, n_out = nbr.shape
+    nb = (bptr.shape[0] - 1) // K
+    for s in prange(nb * K):
+        b, k = s // K, s % K
+        p, end = bptr[s], bptr[s + 1]
+        base = b * block
+        for j in range(base, min(base + block, n_out)):
+            i = nbr[k, j]
+            if p < end:
+                src[p] = i
+                loc[p] = j - base
+            p += i >= 0
+        last = src[p - 1] if p > bptr[s] else 0
+        while p < end:
+            src[p] = last
+            loc[p] = block
+            p += 1
+
+
 def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
     """The :class:`ConvPlan` of ``nbr [K, N_out]`` (int32, -1 = missing) for ``n_in`` input
     rows. Cache it on the map (``kmap.cached("numba_plan@nbr", ...)``): every layer on the map
-    and the input gradient of a symmetric map reuse it."""
+    and the input gradient of a symmetric map reuse it. Two parallel passes over the table
+    (count per segment, then fill), deterministic."""
     K, n_out = nbr.shape
-    counts = (nbr >= 0).sum(1)
+    t = nbr.to(torch.int32).contiguous().numpy()
+    nb = -(-n_out // MIN_BLOCK_ROWS)
+    cnt = np.zeros(nb * K, np.int32)  # first per block of MIN_BLOCK_ROWS rows
+    if cnt.size:
+        request_threads(K * n_out)
+        _plan_counts(t, MIN_BLOCK_ROWS, cnt)
+    counts = cnt.reshape(nb, K).sum(0)
     # the pairs of an offset per output row, the fullest offset (a submanifold map's identity)
     # left out: blocks of about SEGMENT_PAIRS / fill rows
     fill = float(counts.sum() - counts.max()) / max(1, (K - 1) * n_out) if K > 1 else 1.0
     block = MIN_BLOCK_ROWS
     while block < MAX_BLOCK_ROWS and block * fill < SEGMENT_PAIRS:
         block *= 2
-    nb = -(-n_out // block)
-    t = torch.full((K, nb * block), -1, dtype=torch.int32)
-    t[:, :n_out] = nbr
-    t = t.view(K, nb, block).permute(1, 0, 2).reshape(nb * K, block)  # segments
-    valid = t >= 0
-    cnt = valid.sum(1, dtype=torch.int32)
-    padded = (cnt + (pad - 1)) // pad * pad
-    bptr = torch.zeros(nb * K + 1, dtype=torch.int64)
-    torch.cumsum(padded, 0, out=bptr[1:])
-    total = int(bptr[-1])
-    seg, r = valid.nonzero(as_tuple=True)  # ordered by (segment, row)
-    vals = t[seg, r]
-    first = torch.zeros(nb * K + 1, dtype=torch.int64)
-    torch.cumsum(cnt.long(), 0, out=first[1:])
-    rank = torch.arange(seg.numel(), dtype=torch.int64) - first[seg]
-    pos = bptr[seg] + rank
-    src = torch.empty(total, dtype=torch.int32)
-    loc = torch.full((total,), block, dtype=torch.int32)
-    src[pos] = vals
-    loc[pos] = r.to(torch.int32)
-    npad = (padded - cnt).long()
-    if total and int(npad.sum()):
-        pseg = torch.repeat_interleave(torch.arange(nb * K), npad)
-        pend = bptr[pseg + 1]
-        prank = torch.arange(pseg.numel(), dtype=torch.int64) - torch.repeat_interleave(
-            torch.cumsum(npad, 0) - npad, npad)
-        ppos = pend - npad[pseg] + prank
-        src[ppos] = src[bptr[pseg] + cnt[pseg].long() - 1]
-    return ConvPlan(bptr.numpy(), cnt.numpy(), src.numpy(), loc.numpy(), n_out, int(n_in), K, pad,
-                    block)
+    if block != MIN_BLOCK_ROWS:  # whole groups of the small blocks (the last one shorter)
+        group = block // MIN_BLOCK_ROWS
+        nb2 = -(-n_out // block)
+        full = np.zeros((nb2 * group, K), np.int64)
+        full[:nb] = cnt.reshape(nb, K)
+        cnt = full.reshape(nb2, group, K).sum(1).astype(np.int32).reshape(-1)
+        nb = nb2
+    padded = (cnt.astype(np.int64) + (pad - 1)) // pad * pad
+    bptr = np.zeros(nb * K + 1, np.int64)
+    np.cumsum(padded, out=bptr[1:])
+    src = np.empty(int(bptr[-1]), np.int32)
+    loc = np.empty(int(bptr[-1]), np.int32)
+    if src.size:
+        request_threads(K * n_out)
+        _plan_fill(t, block, bptr, src, loc)
+    return ConvPlan(bptr, cnt, src, loc, n_out, int(n_in), K, pad, block)
 
 
 # --------------------------------------------------------------------------------------------
