@@ -9,6 +9,7 @@ from .backends import backend, index_strategy
 from .coords import CoordinateManager
 from .functional.basic import cat
 from .kernel_map import KernelMap
+from .profiler import profile
 from .tensor import SparseTensor, at_sites
 
 coalesce = SparseTensor.coalesce
@@ -16,5 +17,5 @@ coalesce = SparseTensor.coalesce
 __version__ = "0.1.0"
 __all__ = [
     "SparseTensor", "CoordinateManager", "KernelMap", "nn", "functional", "cat", "coalesce",
-    "backend", "index_strategy", "at_sites",
+    "backend", "index_strategy", "at_sites", "profile",
 ]

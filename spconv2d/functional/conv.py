@@ -13,6 +13,7 @@ import torch
 from .. import backends, maps
 from ..backends import BackendSpec
 from ..geometry import conv_geometry, pair
+from ..profiler import Recorder
 from ..tensor import SparseTensor, at_sites
 
 
@@ -118,15 +119,22 @@ def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Opti
     if ksize[0] % 2 == 0 or ksize[1] % 2 == 0:
         raise ValueError(f"subm_conv2d needs odd kernel sizes, got {ksize}")
     be = backends.resolve(x.device, backend)
-    if be.prefers_dense_subm(x.density, weight.shape[1], weight.shape[0]):
+    rec = Recorder.start()
+    K, c_in, c_out, grid = ksize[0] * ksize[1], weight.shape[1], weight.shape[0], x.coord_set.key_space
+    if be.prefers_dense_subm(x.density, c_in, c_out):
         # Nearly every pixel is active: the dense oracle itself is the fastest exact answer, in
         # channels-last (the scatter's own layout; the output is read back by a row gather).
         pad = (dilation[0] * (ksize[0] // 2), dilation[1] * (ksize[1] // 2))
         dense = torch.nn.functional.conv2d(x.to_dense(torch.channels_last), weight, bias, padding=pad,
                                            dilation=dilation)
-        return x.replace(at_sites(dense, x.coords))
+        y = x.replace(at_sites(dense, x.coords))
+        rec.done("subm_conv2d", "dense", x, y, c_in, c_out, K, None, grid)
+        return y
     kmap = maps.subm_map(x, ksize, dilation, be, index).kmap
-    return x.replace(_run(x.features, _as_kio(weight, False), bias, kmap, be))
+    y = x.replace(_run(x.features, _as_kio(weight, False), bias, kmap, be))
+    if rec.prof is not None:
+        rec.done("subm_conv2d", "sparse", x, y, c_in, c_out, K, kmap.num_pairs, grid)
+    return y
 
 
 def conv2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, *,
@@ -136,8 +144,13 @@ def conv2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, 
     _check_weight(x, weight, bias, 1, "conv2d")
     ksize, stride, padding, dilation = conv_geometry("conv2d", tuple(weight.shape[2:]), stride, padding, dilation)
     be = backends.resolve(x.device, backend)
+    rec = Recorder.start()
     built = maps.conv_map(x, ksize, stride, padding, dilation, be)
-    return x.derive(_run(x.features, _as_kio(weight, False), bias, built.kmap, be), built.out)
+    y = x.derive(_run(x.features, _as_kio(weight, False), bias, built.kmap, be), built.out)
+    if rec.prof is not None:
+        rec.done("conv2d", "sparse", x, y, weight.shape[1], weight.shape[0], built.kmap.kernel_volume,
+                 built.kmap.num_pairs, built.out.key_space)
+    return y
 
 
 def conv_transpose2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, output_padding=0, *,
@@ -153,9 +166,15 @@ def conv_transpose2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, di
         raise TypeError(f"conv_transpose2d: output= must be a SparseTensor, got {type(output).__name__}")
     backends.check_index_strategy(index)
     be = backends.resolve(x.device, backend)
+    rec = Recorder.start()
     w = _as_kio(weight, True)
     if output is not None:
         built = maps.conv_transpose_to_map(x, output, ksize, stride, padding, dilation, be, index)
-        return output.replace(_run(x.features, w, bias, built.kmap, be))
-    built = maps.conv_transpose_map(x, ksize, stride, padding, dilation, output_padding, be)
-    return x.derive(_run(x.features, w, bias, built.kmap, be), built.out)
+        y = output.replace(_run(x.features, w, bias, built.kmap, be))
+    else:
+        built = maps.conv_transpose_map(x, ksize, stride, padding, dilation, output_padding, be)
+        y = x.derive(_run(x.features, w, bias, built.kmap, be), built.out)
+    if rec.prof is not None:
+        rec.done("conv_transpose2d", "sparse", x, y, weight.shape[0], weight.shape[1], built.kmap.kernel_volume,
+                 built.kmap.num_pairs, x.coord_set.key_space)
+    return y

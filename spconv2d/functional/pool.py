@@ -10,6 +10,7 @@ import torch
 from .. import backends, maps
 from ..backends import BackendSpec
 from ..geometry import conv_geometry
+from ..profiler import Recorder
 from ..tensor import SparseTensor
 
 
@@ -27,9 +28,14 @@ def _pool(x: SparseTensor, kernel_size, stride, padding, dilation, backend, op: 
         raise TypeError(f"{op}: expected a SparseTensor, got {type(x).__name__}")
     k, s, p, r = pool_geometry(op, kernel_size, stride, padding, dilation)
     be = backends.resolve(x.device, backend)
+    rec = Recorder.start()
     built = maps.conv_map(x, k, s, p, r, be)
     pool = be.max_pool if op == "max_pool2d" else be.avg_pool
-    return x.derive(pool(x.features, built.kmap), built.out)
+    y = x.derive(pool(x.features, built.kmap), built.out)
+    if rec.prof is not None:
+        rec.done(op, "sparse", x, y, x.num_channels, x.num_channels, built.kmap.kernel_volume,
+                 built.kmap.num_pairs, built.out.key_space)
+    return y
 
 
 def max_pool2d(x: SparseTensor, kernel_size, stride=None, padding=0, dilation=1, *,
