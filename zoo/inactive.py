@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 
 def _cell_sites(sel: torch.Tensor, h: int, w: int, cell: int):
     """For the cells ``sel`` (flat indices into ``B*h*w``): ``(nbr [n, 9], pixel [n, cell*cell])``,
@@ -56,12 +58,19 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     ``out`` are left as they are. Without: a new tensor (channels-last memory).
 
     Computed cell by cell: colour distances per colour plane, a softmax over the 9 neighbours,
-    one batched GEMM ``[n, pixels, 9] x [n, 9, K]`` with the cells' neighbour logits."""
+    one batched GEMM ``[n, pixels, 9] x [n, 9, K]`` with the cells' neighbour logits; at
+    inference on a CPU with numba, by ``fused.guided_upsample`` (the same formula per pixel)."""
     B, K, h, w = logits.shape
     C = images.shape[1]
     if cells is not None and out is None:
         raise ValueError("guided_upsample: cells= needs out= (the pixels outside those cells are not computed)")
     sel = torch.arange(B * h * w, device=logits.device) if cells is None else cells.reshape(-1).nonzero().squeeze(1)
+    if out is None:
+        out = torch.empty(B, K, h * cell, w * cell, dtype=logits.dtype, device=logits.device,
+                          memory_format=torch.channels_last)
+    if fused.usable(logits, images, out) and out.is_contiguous(memory_format=torch.channels_last):
+        fused.guided_upsample(logits, images, cell, sigma_r, sigma_s, out, sel)  # inference on a CPU
+        return out
     nbr, pixel = _cell_sites(sel, h, w, cell)
     pixel = pixel.view(-1)  # [n * cell * cell]
     n, P = sel.numel(), cell * cell
@@ -81,9 +90,6 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     wgt = torch.softmax(score, 1)  # over the 9 cells: a middle dim (docs/ARCHITECTURE.md)
     nl = _padded_rows(logits).index_select(0, nbr.view(-1)).view(n, 9, K)
     res = torch.bmm(wgt.transpose(1, 2), nl).view(n * P, K)
-    if out is None:
-        out = torch.empty(B, K, h * cell, w * cell, dtype=logits.dtype, device=logits.device,
-                          memory_format=torch.channels_last)
     put_pixel_rows(out, pixel, res)
     return out
 
@@ -144,7 +150,9 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
     The colours are read from the image padded with ``inf`` (weight exactly 0 outside it), so
     the window's logit columns are plain offsets ``p + dy * W + dx`` (clamped into range; a
     column that wraps to another row has weight 0): each row's columns stay non-decreasing
-    for the CSR product."""
+    for the CSR product. At inference on a CPU with numba: ``fused.refine_at``."""
+    if fused.usable(logits, images):  # inference on a CPU: the numba kernel
+        return fused.refine_at(logits, images, idx, radius, sigma_r)
     B, K, H, W = logits.shape
     C = images.shape[1]
     r, Hp, Wp = radius, H + 2 * radius, W + 2 * radius

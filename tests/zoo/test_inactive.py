@@ -1,4 +1,5 @@
 """The sparse U-Net's inactive pixels: guided upsampling, top-2 margins, cell states, refinement."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -115,3 +116,31 @@ def test_logit_margin_is_top1_minus_top2():
     torch.testing.assert_close(logit_margin(x.permute(0, 2, 3, 1), 3), top[:, 0] - top[:, 1])
     assert logit_margin(torch.tensor([[2.0, 2.0, 1.0]]), 1).item() == 0.0  # a tie at the top
     assert logit_margin(torch.ones(3, 1), 1).isinf().all()  # one class: never uncertain
+
+
+@pytest.mark.numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_kernels_equal_the_tensor_formulation(dtype):
+    """At inference the numba kernels of ``zoo.fused`` stand in for the tensor code (which
+    training differentiates): the same values, all cells or some, every window."""
+    from spconv2d.zoo import fused
+    from spconv2d.zoo.inactive import guided_upsample, refine_at
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 7, 4, 6, generator=g, dtype=dtype)
+    images = torch.rand(2, 3, 16, 24, generator=g, dtype=dtype)
+    cells = torch.rand(2, 4, 6, generator=g) < 0.5
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    lg = logits.clone().requires_grad_()  # a gradient wanted: the tensor formulation runs
+    assert not fused.usable(lg) and fused.usable(logits)
+    ref_all = guided_upsample(lg, images).detach()
+    torch.testing.assert_close(guided_upsample(logits, images), ref_all, **tol)
+    out_ref = torch.full((2, 7, 16, 24), 7.0, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    out = out_ref.clone()
+    guided_upsample(lg, images, out=out_ref, cells=cells)
+    guided_upsample(logits, images, out=out, cells=cells)
+    torch.testing.assert_close(out, out_ref.detach(), **tol)
+    big = torch.randn(2, 7, 16, 24, generator=g, dtype=dtype)
+    idx = torch.tensor([0, 5, 23, 24, 200, 383, 384, 500, 767])
+    torch.testing.assert_close(refine_at(big, images, idx), refine_at(big.clone().requires_grad_(), images, idx).detach(),
+                               **tol)
