@@ -58,8 +58,7 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     ``out`` are left as they are. Without: a new tensor (channels-last memory).
 
     Computed cell by cell: colour distances per colour plane, a softmax over the 9 neighbours,
-    one batched GEMM ``[n, pixels, 9] x [n, 9, K]`` with the cells' neighbour logits; at
-    inference on a CPU with numba, by ``fused.guided_upsample`` (the same formula per pixel)."""
+    one batched GEMM ``[n, pixels, 9] x [n, 9, K]`` with the cells' neighbour logits."""
     B, K, h, w = logits.shape
     C = images.shape[1]
     if cells is not None and out is None:
@@ -68,9 +67,6 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     if out is None:
         out = torch.empty(B, K, h * cell, w * cell, dtype=logits.dtype, device=logits.device,
                           memory_format=torch.channels_last)
-    if fused.usable(logits, images, out) and out.is_contiguous(memory_format=torch.channels_last):
-        fused.guided_upsample(logits, images, cell, sigma_r, sigma_s, out, sel)  # inference on a CPU
-        return out
     nbr, pixel = _cell_sites(sel, h, w, cell)
     pixel = pixel.view(-1)  # [n * cell * cell]
     n, P = sel.numel(), cell * cell
