@@ -10,6 +10,11 @@ Groups
     unet-streets-64x128-b16   unet | sparse_unet (mask given) | sparse_unet (mask policy included)
                               at densities 0.1 / 0.25 / 0.3 | sparse_unet 0.3 without the
                               refinement of uncertain pixels (refine=False); eval mode, no grad
+    unet-vs-sparse-*          the issue-11 goals, each in one test: unet and sparse_unet (mask
+                              policy inside the timing) alternating round by round (medians and
+                              the ratio in ``extra_info``; the benchmark's own timing is of
+                              sparse_unet): inference at batch 16 of 64x128 and at batch 4 of
+                              256x512, and a training step (forward, backward, AdamW) at batch 16
     cnn-mnist-b256            cnn | sparse_cnn (active = non-zero pixels)
     choice-*                  the zoo's measured implementation choices, each next to the
                               alternative it replaced, on the shapes of a streets batch of 16
@@ -106,6 +111,67 @@ def test_sparse_unet_without_refinement(benchmark, streets_batch):
     _run(benchmark, lambda: m(streets_batch))
 
 
+def _alternating(fns, rounds):
+    """Median seconds of each function over ``rounds`` rounds, the functions alternating."""
+    import statistics
+    import time
+
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _goal(benchmark, dense_fn, sparse_fn, rounds=15, **info):
+    med = _alternating({"unet": dense_fn, "sparse_unet": sparse_fn}, rounds)
+    benchmark.extra_info.update(threads=torch.get_num_threads(), alternating_rounds=rounds,
+                                unet_ms=1e3 * med["unet"], sparse_unet_ms=1e3 * med["sparse_unet"],
+                                speedup=med["unet"] / med["sparse_unet"], trained=_trained("sparse_unet"), **info)
+    benchmark.pedantic(sparse_fn, rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="unet-vs-sparse-inference-64x128-b16")
+def test_goal_inference_64x128(benchmark, streets_batch):
+    d, s = _model("unet"), _model("sparse_unet")
+    with torch.no_grad():
+        _goal(benchmark, lambda: d(streets_batch), lambda: s(streets_batch), shape=[16, 64, 128],
+              density=s.policy.density)
+
+
+@pytest.mark.benchmark(group="unet-vs-sparse-inference-256x512-b4")
+def test_goal_inference_256x512(benchmark):
+    images = build_dataset("streets", "val", num_samples=4, size=(256, 512)).images
+    d, s = _model("unet"), _model("sparse_unet")
+    with torch.no_grad():
+        _goal(benchmark, lambda: d(images), lambda: s(images), rounds=9, shape=[4, 256, 512],
+              density=s.policy.density)
+
+
+@pytest.mark.benchmark(group="unet-vs-sparse-train-step-64x128-b16")
+def test_goal_training_step(benchmark):
+    data = build_dataset("streets", "train", num_samples=16)
+    images, targets = data.images, data.targets
+    steps = {}
+    for name in ("unet", "sparse_unet"):
+        m = _model(name).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+        def step(m=m, opt=opt):
+            out, aux = m(images, return_aux=True)
+            loss = F.cross_entropy(out, targets, ignore_index=255) + 0.4 * F.cross_entropy(aux, targets, ignore_index=255)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        steps[name] = step
+    _goal(benchmark, steps["unet"], steps["sparse_unet"], rounds=9, shape=[16, 64, 128])
+
+
 @pytest.mark.benchmark(group="cnn-mnist-b256")
 def test_cnn_dense(benchmark, mnist_batch):
     m = _model("cnn")
@@ -182,6 +248,27 @@ def test_choice_window_mean(benchmark, form):
                 A = torch.sparse_csr_tensor(crow, cols.reshape(-1), wgt.reshape(-1), size=(M, n_pix))
             return A @ table
     _run(benchmark, fn, rounds=30)
+
+
+@pytest.mark.benchmark(group="choice-refine")
+@pytest.mark.parametrize("form", ["numba kernel (zoo.fused)", "tensor formulation"])
+def test_choice_refine(benchmark, form):
+    """refine_at at inference: 3 % of a batch's pixels, 7x7 windows, 19 classes; the numba
+    kernel vs the tensor code (colour weights + CSR product), which training differentiates."""
+    pytest.importorskip("numba")
+    from spconv2d.zoo import fused
+    from spconv2d.zoo.inactive import refine_at
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, K, 4 * h, 4 * w, generator=g).contiguous(memory_format=torch.channels_last)
+    images = torch.rand(B, 3, 4 * h, 4 * w, generator=g)
+    idx = torch.randperm(logits.numel() // K, generator=g)[:int(0.03 * logits.numel() / K)].sort().values
+    if form.startswith("numba"):
+        fn = lambda: fused.refine_at(logits, images, idx, 3, 0.05)  # noqa: E731
+    else:
+        lg = logits.clone().requires_grad_()  # (a gradient wanted: the tensor formulation)
+        fn = lambda: refine_at(lg, images, idx, 3, 0.05)  # noqa: E731
+    _run(benchmark, fn, rounds=20)
 
 
 @pytest.mark.benchmark(group="choice-guided-softmax")
