@@ -267,7 +267,10 @@ def test_choice_refine(benchmark, form):
         fn = lambda: fused.refine_at(logits, images, idx, 3, 0.05)  # noqa: E731
     else:
         lg = logits.clone().requires_grad_()  # (a gradient wanted: the tensor formulation)
-        fn = lambda: refine_at(lg, images, idx, 3, 0.05)  # noqa: E731
+
+        def fn():
+            with torch.enable_grad():
+                return refine_at(lg, images, idx, 3, 0.05)
     _run(benchmark, fn, rounds=20)
 
 
