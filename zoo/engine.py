@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models)
-from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint,
+from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, load_checkpoint,
                          restore_rng, save_checkpoint, save_weights)
 from .config import TrainConfig
 from .data import build_dataset, dataset_info
@@ -224,10 +224,11 @@ def save_prediction_sheet(model, dataset, cfg: TrainConfig, path: str, device) -
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------
