@@ -207,6 +207,17 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({type(e).__name__}: {e})") from e
 
 
+def state_dict_mismatch(model: torch.nn.Module, state: Dict[str, torch.Tensor], show: int = 3) -> str:
+    """How ``state`` differs from ``model``'s state_dict, in one line: the number of missing,
+    unexpected and differently shaped keys, the first ``show`` of each ("" if it matches)."""
+    own = model.state_dict()
+    kinds = (("missing", [k for k in own if k not in state]),
+             ("unexpected", [k for k in state if k not in own]),
+             ("of another shape", [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]))
+    return "; ".join(f"{len(keys)} {what} key(s) ({', '.join(keys[:show])}{', ...' if len(keys) > show else ''})"
+                     for what, keys in kinds if keys)
+
+
 def restore_rng(rng: Dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])

@@ -110,9 +110,11 @@ def _load(args, **overrides):
 
 
 def check_args(args) -> None:
-    """The options every subcommand shares and ``eval`` / ``predict``'s own, checked before
-    anything is loaded (``train``'s: ``TrainConfig.validate``, called by ``train()``)."""
+    """Every subcommand's options, checked before anything is loaded or written: ``--threads``,
+    ``train``'s (``TrainConfig.validate``), ``eval`` / ``predict``'s own."""
     check_int("threads", getattr(args, "threads", None), 1, optional=True)
+    if args.cmd == "train":  # train() validates too; here the error comes before any log line
+        TrainConfig.from_args(args).validate()
     if args.cmd in ("eval", "predict"):
         check_device(args.device)
         check_density("density", args.density, optional=True)

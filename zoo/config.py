@@ -146,10 +146,6 @@ class TrainConfig:
         v.check_int("num_predictions", self.num_predictions, 0)
         if not isinstance(self.model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
-        if md.mask_policy is None and md.density is None:
-            given = [n for n in ("density", "mask_policy") if getattr(self, n) is not None]
-            if given:
-                log.warning("%s: ignored by the dense model %s", " and ".join(given), self.model)
         return self
 
     def to_dict(self) -> Dict[str, Any]:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models)
 from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, load_checkpoint,
-                         restore_rng, save_checkpoint, save_weights)
+                         restore_rng, save_checkpoint, save_weights, state_dict_mismatch)
 from .config import TrainConfig
 from .data import build_dataset, dataset_info
 from .masks import activity_mask, measured_density
@@ -358,6 +358,7 @@ def load_model(checkpoint: str, device: str = "cpu", **overrides):
     try:
         model.load_state_dict(ck["model_state"])
     except RuntimeError as e:
-        raise CheckpointError(f"{ck['path']} does not match model {cfg.model!r}: {e}") from e
+        why = state_dict_mismatch(model, ck["model_state"]) or " ".join(str(e).split())
+        raise CheckpointError(f"{ck['path']} does not match model {cfg.model!r}: {why}") from e
     model.to(device).eval()
     return model, cfg, ck, info

@@ -113,7 +113,7 @@ def check_device(device: Any) -> None:
         raise ValueError(f"device {device!r} holds no data; use cpu, cuda, cuda:N, mps or auto")
     if d.type == "cuda":
         if not torch.cuda.is_available():
-            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a torch build without CUDA"
+            build = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "torch built without CUDA"
             raise ValueError(f"device {device!r} is not available: no CUDA GPU is visible ({build}); "
                              f"use cpu or auto")
         n = torch.cuda.device_count()
