@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import numbers
 import os
 import typing
 from dataclasses import dataclass, field
@@ -63,8 +64,12 @@ class TrainConfig:
     model_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"cli": None})  # Python only
 
     def __post_init__(self):
-        if isinstance(self.size, list):  # from the command line or a run's JSON (validate checks it)
-            self.size = tuple(self.size)
+        # any sequence (a list from the command line or a run's JSON, a numpy array) -> a tuple,
+        # integral elements -> int; anything else is left as given for validate() to report
+        if isinstance(self.size, (list, tuple)) or hasattr(self.size, "tolist"):
+            items = self.size.tolist() if hasattr(self.size, "tolist") else self.size
+            self.size = tuple(int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s
+                              for s in items)
 
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` default filled in: the model's ``ModelDefaults`` (data,
