@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Iterable, Optional, Sequence, Tuple
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
