@@ -5,15 +5,17 @@
 ``format``, ``model``, ``epoch`` (epochs completed), ``config``, ``history``,
 ``optim_param_groups``, ``optim_scalars``, ``rng_numpy``, ``rng_python`` (JSON). No pickle is
 involved, so loading a checkpoint cannot run code. Writes go to a temporary file in the same
-folder and are moved into place with ``os.replace`` (atomic), so a crash leaves the previous
-checkpoint intact.
+folder (``<name>.tmp<pid>``), fsynced and moved into place with ``os.replace`` (atomic), then the
+folder is fsynced, so a crash leaves the previous checkpoint intact; the temporary file a killed
+process leaves behind is removed by the next write of that file (``atomic_write``).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-from typing import Any, Dict, Optional
+import re
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -31,18 +33,89 @@ def _tensor(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
-def atomic_save(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save_file
+def temp_path(path: str) -> str:
+    """Where ``atomic_write`` writes ``path`` first: ``<path>.tmp<pid>``."""
+    return f"{path}.tmp{os.getpid()}"
 
-    tmp = f"{path}.tmp{os.getpid()}"
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover (a failed earlier write): ours to replace
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's live process, or no way to tell
+        return True
+    return True
+
+
+def remove_stale_temps(path: str) -> list:
+    """Remove ``<path>.tmp<pid>`` files (``temp_path``'s naming, nothing else) whose process is
+    gone: what a run killed while writing ``path`` leaves behind. A live process's temp file is
+    kept (another run writing into the same folder). Returns the removed paths."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.tmp(\d+)")
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        stale = os.path.join(folder, entry)
+        try:
+            os.remove(stale)
+        except FileNotFoundError:  # removed meanwhile by someone else
+            continue
+        removed.append(stale)
+    return removed
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where the OS cannot open or fsync a
+    folder (Windows, some network file systems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file in the folder of ``path``, fsync it, ``os.replace`` it
+    onto ``path`` (atomic: readers see the old or the new file, never a partial one), then fsync
+    the folder so the rename survives a power loss. Stale temporary files of a killed earlier
+    run (``remove_stale_temps``) are removed first; a failed write removes its own."""
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
+    """``safetensors`` ``save_file`` through ``atomic_write``. Stale temporary files of both run
+    files (checkpoint and weights) in the folder are removed first."""
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    for name in (CHECKPOINT_NAME, WEIGHTS_NAME):
+        remove_stale_temps(os.path.join(folder, name))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
@@ -132,6 +205,17 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
                 "history": json.loads(meta["history"]), "optimizer_state": opt_state, "rng": rng}
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({type(e).__name__}: {e})") from e
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: Dict[str, torch.Tensor], show: int = 3) -> str:
+    """How ``state`` differs from ``model``'s state_dict, in one line: the number of missing,
+    unexpected and differently shaped keys, the first ``show`` of each ("" if it matches)."""
+    own = model.state_dict()
+    kinds = (("missing", [k for k in own if k not in state]),
+             ("unexpected", [k for k in state if k not in own]),
+             ("of another shape", [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]))
+    return "; ".join(f"{len(keys)} {what} key(s) ({', '.join(keys[:show])}{', ...' if len(keys) > show else ''})"
+                     for what, keys in kinds if keys)
 
 
 def restore_rng(rng: Dict[str, Any]) -> None:

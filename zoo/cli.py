@@ -14,7 +14,11 @@ import os
 import sys
 from typing import List, Optional
 
+from .checkpoint import CheckpointError
 from .config import TrainConfig
+from .threads import set_threads
+from .validation import (check_density, check_device, check_input_folder, check_int, check_output_file,
+                         check_output_folder)
 
 log = logging.getLogger("spconv2d.zoo")
 
@@ -105,15 +109,52 @@ def _load(args, **overrides):
     return model, cfg, ck, info
 
 
-def cmd_eval(args) -> int:
-    from .engine import evaluate, write_json
+def check_args(args) -> None:
+    """Every subcommand's options, checked before anything is loaded or written: ``--threads``,
+    ``train``'s (``TrainConfig.validate``), ``eval`` / ``predict``'s own."""
+    check_int("threads", getattr(args, "threads", None), 1, optional=True)
+    if args.cmd == "train":  # train() validates too; here the error comes before any log line
+        TrainConfig.from_args(args).validate()
+    if args.cmd in ("eval", "predict"):
+        check_device(args.device)
+        check_density("density", args.density, optional=True)
+    if args.cmd == "eval":
+        check_int("batch_size", args.batch_size, 1)
+        check_input_folder("data_root", args.data_root, optional=True)
+        check_output_file("out", args.out, optional=True)
+    if args.cmd == "predict":
+        check_output_folder("out", args.out)
+        for path in args.images:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"image not found: {path}")
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"image {path} is a folder, not an image file")
 
-    try:  # --no-refine: the model built with refine=False
-        model, cfg, ck, info = _load(args, **({"refine": False} if args.no_refine else {}))
-    except TypeError as e:  # the model's entry point takes no refine=
-        if not args.no_refine:
-            raise
-        raise SystemExit(f"--no-refine: {e} (sparse_unet only)") from e
+
+def read_image(path: str, mode: str, size):
+    """The image at ``path`` in PIL ``mode``, resized to ``size`` ``(H, W)``; a file PIL cannot
+    read or decode is a ``ValueError`` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode).resize((size[1], size[0]), Image.BILINEAR)
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read image {path}: not an image format PIL knows") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data (PIL's own errors)
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .engine import evaluate, write_json
+    from .registry import is_model, model_kwargs
+
+    if args.no_refine:  # the model built with refine=False: only an entry point taking refine=
+        name = load_checkpoint(args.checkpoint)["config"].get("model")
+        if is_model(name) and "refine" not in model_kwargs(name):
+            raise ValueError(f"--no-refine: model {name!r} has no refinement step (sparse_unet only)")
+    model, cfg, ck, info = _load(args, **({"refine": False} if args.no_refine else {}))
     val, loader = _data_loader_for(cfg, args)
     res = evaluate(model, loader, task=info.task, num_classes=info.num_classes, device=args.device,
                    class_names=info.class_names, eval_classes=info.eval_classes)
@@ -138,13 +179,12 @@ def cmd_predict(args) -> int:
     from .viz import save_classification_sheet
 
     model, cfg, ck, info = _load(args)
-    os.makedirs(args.out, exist_ok=True)
     H, W = info.image_size
+    # every image is read before anything is written: an unreadable one leaves no partial output
+    images = [read_image(path, "L" if info.in_chans == 1 else "RGB", (H, W)) for path in args.images]
+    os.makedirs(args.out, exist_ok=True)
     results = []
-    for path in args.images:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image not found: {path}")
-        img = Image.open(path).convert("L" if info.in_chans == 1 else "RGB").resize((W, H), Image.BILINEAR)
+    for path, img in zip(args.images, images):
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
         x = (x[None] if x.dim() == 2 else x.permute(2, 0, 1))[None].to(args.device)
         mask = activity_mask(model, x)
@@ -187,9 +227,27 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from .checkpoint import CheckpointError
+# What a user can get wrong: bad arguments (ValueError: validation.py, TrainConfig.validate, the
+# data sets, the models), files and folders that are not there or not what was meant, unusable
+# checkpoints. Anything else is a bug in spconv2d and keeps its traceback.
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+MAX_MESSAGE = 500  # characters of a (one-line) error message
 
+
+def error_line(cmd: str, error: BaseException) -> str:
+    """``spconv2d <cmd>: error: <message>`` on one line (whitespace collapsed, long messages
+    such as a state-dict mismatch cut at ``MAX_MESSAGE`` characters)."""
+    msg = " ".join(str(error).split()) or type(error).__name__
+    if len(msg) > MAX_MESSAGE:
+        msg = msg[:MAX_MESSAGE - 4] + " ..."
+    return f"spconv2d {cmd}: error: {msg}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``spconv2d`` command; returns the exit code: 0, or 2 for a user error (a bad
+    argument, file or checkpoint), reported as one line on stderr without a traceback
+    (argparse's own errors exit with 2 too)."""
     args = build_parser().parse_args(argv)
     root = logging.getLogger("spconv2d.zoo")
     if not root.handlers:
@@ -197,17 +255,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(h)
     root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    if args.cmd in ("train", "eval", "predict"):  # the application sets the threads, not train()
-        from .threads import set_threads
-
-        n = set_threads(args.threads)
-        log.log(logging.INFO if args.cmd == "train" else logging.DEBUG, "torch CPU threads: %d%s", n,
-                "" if args.threads else " (auto: idle cores)")
     try:
+        check_args(args)
+        if args.cmd in ("train", "eval", "predict"):  # the application sets the threads, not train()
+            n = set_threads(args.threads)
+            log.log(logging.INFO if args.cmd == "train" else logging.DEBUG, "torch CPU threads: %d%s", n,
+                    "" if args.threads else " (auto: idle cores)")
         return {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.cmd](args)
-    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"spconv2d {args.cmd}: error: {msg}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(error_line(args.cmd, e), file=sys.stderr)
         return 2
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import numbers
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from .data import dataset_info
+from . import validation
+from .data import DATASETS, dataset_info
 from .masks import DEFAULT_DENSITY, POLICIES
-from .registry import model_defaults
+from .registry import is_model, list_models, model_defaults
 
 log = logging.getLogger("spconv2d.zoo")
 
@@ -62,8 +64,12 @@ class TrainConfig:
     model_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"cli": None})  # Python only
 
     def __post_init__(self):
-        if self.size is not None:
-            self.size = tuple(int(s) for s in self.size)
+        # any sequence (a list from the command line or a run's JSON, a numpy array) -> a tuple,
+        # integral elements -> int; anything else is left as given for validate() to report
+        if isinstance(self.size, (list, tuple)) or hasattr(self.size, "tolist"):
+            items = self.size.tolist() if hasattr(self.size, "tolist") else self.size
+            self.size = tuple(int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s
+                              for s in items)
 
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` default filled in: the model's ``ModelDefaults`` (data,
@@ -90,6 +96,62 @@ class TrainConfig:
         if c.out is None:
             c.out = os.path.join("runs", f"{c.model}-{c.data}")
         return c
+
+    def validate(self) -> "TrainConfig":
+        """Reject what cannot make a meaningful run, before anything is read, built or written;
+        returns ``self``. Unset (``None``) fields are the model's / data set's defaults, which are
+        valid; a resolved config validates too. ``train()`` calls it first.
+
+        ``TypeError``: a field of the wrong type. ``ValueError``: an unknown model, data set or
+        mask policy; ``epochs``, ``batch_size``, ``num_train``, ``num_val`` < 1; ``lr`` <= 0;
+        ``weight_decay``, ``aux_weight``, ``num_workers``, ``num_predictions`` < 0; ``warmup``
+        outside [0, 1]; ``density`` outside (0, 1]; ``size`` not two integers >= 1, not a
+        multiple of what the model needs (``ModelDefaults.size_multiple``) or given for a data
+        set of fixed size; ``seed`` outside [0, 2**32); ``download`` without ``data_root``; a
+        device that is not a torch device or not available here. ``FileNotFoundError`` /
+        ``NotADirectoryError`` / ``PermissionError``: a ``data_root`` that is not a readable
+        folder, an ``out`` that is a file. Every message names the field and the problem
+        (``validation.py``); the ``spconv2d`` command prints it and exits with 2."""
+        v = validation
+        if not isinstance(self.model, str):
+            raise TypeError(f"model must be a registered model's name, got {type(self.model).__name__} {self.model!r}")
+        if not is_model(self.model):
+            raise ValueError(f"unknown model {self.model!r}; registered models: {', '.join(list_models())}")
+        md = model_defaults(self.model)
+        v.check_choice("data", self.data, DATASETS, what="data set", optional=True)
+        info = dataset_info(self.data or md.data)
+        v.check_int("epochs", self.epochs, 1, optional=True)
+        v.check_int("batch_size", self.batch_size, 1, optional=True)
+        v.check_real("lr", self.lr, 0, low_open=True, optional=True)
+        v.check_real("weight_decay", self.weight_decay, 0, optional=True)
+        v.check_density("density", self.density, optional=True)
+        v.check_choice("mask_policy", self.mask_policy, POLICIES, what="mask policy", optional=True)
+        v.check_size("size", self.size, optional=True)
+        if self.size is not None and not info.resizable and tuple(self.size) != info.image_size:
+            raise ValueError(f"size {self.size[0]}x{self.size[1]}: data set {info.name!r} has a fixed image size "
+                             f"of {info.image_size[0]}x{info.image_size[1]}")
+        size = tuple(self.size) if self.size is not None and info.resizable else info.image_size
+        v.check_size("size", size, md.size_multiple, who=f"model {self.model!r}")
+        v.check_int("num_train", self.num_train, 1, optional=True, why=" (an empty training split)")
+        v.check_int("num_val", self.num_val, 1, optional=True, why=" (an empty validation split)")
+        v.check_device(self.device)
+        v.check_output_folder("out", self.out, optional=True)
+        for name in ("resume", "download", "progress"):
+            v.check_bool(name, getattr(self, name))
+        v.check_int("seed", self.seed, 0, 2**32 - 1)
+        if self.download:
+            if not self.data_root:
+                raise ValueError("download needs data_root: the folder to download MNIST into")
+            v.check_output_folder("data_root", self.data_root)
+        else:
+            v.check_input_folder("data_root", self.data_root, optional=True)
+        v.check_real("aux_weight", self.aux_weight, 0)
+        v.check_real("warmup", self.warmup, 0, 1)
+        v.check_int("num_workers", self.num_workers, 0)
+        v.check_int("num_predictions", self.num_predictions, 0)
+        if not isinstance(self.model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
+        return self
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

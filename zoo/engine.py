@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models)
-from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint,
-                         restore_rng, save_checkpoint, save_weights)
+from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, load_checkpoint,
+                         restore_rng, save_checkpoint, save_weights, state_dict_mismatch)
 from .config import TrainConfig
 from .data import build_dataset, dataset_info
 from .masks import activity_mask, measured_density
 from .metrics import ConfusionMatrix
-from .registry import count_parameters, create_model, model_kwargs
+from .registry import count_parameters, create_model, is_model, list_models, model_kwargs
 from .streets import IGNORE_INDEX
 
 log = logging.getLogger("spconv2d.zoo")
@@ -224,10 +224,11 @@ def save_prediction_sheet(model, dataset, cfg: TrainConfig, path: str, device) -
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ def train(config: Optional[TrainConfig] = None, **kwargs) -> Dict[str, Any]:
     ``metrics.json`` and ``curves.png``; at the end ``model.safetensors`` and ``predictions.png``.
     """
     cfg = dataclasses.replace(config, **kwargs) if config is not None else TrainConfig(**kwargs)
+    cfg.validate()  # bad arguments fail here, before anything is read or written
     ckpt = None
     if cfg.resume:
         out = cfg.out or TrainConfig(model=cfg.model, data=cfg.data).resolved().out
@@ -345,13 +347,18 @@ def load_model(checkpoint: str, device: str = "cpu", **overrides):
     mode on ``device``. ``overrides`` replace the run's entry-point arguments (e.g.
     ``refine=False`` for ``sparse_unet``; an argument the model does not take is a ``TypeError``)."""
     ck = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(ck["config"]).resolved()
+    cfg = TrainConfig.from_dict(ck["config"])
+    if not is_model(cfg.model):
+        raise CheckpointError(f"{ck['path']} is a {cfg.model!r} run, a model not registered here "
+                              f"(registered: {', '.join(list_models())})")
+    cfg = cfg.resolved()
     cfg.model_kwargs = {**cfg.model_kwargs, **overrides}
     info = dataset_info(cfg.data, cfg.size)
     model = build_model(cfg, info)
     try:
         model.load_state_dict(ck["model_state"])
     except RuntimeError as e:
-        raise CheckpointError(f"{ck['path']} does not match model {cfg.model!r}: {e}") from e
+        why = state_dict_mismatch(model, ck["model_state"]) or " ".join(str(e).split())
+        raise CheckpointError(f"{ck['path']} does not match model {cfg.model!r}: {why}") from e
     model.to(device).eval()
     return model, cfg, ck, info

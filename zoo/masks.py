@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .validation import check_choice, check_density
+
 POLICIES = ("nonzero", "edge", "contrast", "residual", "full")
 # target density of the energy policies unless told otherwise: the operating point the zoo's
 # sparse U-Net is trained and measured at (docs/ZOO.md)
@@ -133,8 +135,8 @@ class MaskPolicy:
     """A callable ``images -> mask`` carrying its configuration (picklable, no parameters)."""
 
     def __init__(self, policy: str = "edge", density: float = DEFAULT_DENSITY, dilation: Optional[int] = None):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown mask policy {policy!r}; choose from {POLICIES}")
+        check_choice("mask_policy", policy, POLICIES, what="mask policy")
+        check_density("density", density)
         if dilation is None:
             dilation = DEFAULT_DILATION.get(policy, 1)
         self.policy, self.density, self.dilation = policy, float(density), int(dilation)

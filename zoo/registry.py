@@ -35,7 +35,10 @@ class ModelDefaults:
     ``data``, ``epochs``, ``batch_size``, ``lr`` (AdamW), ``weight_decay``: as registered (the
     field defaults hold for a model registered without any). ``mask_policy`` / ``density``: read
     from the entry point's signature by ``register_model`` (``None`` for a model that takes no
-    such argument, i.e. a dense one); not to be given."""
+    such argument, i.e. a dense one); not to be given. ``size_multiple``: a requirement rather
+    than a default (timm keeps input sizes in the same config): the image height and width the
+    model accepts must be multiples of it (the U-Nets: 4); ``TrainConfig.validate`` checks a
+    run's size against it before any data is made."""
 
     data: str = "mnist"
     epochs: int = 10
@@ -44,6 +47,7 @@ class ModelDefaults:
     weight_decay: float = 1e-4
     mask_policy: Optional[str] = None
     density: Optional[float] = None
+    size_multiple: int = 1
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .validation import check_int
+
 
 def auto_threads() -> int:
     """Threads for torch on the CPU: the idle cores (cores minus the 1-minute load average,
@@ -23,7 +25,9 @@ def auto_threads() -> int:
 
 
 def set_threads(threads: Optional[int] = None) -> int:
-    """``torch.set_num_threads(threads or auto_threads())``; returns the number set."""
-    n = threads or auto_threads()
+    """``torch.set_num_threads(threads)`` (``None``: ``auto_threads()``); returns the number set.
+    ``threads`` must be an integer >= 1 (``ValueError`` / ``TypeError`` otherwise)."""
+    check_int("threads", threads, 1, optional=True)
+    n = threads if threads is not None else auto_threads()
     torch.set_num_threads(n)
     return n

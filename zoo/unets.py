@@ -23,7 +23,9 @@ from .inactive import cell_states, guided_upsample, put_pixel_rows, refine_uncer
 from .masks import DEFAULT_DENSITY, MaskedModel
 from .registry import ModelDefaults, register_model
 
-STREETS_TRAINING = ModelDefaults(data="streets", epochs=10, batch_size=16, lr=3e-3, weight_decay=1e-4)
+SIZE_MULTIPLE = 4  # H and W: two k2 s2 down-samplings and the H/4 context head's 4x4 cells
+STREETS_TRAINING = ModelDefaults(data="streets", epochs=10, batch_size=16, lr=3e-3, weight_decay=1e-4,
+                                 size_multiple=SIZE_MULTIPLE)
 
 
 class UNetBase(nn.Module):
@@ -83,8 +85,8 @@ class UNetBase(nn.Module):
     @staticmethod
     def _check(images):
         H, W = images.shape[-2:]
-        if H % 4 or W % 4:
-            raise ValueError(f"U-Net input size must be a multiple of 4, got {H}x{W}")
+        if H % SIZE_MULTIPLE or W % SIZE_MULTIPLE:
+            raise ValueError(f"U-Net input size must be a multiple of {SIZE_MULTIPLE}, got {H}x{W}")
 
 
 class UNet(UNetBase):

@@ -38,3 +38,15 @@ def test_dict_round_trip_and_older_configs():
     old = dict(d, threads=2, some_removed_option=1)  # an older run's config
     assert TrainConfig.from_dict(old) == c
     assert zoo.TrainConfig is TrainConfig
+
+
+def test_validate_accepts_what_resolved_makes_and_integer_sequences_as_size():
+    import numpy as np
+
+    for model in zoo.list_models("[!_]*"):
+        c = TrainConfig(model=model)
+        assert c.validate() is c and c.resolved().validate()
+    c = TrainConfig(model="unet", size=np.array([32, 64]))
+    assert c.size == (32, 64) and all(type(v) is int for v in c.size) and c.validate()
+    with pytest.raises(TypeError, match="size must be two integers"):
+        TrainConfig(model="unet", size=(32.7, 64)).validate()  # not silently truncated to 32
