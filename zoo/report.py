@@ -241,20 +241,17 @@ def fig_density_sweep(data, b, out) -> Tuple[str, str]:
 def fig_time_breakdown(data, b, out) -> Tuple[str, str]:
     plt = _plt()
     steps = b["steps"]
-    order: List[str] = []
-    for st in steps.values():
-        for mod in st["models"].values():
-            for k in mod["stages_ms"]:
-                if k not in order:
-                    order.append(k)
+    from .measure import UNET_STAGES
+
+    present = {k for st in steps.values() for mod in st["models"].values() for k in mod["stages_ms"]}
+    order = [n for n, _, _ in UNET_STAGES if n in present] + sorted(present - {n for n, _, _ in UNET_STAGES})
     order.append("other")
     cmap = plt.get_cmap("tab20")
     colors = {k: cmap(i % 20) for i, k in enumerate(order)}
-    fig, ax = plt.subplots(figsize=(3.2 + 2.2 * len(steps), 5.2))
-    xt, xl = [], []
-    x = 0.0
-    for s, st in steps.items():
-        for name in ("unet", "sparse_unet"):
+    # one panel per setting, each with its own scale (a busy machine can make one setting slower)
+    fig, axes = plt.subplots(1, len(steps), figsize=(1.6 + 2.6 * len(steps), 5.2), squeeze=False)
+    for ax, (s, st) in zip(axes[0], steps.items()):
+        for x, name in enumerate(("unet", "sparse_unet")):
             mod = st["models"][name]
             bottom = 0.0
             for k in order:
@@ -263,19 +260,18 @@ def fig_time_breakdown(data, b, out) -> Tuple[str, str]:
                 if v:
                     ax.bar(x, v, 0.7, bottom=bottom, color=colors[k], edgecolor="w", linewidth=0.4)
                 bottom += v
-            ax.text(x, bottom, f"{mod['total_ms']['median']:.1f}", ha="center", va="bottom", fontsize=7)
-            xt.append(x)
-            dev = "GPU" if st["device"] != "cpu" else f"{st['threads']}t"
-            xl.append(f"{name}\n{dev}, b{st['batch']}")
-            x += 1
-        x += 0.6
+            ax.text(x, bottom, f"{mod['total_ms']['median']:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels(["unet", "sparse_unet"], fontsize=8)
+        where = "GPU" if st["device"] != "cpu" else f"CPU, {st['threads']} thread{'s' if st['threads'] != 1 else ''}"
+        ax.set_title(f"{where}, batch {st['batch']}", fontsize=9)
+        ax.set_xlim(-0.6, 1.6)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("ms per batch (stage medians of alternating rounds)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in order]
-    ax.legend(handles, order, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_xticks(xt)
-    ax.set_xticklabels(xl, fontsize=8)
-    ax.set_ylabel("ms per batch (medians of alternating rounds)")
-    ax.set_title(f"{data}: where the time goes (stages wrapped on the instance)", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
+    axes[0, -1].legend(handles, order, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{data}: where the time goes (steps wrapped on the instance; 'other': the rest of forward)",
+                 fontsize=10)
     fig.tight_layout()
     name = f"time_breakdown-{data}.png"
     fig.savefig(os.path.join(out, name), dpi=110)
@@ -397,8 +393,10 @@ def fig_training_curves(results, out) -> Tuple[str, str]:
         axes[0, j].set_ylabel(f"val {b['metric']} (%)")
         axes[1, j].set_ylabel("train loss")
         axes[1, j].set_yscale("log")
+        _log_axis(axes[1, j].yaxis)
         for a in axes[:, j]:
             a.set_xlabel("training time (s)")
+            a.set_xlim(left=0)
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
         axes[0, j].set_title(f"{data}: training curves (one point per epoch)", fontsize=10)
@@ -499,6 +497,11 @@ def write_markdown(results, out, figures: Dict[str, Dict[str, str]]) -> str:
           f"({_dur(st['train_s'])} of it training, reused runs included at their lookup time"
           f"{'; resumed after an interruption, this invocation %s' % _dur(st['elapsed_s']) if st.get('resumed') else ''}).",
           ""]
+    if load and load[0] > 0.5:
+        L += [f"> **The machine was busy**: a 1-min load average of {load[0]:.2f} on {mach['cores']} cores before the "
+              "study started. Timings with more threads than idle cores wait for busy cores and are inflated, "
+              "sometimes by several times; models timed in the same rounds suffer alike, so ratios hold up better "
+              "than absolute times, and the 1-thread results better than the all-core ones.", ""]
     L += ["## Summary", ""]
     for data, b in results["data"].items():
         L += [f"### {data} ({b['task']}; {b['metric']} on the validation split: {b.get('source') or ''})", ""]

@@ -512,6 +512,7 @@ class Study:
     """Runs the stages of one study (``run_study`` is the entry point)."""
 
     def __init__(self, cfg: StudyConfig):
+        self.given = cfg  # as given (the command line in the report), before resolved()
         self.cfg = cfg.resolved()
         self.plan = Plan(self.cfg)
         self.device = torch.device(self.cfg.device)
@@ -779,8 +780,8 @@ def assemble(study: Study, done: Dict[str, Any], machine_start: Dict[str, Any], 
     cfg_dict = dataclasses.asdict(cfg)
     results: Dict[str, Any] = {
         "schema": SCHEMA,
-        "study": {"config": cfg_dict, "quick": cfg.quick, "command": cfg.command or cfg.to_command(),
-                  "python_command": _python_command(cfg), "started": state.started,
+        "study": {"config": cfg_dict, "quick": cfg.quick, "command": cfg.command or study.given.to_command(),
+                  "python_command": _python_command(study.given), "started": state.started,
                   "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                   "elapsed_s": elapsed, "resumed": state.resumed,
                   "stages_s": sum(t["seconds"] or 0 for t in timings),

@@ -12,7 +12,7 @@ import spconv2d.zoo as zoo
 from spconv2d.zoo.measure import (MacCounter, count_macs, instrument_stages, layer_macs, paired_ratios, spread,
                                   time_alternating)
 
-C, K, H, W = 4, 19, 16, 32  # a tiny U-Net: width 4, 19 classes, 16x32 images
+C, K, H, W = 16, 19, 16, 32  # a small U-Net: width 16 (the default), 19 classes, 16x32 images
 
 
 def _unet_dense_macs(B, c=C, k=K, h=H, w=W, in_chans=3):
