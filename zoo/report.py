@@ -16,6 +16,9 @@ Figures (PNG, in ``out``), each with a one-line reading computed from the number
 * ``qualitative-<data>.png`` — validation scenes: input | ground truth | dense prediction | sparse
   prediction | active mask | where the two disagree and where the sparse one is wrong.
 * ``training_curves.png`` — validation metric and training loss vs training time, every model.
+
+Also ``README-results.md``: the README's zoo results (a table and the where-sparsity-pays
+sentences, with the command and the machine), ready to paste.
 """
 from __future__ import annotations
 
@@ -299,7 +302,7 @@ def fig_per_class(data, b, out) -> Tuple[str, str]:
              if dense["per_class"].get(n) is not None or sparse["per_class"].get(n) is not None]
     dv = [100 * (dense["per_class"][n] or 0) for n in names]
     sv = [100 * (sparse["per_class"].get(n) or 0) for n in names]
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.38 * len(names)))
+    fig, ax = plt.subplots(figsize=(7.5, 1.5 + 0.38 * len(names)))
     y = np.arange(len(names))
     ax.barh(y - 0.2, dv, 0.4, color="C1", label=f"unet ({100 * dense['value']:.2f} mIoU)")
     ax.barh(y + 0.2, sv, 0.4, color="C2", label=f"sparse_unet @ {sparse['density']:.2f} ({100 * sparse['value']:.2f})")
@@ -308,7 +311,7 @@ def fig_per_class(data, b, out) -> Tuple[str, str]:
     ax.invert_yaxis()
     ax.set_xlabel("IoU (%)")
     ax.set_xlim(0, 100)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1 - 0.5 / max(len(names), 1)), ncol=2)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(f"{data}: per-class IoU on the validation split", fontsize=10)
     fig.tight_layout()
@@ -554,6 +557,33 @@ def write_markdown(results, out, figures: Dict[str, Dict[str, str]]) -> str:
     return text
 
 
+def readme_results(results: Dict[str, Any], report_path: str = "REPORT.md") -> str:
+    """The README's zoo results from a study: a table (metric, parameters, executed MACs,
+    latency per image at every setting, speed-up over the dense twin) and the where-sparsity-pays
+    sentences, with the command and machine. Written as ``README-results.md`` for pasting."""
+    st, mach = results["study"], results["machine"]
+    gpu = f", GPU {mach['gpu']}" if mach.get("gpu") else ", no GPU"
+    L = [f"Measured by `{st['command']}` ({_dur(st['stages_s'])}; {mach['cpu']}, {mach['cores']} cores{gpu}, "
+         f"1-min load {mach['load_average'][0]:.2f} at the start; {st['finished'][:10]}). Full report with "
+         f"figures: [{report_path}]({report_path}).", ""]
+    if st["quick"]:
+        L += ["**(a `--quick` smoke run: not results)**", ""]
+    for data, b in results["data"].items():
+        main = main_settings(b)
+        heads = " | ".join(f"ms/image {describe_setting(b, s)}" for s in b["settings"])
+        L += [f"| model ({data}) | {b['metric']} | density | parameters | MMAC/image executed (of dense) | {heads} | "
+              f"speed-up vs dense twin ({describe_setting(b, main[-1])}) |", "|---" * (6 + len(b["settings"])) + "|"]
+        for m in b["models"]:
+            su = m["speedup_vs_dense"][main[-1]]["paired_median"] if m["speedup_vs_dense"] else None
+            L.append(f"| `{m['label']}` | {_pct(m['value'])} % | {m['measured_density']:.2f} | {m['parameters']:,} | "
+                     f"{_mmac(m['macs']['executed_per_image'])} ({100 * m['macs']['fraction']:.0f} %) | "
+                     + " | ".join(_ms(m["latency"][s]["per_image_ms"]) for s in b["settings"])
+                     + f" | {'–' if su is None else '%.2fx' % su} |")
+        L.append("")
+    L += [f"* {x}" for x in where_sparsity_pays(results)]
+    return "\n".join(L) + "\n"
+
+
 def write_report(results: Dict[str, Any], out: str) -> Dict[str, Dict[str, str]]:
     """Draw every figure and write ``REPORT.md`` into ``out``; returns ``{key: {file, title,
     reading}}`` (also stored in ``results.json`` as ``figures``)."""
@@ -574,6 +604,8 @@ def write_report(results: Dict[str, Any], out: str) -> Dict[str, Dict[str, str]]
         add(f"qualitative-{data}", f"{data}: validation scenes", fig_qualitative, data, b, out)
     add("training_curves", "Training curves", fig_training_curves, results, out)
     write_markdown(results, out, figs)
+    with open(os.path.join(out, "README-results.md"), "w") as f:
+        f.write(readme_results(results))
     return figs
 
 
