@@ -160,11 +160,15 @@ def _sync(device: torch.device) -> None:
 
 def time_alternating(calls: Mapping[str, Callable[[int], Any]], rounds: int, warmup: int = 2,
                      device: Optional[torch.device] = None,
-                     on_round: Optional[Callable[[int], None]] = None) -> Dict[str, List[float]]:
+                     on_round: Optional[Callable[[int], None]] = None,
+                     budget_s: Optional[float] = None) -> Dict[str, List[float]]:
     """Seconds per call of each ``calls[name](round)``, ``rounds`` rounds, every model once per
     round, alternating (even rounds in the given order, odd rounds reversed). ``warmup`` untimed
     rounds first (compilation, autotuning, allocator). On a CUDA ``device`` each call is timed
-    with CUDA events (warm-up and timing synchronised)."""
+    with CUDA events (warm-up and timing synchronised). ``budget_s``: stop after the first round
+    that ends past this many seconds from the start (warm-up included; at least one round), so
+    that an overloaded machine cannot stretch a smoke run: the lists are then shorter."""
+    t_start = time.perf_counter()
     device = torch.device(device or "cpu")
     names = list(calls)
     times: Dict[str, List[float]] = {n: [] for n in names}
@@ -189,6 +193,8 @@ def time_alternating(calls: Mapping[str, Callable[[int], Any]], rounds: int, war
                     times[n].append(time.perf_counter() - t0)
             if on_round is not None:
                 on_round(r)
+            if budget_s is not None and time.perf_counter() - t_start > budget_s:
+                break
     return times
 
 

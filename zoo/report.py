@@ -509,8 +509,11 @@ def write_markdown(results, out, figures: Dict[str, Dict[str, str]]) -> str:
     for data, b in results["data"].items():
         L += [f"### {data} ({b['task']}; {b['metric']} on the validation split: {b.get('source') or ''})", ""]
         L += _summary_table(data, b)
+        rounds = {s: b["models"][0]["latency"][s]["rounds"] for s in b["settings"]}
+        r_txt = (str(next(iter(rounds.values()))) if len(set(rounds.values())) == 1 else
+                 ", ".join(f"{n} ({s})" for s, n in rounds.items()) + " (cut short by the timing budget)")
         L += ["", f"Latency: ms per image, `cpu-Nt-bB` = CPU with N threads at batch B (`cuda-bB`: the GPU), "
-              f"mask policy included, median of {b['models'][0]['latency'][b['settings'][0]]['rounds']} rounds "
+              f"mask policy included, median of {r_txt} rounds "
               "in which every model of the table ran once, alternating. Speed-up: median of the round-by-round "
               "ratios [inter-quartile range]. MACs: conv and linear layers over the whole validation split "
               "(dense: what the dense twin computes; executed: kernel-map pairs x C_in x C_out on the sparse "

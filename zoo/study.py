@@ -68,9 +68,9 @@ STATE_NAME = "study_state.json"
 RESULTS_NAME = "results.json"
 # --quick: tiny training budgets (one epoch of a few hundred digits / a few dozen scenes), few
 # timing rounds and scenes; a smoke run (the report says so)
-QUICK = dict(epochs=1, rounds=3, warmup=1, num_scenes=3,
+QUICK = dict(epochs=1, rounds=3, warmup=1, num_scenes=3, timing_budget_s=10.0,
              split={"classification": (1000, 300), "segmentation": (64, 16)})
-DEFAULTS = dict(rounds=15, warmup=2, num_scenes=6)
+DEFAULTS = dict(rounds=15, warmup=2, num_scenes=6, timing_budget_s=None)
 # fields of a run's TrainConfig that do not change what is trained
 RUN_KEY_IGNORED = ("out", "resume", "progress", "num_workers", "num_predictions", "download")
 
@@ -93,6 +93,7 @@ class StudyConfig:
     timing_threads: Optional[Tuple[int, ...]] = None  # CPU thread counts timed (default 1, all cores)
     rounds: Optional[int] = None                   # timing rounds per setting
     warmup: Optional[int] = None                   # untimed rounds first
+    timing_budget_s: Optional[float] = None        # stop a timing setting's rounds after this (quick: 10 s)
     timing_batch: Optional[int] = None             # default: the models' training batch size
     epochs: Optional[int] = None                   # override every model's epochs
     num_train: Optional[int] = None                # override every data set's split sizes
@@ -126,7 +127,7 @@ class StudyConfig:
         if torch.device(c.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"study: device {c.device!r} requested but CUDA is not available")
         preset = QUICK if c.quick else DEFAULTS
-        for k in ("rounds", "warmup", "num_scenes"):
+        for k in ("rounds", "warmup", "num_scenes", "timing_budget_s"):
             if getattr(c, k) is None:
                 setattr(c, k, preset[k])
         if c.quick and c.epochs is None:
@@ -203,6 +204,8 @@ def add_arguments(p) -> None:
     p.add_argument("--rounds", type=int, help=f"timing rounds per setting (default {DEFAULTS['rounds']}, "
                    f"--quick {QUICK['rounds']})")
     p.add_argument("--warmup", type=int, help="untimed rounds before timing")
+    p.add_argument("--timing-budget-s", type=float, help="stop a timing setting after the round that ends past "
+                   f"this many seconds (default: none; --quick {QUICK['timing_budget_s']:g})")
     p.add_argument("--timing-batch", type=int, help="the batch timed besides batch 1 (default: the "
                    "models' training batch size)")
     p.add_argument("--epochs", type=int, help="override every model's training epochs")
@@ -608,12 +611,14 @@ class Study:
             warmup = self.cfg.warmup if device.type == "cpu" else max(self.cfg.warmup, 5)
             if device.type == "cuda":
                 torch.backends.cudnn.benchmark = True  # the dense twin's convolutions: cuDNN's best
-            times = measure.time_alternating(calls, self.cfg.rounds, warmup, device)
+            times = measure.time_alternating(calls, self.cfg.rounds, warmup, device,
+                                             budget_s=self.cfg.timing_budget_s)
         finally:
             torch.set_num_threads(old_threads)
             torch.backends.cudnn.benchmark = old_bench
         n_img = 1 if batch == 1 else len(images)
-        return {"device": device.type, "threads": setting["threads"], "batch": n_img, "rounds": self.cfg.rounds,
+        rounds = len(next(iter(times.values())))
+        return {"device": device.type, "threads": setting["threads"], "batch": n_img, "rounds": rounds,
                 "seconds": times, "spread_ms": {pid: measure.spread(t, 1e3) for pid, t in times.items()},
                 "per_image_ms": {pid: measure.spread(t, 1e3 / n_img) for pid, t in times.items()}}
 
@@ -634,10 +639,12 @@ class Study:
         try:
             if setting["threads"]:
                 torch.set_num_threads(setting["threads"])
-            totals = measure.time_alternating(calls, self.cfg.rounds, self.cfg.warmup, device)
+            totals = measure.time_alternating(calls, self.cfg.rounds, self.cfg.warmup, device,
+                                              budget_s=self.cfg.timing_budget_s)
         finally:
             torch.set_num_threads(old)
-        out = {"device": device.type, "threads": setting["threads"], "batch": len(x), "models": {}}
+        out = {"device": device.type, "threads": setting["threads"], "batch": len(x), "models": {},
+               "rounds": len(totals["unet"])}
         skip = self.cfg.warmup  # the warm-up rounds' stage times come first
         for name in calls:
             stages = {k: measure.spread(v[skip:], 1e3) for k, v in stage_times[name].items() if v[skip:]}

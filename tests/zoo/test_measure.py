@@ -117,6 +117,8 @@ def test_time_alternating_alternates_and_summarises():
     s = spread([1.0, 2.0, 3.0, 4.0], scale=10)
     assert s == {"median": 25.0, "p25": 17.5, "p75": 32.5, "min": 10.0, "max": 40.0}
     assert paired_ratios([2.0, 4.0], [1.0, 2.0])["median"] == 2.0
+    short = time_alternating(calls, rounds=5, warmup=0, budget_s=0.0)  # past the budget: one round
+    assert {k: len(v) for k, v in short.items()} == {"a": 1, "b": 1}
 
 
 def test_instrument_stages_times_each_step_once_per_forward(streets_batch):
