@@ -161,8 +161,8 @@ def fig_pareto(results, out) -> Tuple[str, str]:
                 if "trained" in m["id"]:
                     color = "C4"
                 ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="none", ecolor=color, alpha=0.5, lw=1)
-                ax.scatter([x], [y], s=40 + 900 * m["parameters"] / pmax, marker=SPARSE_MARK if m["sparse"] else DENSE_MARK,
-                           color=color, alpha=0.7, edgecolors="k", linewidths=0.5, zorder=3)
+                ax.scatter([x], [y], s=40 + 900 * m["parameters"] / pmax,
+                           marker=SPARSE_MARK if m["sparse"] else DENSE_MARK, color=color, alpha=0.7, edgecolors="k", linewidths=0.5, zorder=3)
                 ax.annotate(_label(m), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
                 pts.append((x, y))
             fr = _frontier(pts)
@@ -203,8 +203,8 @@ def fig_density_sweep(data, b, out) -> Tuple[str, str]:
                 label="sparse_unet trained at each density, mIoU")
     ax.axhline(100 * dense["value"], color="C1", ls="--", label=f"unet mIoU {100 * dense['value']:.2f}")
     ax.set_xscale("log")
+    _log_axis(ax.xaxis)
     ax.set_xticks(d)
-    ax.set_xticklabels([f"{x:g}" for x in d])
     ax.set_xlabel("target density (fraction of active pixels)")
     ax.set_ylabel("mIoU (%)")
     ax.grid(alpha=0.3)
@@ -214,7 +214,8 @@ def fig_density_sweep(data, b, out) -> Tuple[str, str]:
     speed_lines = []
     for k, s in enumerate(b["settings"]):
         y = [m["speedup_vs_dense"][s]["paired_median"] for m in sweep]
-        ax2.plot(d, y, marker="^", ls=styles[k % 4], color=f"C{(k + 5) % 10}", label=f"speed-up ({describe_setting(b, s)})")
+        ax2.plot(d, y, marker="^", ls=styles[k % 4], color=f"C{(k + 5) % 10}",
+                 label=f"speed-up ({describe_setting(b, s)})")
         speed_lines.append((s, y))
     ax2.axhline(1.0, color="k", lw=0.6)
     ax2.set_ylabel("executed MACs / dense;  speed-up over unet (x)")
@@ -290,7 +291,8 @@ def fig_time_breakdown(data, b, out) -> Tuple[str, str]:
     reading = (f"at {s_main}: unet {st['models']['unet']['total_ms']['median']:.1f} ms, sparse_unet "
                f"{sp_['total_ms']['median']:.1f} ms per batch; sparse_unet's largest stages "
                + ", ".join(f"{k} {v['median']:.1f} ms" for k, v in top)
-               + f"; mask + inactive-pixel steps {overhead:.1f} ms ({100 * overhead / sp_['total_ms']['median']:.0f}%), "
+               + f"; mask + inactive-pixel steps {overhead:.1f} ms "
+               f"({100 * overhead / sp_['total_ms']['median']:.0f}%), "
                f"dense context head {dense_ctx:.1f} ms")
     return name, reading + "."
 
@@ -446,7 +448,8 @@ def _summary_table(data: str, b: Dict[str, Any]) -> List[str]:
     heads = [f"ms/img {s}" for s in settings]
     main = main_settings(b)[-1]
     lines = [f"| model | density (target / measured) | {b['metric']} (%) | parameters | MMAC/img dense | "
-             f"MMAC/img executed (fraction) | " + " | ".join(heads) + f" | speed-up vs dense twin ({main}) | training |",
+             "MMAC/img executed (fraction) | " + " | ".join(heads)
+             + f" | speed-up vs dense twin ({main}) | training |",
              "|---" * (8 + len(settings)) + "|"]
     for m in b["models"]:
         dens = (f"{m['density']:.2f} / {m['measured_density']:.3f}" if m["density"] is not None else
@@ -492,13 +495,15 @@ def write_markdown(results, out, figures: Dict[str, Dict[str, str]]) -> str:
               "for the numbers.", ""]
     gpu = f"GPU {mach['gpu']} (CUDA {mach['cuda']})" if mach.get("gpu") else "no GPU used"
     load = mach.get("load_average")
+    end = mach.get("load_average_end")
+    load_txt = ("" if not load else f"; 1-min load average {load[0]:.2f} at the start"
+                + (f", {end[0]:.2f} at the end" if end else "") + " (the study's own work included at the end)")
     L += [f"Measured on {mach['cpu']} ({mach['cores']} cores), {gpu}; torch {mach['torch']}, "
-          f"sparse CPU backend `{mach['cpu_backend']}`; 1-min load average {load[0]:.2f} at the start"
-          f"{'' if not mach.get('load_average_end') else ', %.2f at the end' % mach['load_average_end'][0]}"
-          f" (other processes share the machine: latencies are medians of alternating rounds). "
+          f"sparse CPU backend `{mach['cpu_backend']}`{load_txt}. "
           f"{st['started']} to {st['finished']}: {_dur(st['stages_s'])} to train and measure "
           f"({_dur(st['train_s'])} of it training, reused runs included at their lookup time"
-          f"{'; resumed after an interruption, this invocation %s' % _dur(st['elapsed_s']) if st.get('resumed') else ''}).",
+          + (f"; resumed after an interruption, this invocation {_dur(st['elapsed_s'])}" if st.get("resumed") else "")
+          + ").",
           ""]
     if load and load[0] > 0.5:
         L += [f"> **The machine was busy**: a 1-min load average of {load[0]:.2f} on {mach['cores']} cores before the "
@@ -566,9 +571,9 @@ def readme_results(results: Dict[str, Any], report_path: str = "REPORT.md") -> s
     sentences, with the command and machine. Written as ``README-results.md`` for pasting."""
     st, mach = results["study"], results["machine"]
     gpu = f", GPU {mach['gpu']}" if mach.get("gpu") else ", no GPU"
-    L = [f"Measured by `{st['command']}` ({_dur(st['stages_s'])}; {mach['cpu']}, {mach['cores']} cores{gpu}, "
-         f"1-min load {mach['load_average'][0]:.2f} at the start; {st['finished'][:10]}). Full report with "
-         f"figures: [{report_path}]({report_path}).", ""]
+    load = f", 1-min load {mach['load_average'][0]:.2f} at the start" if mach.get("load_average") else ""
+    L = [f"Measured by `{st['command']}` ({_dur(st['stages_s'])}; {mach['cpu']}, {mach['cores']} cores{gpu}{load}; "
+         f"{st['finished'][:10]}). Full report with figures: [{report_path}]({report_path}).", ""]
     if st["quick"]:
         L += ["**(a `--quick` smoke run: not results)**", ""]
     for data, b in results["data"].items():

@@ -286,7 +286,8 @@ def ensure_run(cfg: TrainConfig, runs: str, retrain: bool = False) -> Dict[str, 
     metrics = _read_json(os.path.join(out, "metrics.json"))
     side = _read_json(os.path.join(out, "study_run.json")) or {}
     same = metrics is not None and run_fields(TrainConfig.from_dict(metrics["config"])) == want
-    if not retrain and same and len(metrics["epochs"]) >= cfg.epochs and os.path.isfile(os.path.join(out, WEIGHTS_NAME)):
+    finished = same and len(metrics["epochs"]) >= cfg.epochs and os.path.isfile(os.path.join(out, WEIGHTS_NAME))
+    if finished and not retrain:
         return {"dir": out, "key": run_key(cfg), "action": "reused", "metrics": metrics,
                 "threads": side.get("threads"), "wall_s": side.get("wall_s"), "fields": want}
     action = "trained"
@@ -635,14 +636,17 @@ class Study:
             stage_times[name] = defaultdict(list)
             measure.instrument_stages(m, stage_times[name], device)
             calls[name] = (lambda r, m=m: m(x))
-        old = torch.get_num_threads()
+        old, old_bench = torch.get_num_threads(), torch.backends.cudnn.benchmark
         try:
             if setting["threads"]:
                 torch.set_num_threads(setting["threads"])
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
             totals = measure.time_alternating(calls, self.cfg.rounds, self.cfg.warmup, device,
                                               budget_s=self.cfg.timing_budget_s)
         finally:
             torch.set_num_threads(old)
+            torch.backends.cudnn.benchmark = old_bench
         out = {"device": device.type, "threads": setting["threads"], "batch": len(x), "models": {},
                "rounds": len(totals["unet"])}
         skip = self.cfg.warmup  # the warm-up rounds' stage times come first

@@ -188,7 +188,8 @@ def test_config_defaults_and_the_equivalent_command():
     given = study.StudyConfig(quick=True, data="streets", densities=(0.1, 0.5), progress=False)
     assert given.to_command() == "spconv2d study --data streets --quick --densities 0.1 0.5 --no-progress"
     plan = study.Plan(q)
-    assert [p.id for p in plan.points["streets"]] == ["unet", "sparse_unet@0.10", "sparse_unet@0.30", "sparse_unet@0.50"]
+    assert [p.id for p in plan.points["streets"]] == ["unet", "sparse_unet@0.10", "sparse_unet@0.30",
+                                                      "sparse_unet@0.50"]
     per = study.Plan(study.StudyConfig(data="streets", densities=(0.1, 0.3), train_per_density=True).resolved())
     assert set(per.runs) == {"unet-streets", "sparse_unet-streets", "sparse_unet-streets-d0.10"}
     assert per.points["streets"][-1].id == "sparse_unet[trained 0.10]@0.10"
