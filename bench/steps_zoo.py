@@ -6,12 +6,12 @@ alternating round by round (so that a drifting machine slows both alike).
 A diagnostic, not a benchmark (``bench_zoo.py`` is the benchmark): steps are timed by wrapping
 the public steps of ``SparseUNet.forward`` (its docstring lists them: ``make_mask``, the
 submodules, ``context``, ``cell_states``, ``upsample_guided``, ``refine_uncertain``) on the
-instance, so the total includes a little overhead.
+instance (``spconv2d.zoo.measure.instrument_stages``, also used by ``spconv2d study``), so the
+total includes a little overhead.
 Weights come from ``runs/<model>-streets/model.safetensors`` when present (how much the sparse
 model refines depends on them).
 """
 import argparse
-import functools
 import os
 import statistics
 import time
@@ -21,6 +21,7 @@ import torch
 
 import spconv2d.zoo as zoo
 from spconv2d.zoo.data import build_dataset
+from spconv2d.zoo.measure import instrument_stages
 
 
 def load(name, **kw):
@@ -31,32 +32,6 @@ def load(name, **kw):
 
         model.load_state_dict(load_file(path))
     return model
-
-
-def timed(times, name, fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            times[name].append(time.perf_counter() - t0)
-    return wrapper
-
-
-def instrument(model, times):
-    """Time the sparse U-Net's steps (in forward order) by wrapping them on the instance."""
-    model.make_mask = timed(times, "mask", model.make_mask)
-    for name in ("enc0", "down1", "enc1", "down2", "enc2"):
-        module = getattr(model, name)
-        module.forward = timed(times, name, module.forward)
-    model.context = timed(times, "dense context head", model.context)
-    for name in ("up2", "dec1", "up1", "dec0", "head"):
-        module = getattr(model, name)
-        module.forward = timed(times, name, module.forward)
-    model.cell_states = timed(times, "cell states", model.cell_states)
-    model.upsample_guided = timed(times, "guided upsampling", model.upsample_guided)
-    model.refine_uncertain = timed(times, "refinement", model.refine_uncertain)
 
 
 def main():
@@ -73,7 +48,7 @@ def main():
     with torch.no_grad():
         for _ in range(2):
             dense(images), sparse(images)
-        instrument(sparse, steps)
+        instrument_stages(sparse, steps)
         for _ in range(args.rounds):
             for name, model in (("unet", dense), ("sparse_unet", sparse)):
                 t0 = time.perf_counter()

@@ -17,8 +17,10 @@ from .metrics import ConfusionMatrix  # noqa: F401
 from .checkpoint import CheckpointError, load_checkpoint  # noqa: F401
 from .config import TrainConfig  # noqa: F401
 from .engine import evaluate, load_model, train, train_one_epoch  # noqa: F401
+from .study import StudyConfig, run_study  # noqa: F401
 
 __all__ = ["create_model", "list_models", "register_model", "is_model", "model_defaults", "ModelDefaults",
            "count_parameters", "MaskPolicy", "MaskedModel", "activity_mask", "make_mask", "measured_density",
            "build_dataset", "dataset_info", "DatasetInfo", "DATASETS", "ConfusionMatrix", "CheckpointError",
-           "load_checkpoint", "TrainConfig", "train", "evaluate", "train_one_epoch", "load_model"]
+           "load_checkpoint", "TrainConfig", "train", "evaluate", "train_one_epoch", "load_model",
+           "StudyConfig", "run_study"]

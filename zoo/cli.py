@@ -1,10 +1,11 @@
-"""``spconv2d`` command line: ``list``, ``train``, ``eval``, ``predict``.
+"""``spconv2d`` command line: ``list``, ``train``, ``eval``, ``predict``, ``study``.
 
     spconv2d train sparse_cnn --data mnist            # the main one (docs/ZOO.md: results, times)
     spconv2d train sparse_unet --data streets --density 0.3
     spconv2d eval runs/sparse_cnn-mnist
     spconv2d predict runs/sparse_unet-streets street.png --out preds/
     spconv2d list
+    spconv2d study [--quick]                          # the trade-off study (zoo/study.py)
 """
 from __future__ import annotations
 
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu")
     q.add_argument("--density", type=float, help="override the activity density (sparse models)")
     q.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
+
+    from .study import add_arguments as add_study_arguments
+
+    add_study_arguments(sub.add_parser("study", help="the trade-off study: train (or reuse), measure, report "
+                                                     "(docs/ZOO.md, 'The trade-off study')"))
     return p
 
 
@@ -82,6 +88,15 @@ def cmd_train(args) -> int:
           f"density {f['density']:.3f}  {f['images_per_second']:.0f} img/s  ({f['epochs']} epochs, "
           f"{f['train_time_s']:.0f}s)")
     print(f"results: {os.path.abspath(out)} (metrics.json, checkpoint.safetensors, curves.png, predictions.png)")
+    return 0
+
+
+def cmd_study(args, argv=None) -> int:
+    from .study import from_args, run_study
+
+    results = run_study(from_args(args, argv))
+    out = results["study"]["config"]["out"]
+    print(f"study done in {results['study']['elapsed_s']:.0f}s: {os.path.abspath(os.path.join(out, 'REPORT.md'))}")
     return 0
 
 
@@ -248,6 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``spconv2d`` command; returns the exit code: 0, or 2 for a user error (a bad
     argument, file or checkpoint), reported as one line on stderr without a traceback
     (argparse's own errors exit with 2 too)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     root = logging.getLogger("spconv2d.zoo")
     if not root.handlers:
@@ -257,10 +273,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         check_args(args)
-        if args.cmd in ("train", "eval", "predict"):  # the application sets the threads, not train()
+        if args.cmd in ("train", "eval", "predict", "study"):  # the application sets the threads, not train()
             n = set_threads(args.threads)
             log.log(logging.INFO if args.cmd == "train" else logging.DEBUG, "torch CPU threads: %d%s", n,
                     "" if args.threads else " (auto: idle cores)")
+        if args.cmd == "study":
+            return cmd_study(args, argv)
         return {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.cmd](args)
     except USER_ERRORS as e:
         print(error_line(args.cmd, e), file=sys.stderr)
