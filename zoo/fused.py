@@ -1,11 +1,13 @@
-"""A numba kernel for the refinement step of the sparse U-Net's inference.
+"""Numba kernels for the refinement step of the sparse U-Net's inference.
 
 ``inactive.refine_at`` is written as tensor operations (the reference, differentiable: training
 uses it). At inference on a CPU, with numba installed (the ``cpu`` extra), it runs as one pass
 per refined pixel instead, without the ``[pixels, 49]`` weight and CSR buffers: 2x faster
 (docs/ARCHITECTURE.md, "Measured choices — zoo"); same formula, same results up to float
 rounding (tests/zoo/test_inactive.py compares them). (A numba guided upsampling measured no
-faster than the tensor code's batched GEMM, so there is none.) The kernels run through the core's numba runtime
+faster than the tensor code's batched GEMM, so there is none.) ``row_margins``: the top-2
+margins of the refinement candidates straight from the logit rows (the tensor code gathers the
+rows, then runs a strided running top-2): used in training too, it selects pixels only. The kernels run through the core's numba runtime
 (``spconv2d.backends.numba_kernels.runtime``: PyTorch's thread count, one launch at a time) and
 are compiled lazily (``pixel_kernels`` is imported on first use) and cached on disk.
 ``usable(*tensors)`` says whether a call may use them.
@@ -19,12 +21,28 @@ import torch
 _AVAILABLE = importlib.util.find_spec("numba") is not None
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """True when numba is installed, no gradient is needed and every tensor is a float32 /
-    float64 CPU tensor."""
-    if not _AVAILABLE or torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+def usable(*tensors: torch.Tensor, grad: bool = False) -> bool:
+    """True when numba is installed, every tensor is a float32 / float64 CPU tensor and (unless
+    ``grad`` is False: a value no gradient flows through) no gradient is needed."""
+    if not _AVAILABLE or (grad and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return False
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+
+
+def row_margins(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``inactive.logit_margin`` of the rows ``rows[idx]`` (``rows`` ``[N, K]``), without
+    gathering them: ``[len(idx)]``."""
+    from spconv2d.backends.numba_kernels.runtime import request_threads
+
+    from . import pixel_kernels
+
+    r = rows.detach()
+    if not r.is_contiguous():
+        r = r.contiguous()
+    out = torch.empty(idx.numel(), dtype=r.dtype)
+    request_threads(idx.numel() * rows.shape[1] // 16)
+    pixel_kernels.row_margins(r.numpy(), idx.to(torch.int64).contiguous().numpy(), out.numpy())
+    return out
 
 
 def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, radius: int,

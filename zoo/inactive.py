@@ -147,7 +147,7 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
     the window's logit columns are plain offsets ``p + dy * W + dx`` (clamped into range; a
     column that wraps to another row has weight 0): each row's columns stay non-decreasing
     for the CSR product. At inference on a CPU with numba: ``fused.refine_at``."""
-    if fused.usable(logits, images):  # inference on a CPU: the numba kernel
+    if fused.usable(logits, images, grad=True):  # inference on a CPU: the numba kernel
         return fused.refine_at(logits, images, idx, radius, sigma_r)
     B, K, H, W = logits.shape
     C = images.shape[1]
@@ -199,7 +199,11 @@ def refine_uncertain(out: torch.Tensor, images: torch.Tensor, mask: torch.Tensor
     cell = W // unsure.shape[-1]
     cand = unsure.repeat_interleave(cell, 1).repeat_interleave(cell, 2) & ~mask
     idx = cand.view(-1).nonzero().squeeze(1)
-    marg = logit_margin(pixel_rows(out).detach().index_select(0, idx), 1)
+    rows = pixel_rows(out)
+    if fused.usable(out) and rows.is_contiguous():  # (a selection: no gradient flows through it)
+        marg = fused.row_margins(rows, idx)
+    else:
+        marg = logit_margin(rows.detach().index_select(0, idx), 1)
     idx, marg = idx[marg < margin], marg[marg < margin]
     cap = int(fraction * B * H * W)
     if idx.numel() > cap:

@@ -33,3 +33,20 @@ def refine(rows, images, idx, r, inv2sr2, res):
                     res[i, k] += wq * rows[q, k]
         for k in range(K):
             res[i, k] /= total
+
+
+@parallel_kernel
+def row_margins(rows, idx, out):
+    """``out[i]``: top-1 minus top-2 of ``rows[idx[i]]`` (0 on a tie at the top; +inf with one
+    column), one pass over the row."""
+    K = rows.shape[1]
+    for i in prange(idx.shape[0]):
+        p = idx[i]
+        top1, top2 = rows[p, 0], -math.inf
+        for k in range(1, K):
+            v = rows[p, k]
+            if v > top1:
+                top2, top1 = top1, v
+            elif v > top2:
+                top2 = v
+        out[i] = top1 - top2

@@ -130,8 +130,23 @@ def test_fused_kernels_equal_the_tensor_formulation(dtype):
     logits = torch.randn(2, 7, 4, 6, generator=g, dtype=dtype)
     images = torch.rand(2, 3, 16, 24, generator=g, dtype=dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    assert not fused.usable(logits.clone().requires_grad_()) and fused.usable(logits)
+    assert not fused.usable(logits.clone().requires_grad_(), grad=True) and fused.usable(logits, grad=True)
     big = torch.randn(2, 7, 16, 24, generator=g, dtype=dtype)
     idx = torch.tensor([0, 5, 23, 24, 200, 383, 384, 500, 767])
     torch.testing.assert_close(refine_at(big, images, idx), refine_at(big.clone().requires_grad_(), images, idx).detach(),
                                **tol)
+
+
+@pytest.mark.numba
+def test_fused_row_margins_equal_logit_margin():
+    from spconv2d.zoo import fused
+    from spconv2d.zoo.inactive import logit_margin
+
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(300, 19, generator=g)
+    rows[7, 3] = rows[7, 11] = 9.0  # a tie at the top: margin 0
+    idx = torch.tensor([0, 7, 8, 150, 299, 7])
+    torch.testing.assert_close(fused.row_margins(rows, idx), logit_margin(rows[idx], 1))
+    assert fused.row_margins(rows, idx)[1] == 0
+    one = torch.randn(4, 1, generator=g)
+    assert torch.isinf(fused.row_margins(one, torch.arange(4))).all()
