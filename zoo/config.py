@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from .data import dataset_info
+from .device import AMP_MODES
 from .masks import DEFAULT_DENSITY, POLICIES
 from .registry import model_defaults
 
@@ -36,7 +37,8 @@ class TrainConfig:
                                                              positional=True))
     data: Optional[str] = field(default=None, metadata=_cli("mnist | streets | cityscapes (default: the model's)"))
     epochs: Optional[int] = field(default=None, metadata=_cli("training epochs (default: the model's)"))
-    batch_size: Optional[int] = field(default=None, metadata=_cli("training batch size (default: the model's)"))
+    batch_size: Optional[int] = field(default=None, metadata=_cli(
+        "training batch size per process (default: the model's; global batch: processes x this)"))
     lr: Optional[float] = field(default=None, metadata=_cli("peak AdamW learning rate (default: the model's)"))
     weight_decay: Optional[float] = field(default=None, metadata=_cli("AdamW weight decay (default: the model's)"))
     density: Optional[float] = field(default=None, metadata=_cli(
@@ -47,7 +49,10 @@ class TrainConfig:
         "segmentation image size (default: the data set's)", metavar=("H", "W")))
     num_train: Optional[int] = field(default=None, metadata=_cli("training items (streets: generated scenes)"))
     num_val: Optional[int] = field(default=None, metadata=_cli("validation items (streets: generated scenes)"))
-    device: str = field(default="cpu", metadata=_cli("torch device"))
+    device: str = field(default="auto", metadata=_cli(
+        "auto (CUDA when available, else CPU) | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)"))
+    amp: str = field(default="off", metadata=_cli(
+        "mixed precision: autocast in bf16, or fp16 with loss scaling (CUDA only)", choices=AMP_MODES))
     out: Optional[str] = field(default=None, metadata=_cli("output folder (default runs/MODEL-DATA)"))
     resume: bool = field(default=False, metadata=_cli("continue from OUT/checkpoint.safetensors"))
     seed: int = field(default=0, metadata=_cli("seed of the initialisation, the data order and streets' scenes"))
@@ -56,7 +61,14 @@ class TrainConfig:
     download: bool = field(default=False, metadata=_cli("MNIST only: download into --data-root"))
     aux_weight: float = field(default=0.4, metadata=_cli("segmentation: weight of the coarse head's loss"))
     warmup: float = field(default=0.05, metadata=_cli("fraction of the steps with linear LR warm-up"))
-    num_workers: int = field(default=0, metadata=_cli("DataLoader workers", flag="--workers"))
+    num_workers: Optional[int] = field(default=None, metadata=_cli(
+        "DataLoader workers per process (default: 0 for data held in memory, up to 4 otherwise)", flag="--workers"))
+    sync_bn: bool = field(default=True, metadata=_cli(
+        "several processes: per-process batch-norm statistics (default: synchronised)", flag="--no-sync-bn"))
+    augment: bool = field(default=True, metadata=_cli("no training augmentation (shifts, flips)",
+                                                      flag="--no-augment"))
+    cache_dir: Optional[str] = field(default=None, metadata=_cli(
+        "cityscapes: keep the resized split here (made once), so epochs do not decode the PNGs"))
     num_predictions: int = field(default=8, metadata=_cli("validation samples drawn in predictions.png"))
     progress: bool = field(default=True, metadata=_cli("no progress bar", flag="--no-progress"))
     model_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"cli": None})  # Python only

@@ -92,6 +92,8 @@ def dataset_info(name: str, size: Optional[Sequence[int]] = None) -> DatasetInfo
 class TensorImageDataset(Dataset):
     """Images and targets held in memory as tensors."""
 
+    in_memory = True  # a batch is a few tensor copies: no DataLoader workers needed
+
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, *, task: str,
                  class_names: Sequence[str], source: str, eval_classes: Optional[Sequence[int]] = None):
         assert len(images) == len(targets)
@@ -193,6 +195,8 @@ class CityscapesSegmentation(Dataset):
     """``torchvision.datasets.Cityscapes`` (fine, semantic), resized to ``size`` (default:
     ``dataset_info("cityscapes").image_size``), labels -> train ids."""
 
+    in_memory = False  # every item decodes two full-size PNGs
+
     def __init__(self, root: str, split: str = "train", size: Optional[Tuple[int, int]] = None):
         from torchvision.datasets import Cityscapes
 
@@ -283,7 +287,7 @@ class SubsetWithInfo(Dataset):
 
     def __init__(self, ds, indices):
         self.ds, self.indices = ds, [int(i) for i in indices]
-        for k in ("task", "num_classes", "class_names", "eval_classes", "in_chans", "image_size"):
+        for k in ("task", "num_classes", "class_names", "eval_classes", "in_chans", "image_size", "in_memory"):
             setattr(self, k, getattr(ds, k))
         self.source = f"{ds.source}, subset of {len(self.indices)}"
 
