@@ -7,8 +7,8 @@ group, the samplers that split the data, synchronised batch norm, and the reduct
 CUDA), wraps the model with ``wrap_model`` (synchronised batch norm, then
 ``DistributedDataParallel``), draws its batches with ``train_sampler`` (one permutation of the
 data set per epoch, seeded by ``seed + epoch``, interleaved over the processes, as
-``DistributedSampler`` does) and evaluates a ``ShardSampler`` share per process, summing the
-results with ``all_reduce``. With one process every function here is the identity (or a
+``DistributedSampler`` does) and evaluates a ``ShardBatchSampler`` share per process, summing
+the results with ``all_reduce``. With one process every function here is the identity (or a
 no-op), so one code path serves both.
 """
 from __future__ import annotations
@@ -114,19 +114,24 @@ def train_sampler(dataset, procs: Processes, seed: int) -> DistributedSampler:
     return DistributedSampler(dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=seed)
 
 
-class ShardSampler(Sampler):
-    """Process ``rank``'s share of ``range(n)``: ``rank, rank + P, ...`` (in order), without the
-    padding ``DistributedSampler`` adds, so the shares partition the data set exactly and an
-    evaluation summed over the processes counts every item once."""
+class ShardBatchSampler(Sampler):
+    """Process ``rank``'s batches of ``range(n)`` for an evaluation: the one-process batches
+    ``[0, b), [b, 2b), ...`` dealt out in turns (batch ``k`` to process ``k mod P``), without the
+    padding ``DistributedSampler`` adds. The shares partition the split, so the sums over the
+    processes count every item once; and each batch is exactly a batch of a one-process
+    evaluation with the same batch size, so a model whose output depends on the batch it is in
+    (``sparse_unet`` caps its refinement at a fraction of the batch's pixels) computes the same
+    predictions either way."""
 
-    def __init__(self, n: int, procs: Processes):
-        self.n, self.rank, self.world_size = int(n), procs.rank, procs.world_size
+    def __init__(self, n: int, batch_size: int, procs: Processes):
+        self.n, self.batch_size, self.rank, self.world_size = int(n), int(batch_size), procs.rank, procs.world_size
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world_size))
+    def __iter__(self) -> Iterator[list]:
+        for start in range(self.rank * self.batch_size, self.n, self.world_size * self.batch_size):
+            yield list(range(start, min(self.n, start + self.batch_size)))
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
+        return len(range(self.rank * self.batch_size, self.n, self.world_size * self.batch_size))
 
 
 # --------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def evaluate(model, loader, *, task: str, num_classes: int, device, class_names=
     its own.
 
     Under ``torch.distributed`` each process evaluates the share of the split its ``loader``
-    draws (``distributed.ShardSampler``) and the sums are all-reduced (the confusion matrix,
+    draws (``distributed.ShardBatchSampler``) and the sums are all-reduced (the confusion matrix,
     the loss, the counts), so every process returns the figures of the whole split: the mIoU
     equals that of one process on the same split. ``images_per_second``: all processes' images
     over the slowest process's compute time."""
@@ -359,8 +359,7 @@ def _run(cfg: TrainConfig, ckpt, procs: "distributed.Processes", device: torch.d
     train_loader = DataLoader(ds_train, batch_size=cfg.batch_size, sampler=sampler,
                               drop_last=len(sampler) > cfg.batch_size,
                               generator=torch.Generator().manual_seed(cfg.seed), **opts)
-    val_loader = DataLoader(ds_val, batch_size=cfg.batch_size * 2,
-                            sampler=distributed.ShardSampler(len(ds_val), procs),
+    val_loader = DataLoader(ds_val, batch_sampler=distributed.ShardBatchSampler(len(ds_val), cfg.batch_size * 2, procs),
                             generator=torch.Generator().manual_seed(cfg.seed), **opts)
     task = info.task
     metric = "accuracy" if task == "classification" else "miou"
