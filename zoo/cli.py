@@ -71,9 +71,13 @@ def cmd_list(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .distributed import env_rank
+    from .distributed import env_rank, launched_by_torchrun
     from .engine import train
 
+    if launched_by_torchrun():  # a process's error goes to torchrun's summary, with its rank and traceback
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        train = record(train)
     metrics = train(TrainConfig.from_args(args))
     if env_rank() != 0:  # under torchrun, rank 0 reports the run
         return 0
@@ -196,16 +200,6 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .distributed import launched_by_torchrun
-
-    if launched_by_torchrun():  # an uncaught error reaches torchrun's summary, traceback and rank
-        from torch.distributed.elastic.multiprocessing.errors import record
-
-        return record(_main)(argv)
-    return _main(argv)
-
-
-def _main(argv: Optional[List[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .distributed import env_rank
 
