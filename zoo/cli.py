@@ -6,6 +6,9 @@
     spconv2d predict runs/sparse_unet-streets street.png --out preds/
     spconv2d list
     spconv2d study [--quick]                          # the trade-off study (zoo/study.py)
+
+Several processes: ``torchrun --nproc-per-node N -m spconv2d.zoo.cli train MODEL ...`` (or
+``torchrun --nproc-per-node N --no-python spconv2d train MODEL ...``); rank 0 logs and writes.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import List, Optional
 
 from .checkpoint import CheckpointError
 from .config import TrainConfig
+from .distributed import env_rank
 from .threads import set_threads
 from .validation import (check_density, check_device, check_input_folder, check_int, check_output_file,
                          check_output_folder)
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on its data set's validation split")
     e.add_argument("checkpoint", help="checkpoint/weights file or run folder")
     e.add_argument("--data-root")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU) | cpu | cuda[:N]")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--density", type=float, help="override the activity density (sparse models)")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
@@ -52,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("checkpoint")
     q.add_argument("images", nargs="+")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU) | cpu | cuda[:N]")
     q.add_argument("--density", type=float, help="override the activity density (sparse models)")
     q.add_argument("--threads", type=int, help="torch CPU threads (default: the idle cores)")
 
@@ -78,9 +82,16 @@ def cmd_list(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .distributed import env_rank, launched_by_torchrun
     from .engine import train
 
+    if launched_by_torchrun():  # a process's error goes to torchrun's summary, with its rank and traceback
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        train = record(train)
     metrics = train(TrainConfig.from_args(args))
+    if env_rank() != 0:  # under torchrun, rank 0 reports the run
+        return 0
     f = metrics["final"]
     m = f["metric"]
     out = metrics["config"]["out"]
@@ -113,8 +124,10 @@ def _data_loader_for(cfg, args):
 
 def _load(args, **overrides):
     """``load_model`` for ``eval`` / ``predict``, with ``--density`` set on a sparse model."""
+    from .device import resolve_device
     from .engine import load_model
 
+    args.device = str(resolve_device(args.device))  # auto -> cuda | cpu; ValueError if unavailable
     model, cfg, ck, info = load_model(args.checkpoint, args.device, **overrides)
     if args.density is not None:
         if getattr(model, "sparse", False):
@@ -265,12 +278,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     (argparse's own errors exit with 2 too)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    rank = env_rank()
     root = logging.getLogger("spconv2d.zoo")
     if not root.handlers:
         h = _StderrHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        prefix = f"[rank {rank}] " if rank else ""
+        h.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(h)
-    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # under torchrun, rank 0 speaks for the run; the others say only what goes wrong
+    root.setLevel(logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING)
     try:
         check_args(args)
         if args.cmd in ("train", "eval", "predict", "study"):  # the application sets the threads, not train()

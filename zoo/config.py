@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from . import validation
 from .data import DATASETS, dataset_info
+from .device import AMP_MODES
 from .masks import DEFAULT_DENSITY, POLICIES
 from .registry import is_model, list_models, model_defaults
 
@@ -38,7 +39,8 @@ class TrainConfig:
                                                              positional=True))
     data: Optional[str] = field(default=None, metadata=_cli("mnist | streets | cityscapes (default: the model's)"))
     epochs: Optional[int] = field(default=None, metadata=_cli("training epochs (default: the model's)"))
-    batch_size: Optional[int] = field(default=None, metadata=_cli("training batch size (default: the model's)"))
+    batch_size: Optional[int] = field(default=None, metadata=_cli(
+        "training batch size per process (default: the model's; global batch: processes x this)"))
     lr: Optional[float] = field(default=None, metadata=_cli("peak AdamW learning rate (default: the model's)"))
     weight_decay: Optional[float] = field(default=None, metadata=_cli("AdamW weight decay (default: the model's)"))
     density: Optional[float] = field(default=None, metadata=_cli(
@@ -49,7 +51,10 @@ class TrainConfig:
         "segmentation image size (default: the data set's)", metavar=("H", "W")))
     num_train: Optional[int] = field(default=None, metadata=_cli("training items (streets: generated scenes)"))
     num_val: Optional[int] = field(default=None, metadata=_cli("validation items (streets: generated scenes)"))
-    device: str = field(default="cpu", metadata=_cli("torch device"))
+    device: str = field(default="auto", metadata=_cli(
+        "auto (CUDA when available, else CPU) | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)"))
+    amp: str = field(default="off", metadata=_cli(
+        "mixed precision: autocast in bf16, or fp16 with loss scaling (CUDA only)", choices=AMP_MODES))
     out: Optional[str] = field(default=None, metadata=_cli("output folder (default runs/MODEL-DATA)"))
     resume: bool = field(default=False, metadata=_cli("continue from OUT/checkpoint.safetensors"))
     seed: int = field(default=0, metadata=_cli("seed of the initialisation, the data order and streets' scenes"))
@@ -58,7 +63,14 @@ class TrainConfig:
     download: bool = field(default=False, metadata=_cli("MNIST only: download into --data-root"))
     aux_weight: float = field(default=0.4, metadata=_cli("segmentation: weight of the coarse head's loss"))
     warmup: float = field(default=0.05, metadata=_cli("fraction of the steps with linear LR warm-up"))
-    num_workers: int = field(default=0, metadata=_cli("DataLoader workers", flag="--workers"))
+    num_workers: Optional[int] = field(default=None, metadata=_cli(
+        "DataLoader workers per process (default: 0 for data held in memory, up to 4 otherwise)", flag="--workers"))
+    sync_bn: bool = field(default=True, metadata=_cli(
+        "several processes: per-process batch-norm statistics (default: synchronised)", flag="--no-sync-bn"))
+    augment: bool = field(default=True, metadata=_cli("no training augmentation (shifts, flips)",
+                                                      flag="--no-augment"))
+    cache_dir: Optional[str] = field(default=None, metadata=_cli(
+        "cityscapes: keep the resized split here (made once), so epochs do not decode the PNGs"))
     num_predictions: int = field(default=8, metadata=_cli("validation samples drawn in predictions.png"))
     progress: bool = field(default=True, metadata=_cli("no progress bar", flag="--no-progress"))
     model_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"cli": None})  # Python only
@@ -135,8 +147,10 @@ class TrainConfig:
         v.check_int("num_train", self.num_train, 1, optional=True, why=" (an empty training split)")
         v.check_int("num_val", self.num_val, 1, optional=True, why=" (an empty validation split)")
         v.check_device(self.device)
+        v.check_choice("amp", self.amp, AMP_MODES, what="mixed-precision mode")
         v.check_output_folder("out", self.out, optional=True)
-        for name in ("resume", "download", "progress"):
+        v.check_output_folder("cache_dir", self.cache_dir, optional=True)
+        for name in ("resume", "download", "progress", "sync_bn", "augment"):
             v.check_bool(name, getattr(self, name))
         v.check_int("seed", self.seed, 0, 2**32 - 1)
         if self.download:
@@ -147,7 +161,7 @@ class TrainConfig:
             v.check_input_folder("data_root", self.data_root, optional=True)
         v.check_real("aux_weight", self.aux_weight, 0)
         v.check_real("warmup", self.warmup, 0, 1)
-        v.check_int("num_workers", self.num_workers, 0)
+        v.check_int("num_workers", self.num_workers, 0, optional=True)
         v.check_int("num_predictions", self.num_predictions, 0)
         if not isinstance(self.model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")

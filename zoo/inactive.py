@@ -127,11 +127,14 @@ def _weighted_rows(weights: torch.Tensor, cols: torch.Tensor, table: torch.Tenso
     non-decreasing along each row (duplicates allowed); differentiable w.r.t. ``table``."""
     M, k = cols.shape
     crow = torch.arange(0, (M + 1) * k, k, device=cols.device)
+    # in float32 for half / bf16 tables (autocast): PyTorch's CSR products have no bf16 CPU kernel
+    dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore")
-        A = torch.sparse_csr_tensor(crow, cols.reshape(-1), weights.reshape(-1).to(table.dtype),
+        A = torch.sparse_csr_tensor(crow, cols.reshape(-1), weights.reshape(-1).to(dtype),
                                     size=(M, table.shape[0]))
-    return A @ table
+    with torch.autocast(table.device.type, enabled=False):
+        return (A @ table.to(dtype)).to(table.dtype)
 
 
 def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, radius: int = 3,

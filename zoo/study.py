@@ -56,6 +56,7 @@ from . import engine, measure
 from .checkpoint import CHECKPOINT_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint
 from .config import TrainConfig
 from .data import dataset_info
+from .device import resolve_device
 from .registry import count_parameters, model_defaults
 
 log = logging.getLogger("spconv2d.zoo")
@@ -72,7 +73,7 @@ QUICK = dict(epochs=1, rounds=3, warmup=1, num_scenes=3, timing_budget_s=10.0,
              split={"classification": (1000, 300), "segmentation": (64, 16)})
 DEFAULTS = dict(rounds=15, warmup=2, num_scenes=6, timing_budget_s=None)
 # fields of a run's TrainConfig that do not change what is trained
-RUN_KEY_IGNORED = ("out", "resume", "progress", "num_workers", "num_predictions", "download")
+RUN_KEY_IGNORED = ("out", "resume", "progress", "num_workers", "num_predictions", "download", "cache_dir")
 
 
 @dataclass
@@ -240,7 +241,9 @@ def _field_defaults() -> Dict[str, Any]:
 def run_fields(cfg: TrainConfig) -> Dict[str, Any]:
     """What identifies a (resolved) run: its config without the fields that do not change the
     result (output folder, progress bar, workers, ...) and without fields at their dataclass
-    default (so that a new option, at its default, keeps old runs' keys); the device as its type."""
+    default (so that a new option, at its default, keeps old runs' keys); the device as the type
+    it resolves to, left out when that is the CPU (``auto`` on a machine without a GPU trains
+    the same run as ``cpu``)."""
     d = json.loads(json.dumps(cfg.to_dict(), default=str))  # as metrics.json holds it (tuples -> lists)
     defaults = json.loads(json.dumps(_field_defaults(), default=str))
     out = {}
@@ -248,7 +251,9 @@ def run_fields(cfg: TrainConfig) -> Dict[str, Any]:
         if k in RUN_KEY_IGNORED:
             continue
         if k == "device":
-            v = torch.device(v).type
+            v = resolve_device(v).type if v == "auto" else torch.device(v).type
+            if v == "cpu":
+                continue
         if k in defaults and v == defaults[k]:
             continue
         out[k] = v

@@ -97,11 +97,13 @@ def test_train_options_are_the_train_config_fields():
             "--weight-decay", "0.2", "--density", "0.25", "--mask-policy", "edge", "--size", "32", "64",
             "--num-train", "8", "--num-val", "4", "--device", "meta", "--out", "o", "--resume", "--seed", "3",
             "--data-root", "r", "--download", "--aux-weight", "0.5", "--warmup", "0.1", "--workers", "2",
-            "--num-predictions", "3", "--no-progress", "--threads", "1"]
+            "--num-predictions", "3", "--no-progress", "--threads", "1", "--amp", "bf16", "--no-sync-bn",
+            "--no-augment", "--cache-dir", "c"]
     expected = TrainConfig(model="sparse_unet", data="streets", epochs=2, batch_size=4, lr=0.1, weight_decay=0.2,
                            density=0.25, mask_policy="edge", size=(32, 64), num_train=8, num_val=4, device="meta",
                            out="o", resume=True, seed=3, data_root="r", download=True, aux_weight=0.5, warmup=0.1,
-                           num_workers=2, num_predictions=3, progress=False)
+                           num_workers=2, num_predictions=3, progress=False, amp="bf16", sync_bn=False,
+                           augment=False, cache_dir="c")
     args = build_parser().parse_args(argv)
     assert TrainConfig.from_args(args) == expected and args.threads == 1
     # every option is in argv above, so a new field fails here until it is tested

@@ -87,6 +87,34 @@ def test_cityscapes_official_layout(tmp_path):
     assert x[0, :, :8].mean() > 0.7 and x[0, :, 8:].max() < 0.1
 
 
+def test_cityscapes_cache_is_made_once_and_serves_the_same_items(tmp_path, monkeypatch):
+    root = _write_cityscapes(tmp_path / "cs", n=3)
+    direct = build_dataset("cityscapes", "val", data_root=str(root), size=(8, 16))
+    cache = tmp_path / "cache"
+    cached = build_dataset("cityscapes", "val", data_root=str(root), size=(8, 16), cache_dir=str(cache))
+    assert cached.in_memory and not direct.in_memory and "cached in" in cached.source
+    assert [p.name for p in cache.iterdir() if ".tmp" in p.name] == []  # only the finished folder
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+    for i in range(3):
+        for a, b in zip(cached[i], direct[i]):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert (cached.num_classes, cached.eval_classes, cached.image_size) == (19, tuple(range(19)), (8, 16))
+
+    expected = direct[2]
+    import PIL.Image
+
+    def no_decoding(*a, **k):
+        raise AssertionError("the cache must not decode the PNGs again")
+
+    monkeypatch.setattr(PIL.Image, "open", no_decoding)
+    again = build_dataset("cityscapes", "val", data_root=str(root), size=(8, 16), cache_dir=str(cache))
+    assert torch.equal(again[2][0], expected[0]) and torch.equal(again[2][1], expected[1])
+    monkeypatch.undo()
+    # another size, or changed source files, is another cache folder
+    build_dataset("cityscapes", "val", data_root=str(root), size=(4, 8), cache_dir=str(cache))
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
+
+
 def test_cityscapes_missing_or_incomplete_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="data-root is required"):
         check_cityscapes(None, "train")
