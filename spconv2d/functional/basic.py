@@ -63,8 +63,9 @@ def batch_norm(x: SparseTensor, running_mean, running_var, weight=None, bias=Non
             raise ValueError(f"batch_norm: {name} must have shape ({C},) for {C} channels, got {tuple(t.shape)}")
     if training and x.num_active < 2:
         if running_mean is None or running_var is None:
-            mean, var = x.features.new_zeros(C), x.features.new_ones(C)
-            return x.replace(F.batch_norm(x.features, mean, var, weight, bias, False, 0.0, 0.0))
+            # the affine part alone, written out: F.batch_norm with eps=0 is an error in torch 2.11
+            out = x.features if weight is None else x.features * weight
+            return x.replace(out if bias is None else out + bias)
         training = False
     return x.replace(F.batch_norm(x.features, running_mean, running_var, weight, bias, training, momentum, eps))
 
