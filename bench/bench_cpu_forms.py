@@ -1,14 +1,16 @@
-"""CPU: the PyTorch path's two convolution forms against each other and against dense.
+"""CPU: the PyTorch path's convolution forms, the numba kernels and dense, side by side.
 
 SubMConv2d 3x3, C -> C channels, a batch of 16 images of 64x128 (the zoo's street scenes), forward
 only, map prebuilt (it is shared by every layer on the same sites). Implementations, side by side
 on the same inputs: ``pairs`` (per-offset gather-GEMM-scatter over the pair lists), ``table``
 (per-offset gather from the neighbour table, zero row for missing neighbours, in-place GEMM,
-no scatter), ``im2col`` (chunks of gathered neighbour rows, one GEMM per chunk) and
-``dense-nchw`` (``F.conv2d`` on the whole batch). Masks: uniformly random
-pixels, and the zoo's ``residual`` policy on ``streets`` scenes (line-like: active pixels along
-boundaries, ~0.7 of each active pixel's neighbours active). The group name carries the mask's
-*fill* (pairs / (9 x active pixels)), the quantity the ``auto`` form thresholds are set from.
+no scatter), ``im2col`` (chunks of gathered neighbour rows, one GEMM per chunk),
+``dense-nchw`` (``F.conv2d`` on the whole batch), ``dense-fallback`` (densify channels-last,
+``F.conv2d``, read the sites) and ``numba`` (the fused CPU kernels; needs the ``cpu`` extra).
+Masks: uniformly random pixels, and the zoo's ``residual`` policy on ``streets`` scenes
+(line-like: active pixels along boundaries, ~0.7 of each active pixel's neighbours active).
+The group name carries the mask's *fill* (pairs / (9 x active pixels)), the quantity the
+``auto`` form thresholds are set from.
 
     python -m pytest bench/bench_cpu_forms.py --benchmark-json=bench/results/cpu_forms.json
     python bench/report.py bench/results/cpu_forms.json --ours im2col --baseline pairs
@@ -97,3 +99,19 @@ def test_dense_fallback(benchmark, mask_name, c):
     be = TorchBackend(dense_thresholds=((None, 0.0),))
     _run(benchmark, lambda: sp.functional.subm_conv2d(x, weight, backend=be), mask_name, c, fill,
          "dense-fallback", x.features.shape[0])
+
+
+@pytest.mark.parametrize("c", CHANNELS)
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_numba(benchmark, mask_name, c):
+    """The numba kernels (``NumbaBackend``, the CPU default with the ``cpu`` extra) on the same
+    map: the row beside ``dense-fallback`` that decides its dense threshold (default: never)."""
+    pytest.importorskip("numba")
+    from spconv2d.backends.numba_backend import NumbaBackend
+
+    x, kmap, weight, fill = _inputs(mask_name, c)
+    be = NumbaBackend()
+    w_kio = weight.permute(2, 3, 1, 0).reshape(9, c, c).contiguous()
+    be.conv_forward(x.features, w_kio, None, kmap)  # compiled and planned outside the timing
+    _run(benchmark, lambda: be.conv_forward(x.features, w_kio, None, kmap),
+         mask_name, c, fill, "numba", x.features.shape[0])

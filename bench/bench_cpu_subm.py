@@ -1,7 +1,8 @@
 """CPU throughput: SubMConv2d 3x3, 64->64 channels, one 512x1024 image, random active pixels.
 
-Side by side in one run, on the same inputs: spconv2d's PyTorch path (building the kernel map
-from a fresh SparseTensor is inside the timed call), dense ``F.conv2d`` on the whole image
+Side by side in one run, on the same inputs: spconv2d with its CPU default (``auto``: the numba
+kernels when the ``cpu`` extra is installed) and with the PyTorch path (``torch``), building the
+kernel map from a fresh SparseTensor inside the timed call; dense ``F.conv2d`` on the whole image
 (NCHW and channels_last), and the peer spconv 2.3.8's CPU build (``pip install -e .[bench]``;
 skipped when absent).
 
@@ -42,14 +43,17 @@ def _run(benchmark, fn, group, name, density, n):
 
 
 @pytest.mark.parametrize("density", DENSITIES)
-def test_spconv2d(benchmark, density):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_spconv2d(benchmark, density, backend):
     coords, feats, weight, bias = _inputs(density)
 
     def fn():
         x = sp.SparseTensor(feats, coords, (H, W), 1)  # fresh: the kernel map is built in the call
-        return sp.functional.subm_conv2d(x, weight, bias)
+        return sp.functional.subm_conv2d(x, weight, bias, backend=backend)
 
-    _run(benchmark, fn, f"subm3x3-c64-d{density:.2f}", "spconv2d", density, coords.shape[0])
+    name = "spconv2d" if backend == "auto" else "spconv2d-torch"
+    _run(benchmark, fn, f"subm3x3-c64-d{density:.2f}", name, density, coords.shape[0])
+    benchmark.extra_info["backend"] = sp.backends.auto_cpu_backend() if backend == "auto" else backend
 
 
 @pytest.mark.parametrize("density", DENSITIES)

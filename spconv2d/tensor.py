@@ -11,6 +11,8 @@ from .geometry import integer, pair
 _REDUCTIONS = ("sum", "mean", "max", "min")
 INT32_MAX = 2**31 - 1  # coordinates are stored as int32: every coordinate and grid size fits it
 _COORD_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# below this many rows the torch-op checks cost microseconds: no backend dispatch
+_FUSED_CHECK_MIN_ROWS = 4096
 
 
 def _check_features(features) -> None:
@@ -88,6 +90,16 @@ def _check_unique(keys: torch.Tensor, coords: torch.Tensor) -> None:
         )
 
 
+def _fused_check(coords: torch.Tensor, batch_size: int, spatial_shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The backend in force's fused coordinate check (``Backend.check_coords``), or None."""
+    if coords.device.type != "cpu" or coords.dtype not in (torch.int32, torch.int64) \
+            or coords.shape[0] < _FUSED_CHECK_MIN_ROWS:
+        return None
+    from .backends import resolve  # the backends sit above the tensor type
+
+    return resolve(coords.device).check_coords(coords, batch_size, spatial_shape)
+
+
 def at_sites(dense: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """``dense [B, C, H, W]`` read at ``coords`` rows ``(b, y, x)`` -> ``[N, C]`` (``sp.at_sites``).
 
@@ -139,12 +151,16 @@ class SparseTensor:
                                                 inferred)
         stride = pair(stride, "stride", 1)
         keys = None
-        if check:
-            _check_range(coords, spatial_shape, batch_size)  # before the narrowing cast
-        coords = coords.to(torch.int32).contiguous()
-        if check:
-            keys = pack_keys(coords, spatial_shape, key_dtype(batch_size, spatial_shape))
-            _check_unique(keys, coords)
+        checked = _fused_check(coords, batch_size, spatial_shape) if check else None
+        if checked is not None:  # the CPU backend's one-pass check (same errors)
+            coords, keys = checked
+        else:
+            if check:
+                _check_range(coords, spatial_shape, batch_size)  # before the narrowing cast
+            coords = coords.to(torch.int32).contiguous()
+            if check:
+                keys = pack_keys(coords, spatial_shape, key_dtype(batch_size, spatial_shape))
+                _check_unique(keys, coords)
         cs = CoordSet(coords, spatial_shape, batch_size, stride, keys=keys)
         self.features = features
         self._manager = CoordinateManager()

@@ -76,6 +76,15 @@ class Backend(abc.ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({args})"
 
+    # -- coordinate checks (optional: None = SparseTensor's own torch-op checks) ------------------
+    def check_coords(self, coords: torch.Tensor, batch_size: int,
+                     spatial_shape: Tuple[int, int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``SparseTensor(check=True)``'s range and duplicate checks on CPU coordinates in one
+        fused pass: ``(coords int32 [N, 3] contiguous, keys)`` with the keys ``pack_keys`` gives
+        (dtype ``key_dtype``), raising the very ``ValueError`` the torch-op checks raise; or None
+        (then those run)."""
+        return None
+
     # -- coordinate index and neighbour tables ------------------------------------------------
     def default_index_strategy(self, key_space: int, n_keys: Optional[int] = None) -> str:
         """The strategy ``auto`` resolves to for a set of ``n_keys`` keys in ``[0, key_space)``."""

@@ -119,6 +119,13 @@ class NumbaBackend(TorchBackend):
         return dict(super().options(), grid_keys_per_site=self.grid_keys_per_site,
                     torch_conv_channels=self.torch_conv_channels, torch_conv_fill=self.torch_conv_fill)
 
+    # -- coordinate checks ---------------------------------------------------------------------
+    def check_coords(self, coords, batch_size, spatial_shape):
+        if coords.device.type != "cpu":
+            return None
+        return self._fused(lambda: nm.check_coords(coords, batch_size, spatial_shape,
+                                                   **self._grid_options("auto")), lambda: None)
+
     # -- index: ``auto`` lets the fused builders choose grid or sorted keys -------------------
     def _grid_options(self, strategy: str) -> Dict[str, int]:
         if strategy == "grid":

@@ -37,7 +37,7 @@ import torch
 from numba import njit, prange
 
 from ...geometry import pair
-from .runtime import parallel_kernel, request_threads, threads_for
+from .runtime import cached_njit, parallel_kernel, request_threads, threads_for
 
 Pair = Tuple[int, int]
 
@@ -124,7 +124,7 @@ def _pack_keys(coords, H, W, keys):
         keys[i] = (coords[i, 0] * H + coords[i, 1]) * W + coords[i, 2]
 
 
-@njit(cache=True, nogil=True)
+@cached_njit(nogil=True)
 def _is_sorted(keys):
     for i in range(1, keys.shape[0]):
         if keys[i] <= keys[i - 1]:
@@ -132,7 +132,7 @@ def _is_sorted(keys):
     return True
 
 
-@njit(cache=True, nogil=True)
+@cached_njit(nogil=True)
 def _first_duplicate(skeys):
     """Position p with ``skeys[p] == skeys[p + 1]`` (sorted keys), or -1."""
     for i in range(1, skeys.shape[0]):
@@ -579,7 +579,7 @@ def _write_proposals(coords, Ho, Wo, my, mx, offs, dy, dx, start, keys):
                     p += 1
 
 
-@njit(cache=True, nogil=True)
+@cached_njit(nogil=True)
 def _unique_sorted(skeys):
     n = 0
     for i in range(skeys.shape[0]):

@@ -12,11 +12,16 @@
   So the backend never runs more threads than the user gave PyTorch, and never both at once.
 * **One launch at a time**: the ``workqueue`` layer takes one parallel launch per process;
   :func:`launch` and kernels decorated with :func:`parallel_kernel` hold one lock.
+* **Disk cache** (:func:`cached_njit`): compiled kernels are cached where numba can write
+  (``__pycache__`` next to the source, else the user's cache folder, or ``NUMBA_CACHE_DIR``).
+  Where none is writable (a read-only install and home), the kernels are compiled in every
+  process, with a warning once, instead of failing.
 """
 from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from typing import Optional
 
 import numba
@@ -86,10 +91,33 @@ def launch(kernel, *args, work: Optional[int] = None, dynamic: bool = False):
             numba.set_parallel_chunksize(old)
 
 
+_warned_no_cache = False
+
+
+def cached_njit(**options):
+    """``numba.njit(cache=True, **options)``; where numba finds no writable cache location it
+    raises at decoration ("cannot cache function ...: no locator available"): then the kernel
+    is compiled without the disk cache, and a warning says so once per process."""
+    def decorate(fn):
+        global _warned_no_cache
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError as e:
+            if "cannot cache" not in str(e):
+                raise
+            if not _warned_no_cache:
+                _warned_no_cache = True
+                warnings.warn(f"spconv2d: numba has no writable cache location here ({e}); the CPU "
+                              f"kernels are compiled in every process. Set NUMBA_CACHE_DIR to a "
+                              f"writable folder to keep them.", RuntimeWarning, stacklevel=2)
+            return njit(cache=False, **options)(fn)
+    return decorate
+
+
 def parallel_kernel(fn):
     """``njit(parallel=True, cache=True, nogil=True)`` whose calls from Python go through the
     lock with the thread count of the last :func:`request_threads` on this thread."""
-    dispatcher = njit(cache=True, parallel=True, nogil=True)(fn)
+    dispatcher = cached_njit(parallel=True, nogil=True)(fn)
 
     @functools.wraps(fn)
     def call(*args):

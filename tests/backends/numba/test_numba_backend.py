@@ -73,3 +73,77 @@ def test_options_and_index_strategies(gen):
         y = sp.functional.subm_conv2d(sp.SparseTensor(x.features, x.coords, (12, 10), 2), w, backend=be,
                                       index=strategy)  # every conv on the PyTorch path (fill < 1.1)
         torch.testing.assert_close(y.features, ref)
+
+
+def test_read_only_install_compiles_without_the_disk_cache(tmp_path):
+    """No writable cache location (a read-only install and home; as root, permissions cannot
+    make one, so ``__pycache__`` is a file and the user cache folder lies under a file): the
+    kernels still run on numba, uncached, with one warning saying so, and match PyTorch."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = os.path.dirname(sp.__file__)
+    site = tmp_path / "site"
+    shutil.copytree(src, site / "spconv2d", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "spconv2d" / "backends" / "numba_kernels" / "__pycache__").write_text("not a folder\n")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
+    env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(blocker / "cache"), HOME=str(blocker / "home"))
+    code = ("import warnings, torch, spconv2d as sp\n"
+            "from spconv2d.testing import random_sparse\n"
+            "warnings.simplefilter('always')\n"
+            "x = random_sparse(2, 3, (9, 11), 0.4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))\n"
+            "w = torch.randn(3, 3, 3, 3, dtype=torch.float64)\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    y = sp.functional.subm_conv2d(x, w, backend='numba')\n"
+            "ref = sp.functional.subm_conv2d(x, w, backend='torch')\n"
+            "assert sp.__file__.startswith(%r), sp.__file__\n"
+            "assert torch.allclose(y.features, ref.features), 'numba differs from torch'\n"
+            "msgs = [str(c.message) for c in caught]\n"
+            "assert any('no writable cache location' in m for m in msgs), msgs\n"
+            "assert not any('failed to compile' in m for m in msgs), msgs\n"
+            "print('ok')\n") % str(site)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_fused_coordinate_check_equals_the_torch_checks(dtype, gen, monkeypatch):
+    """``SparseTensor(check=True)`` on >= 4096 CPU rows runs the numba backend's one-pass check:
+    the same coordinates and keys as the torch-op checks, the same errors, word for word."""
+    from spconv2d.backends.numba_kernels import maps as nm
+
+    calls = []
+    fused = nm.check_coords
+    monkeypatch.setattr(nm, "check_coords", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    B, H, W = 2, 120, 170
+    c = (torch.rand(B, H, W, generator=gen) < 0.3).nonzero()
+    c = c[torch.randperm(c.shape[0], generator=gen)].to(dtype)
+    f = torch.randn(c.shape[0], 3, generator=gen)
+    assert c.shape[0] >= 4096
+    with sp.backend("numba"):
+        x = sp.SparseTensor(f, c, (H, W), B)
+    with sp.backend("torch"):
+        y = sp.SparseTensor(f, c, (H, W), B)
+    assert len(calls) == 1  # the numba construction used the fused check, the torch one did not
+    assert torch.equal(x.coords, y.coords) and x.coords.dtype == torch.int32 and x.coords.is_contiguous()
+    assert torch.equal(x.coord_set.keys, y.coord_set.keys) and x.coord_set.keys.dtype == y.coord_set.keys.dtype
+    bad = {"duplicate": (100, c[5]), "x-too-large": (4000, torch.tensor([1, 3, W])),
+           "negative-y": (4095, torch.tensor([0, -1, 3])), "batch-too-large": (7, torch.tensor([B, 0, 0]))}
+    if dtype == torch.int64:
+        bad["beyond-int32"] = (9, torch.tensor([0, 2**32 + 1, 0]))  # would wrap to 1 if cast first
+    for name, (row, value) in bad.items():
+        cb = c.clone()
+        cb[row] = value.to(dtype)
+        messages = []
+        for be in ("numba", "torch"):
+            with sp.backend(be), pytest.raises(ValueError) as err:
+                sp.SparseTensor(f, cb, (H, W), B)
+            messages.append(str(err.value))
+        assert messages[0] == messages[1], name
