@@ -132,6 +132,9 @@ class TrainConfig:
         md = model_defaults(self.model)
         v.check_choice("data", self.data, DATASETS, what="data set", optional=True)
         info = dataset_info(self.data or md.data)
+        task = dataset_info(md.data).task  # a model's task is that of its default data set
+        if info.task != task:
+            raise ValueError(f"model {self.model!r} does {task} but data set {info.name!r} is {info.task}")
         v.check_int("epochs", self.epochs, 1, optional=True)
         v.check_int("batch_size", self.batch_size, 1, optional=True)
         v.check_real("lr", self.lr, 0, low_open=True, optional=True)

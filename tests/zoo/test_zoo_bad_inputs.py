@@ -207,6 +207,8 @@ API = [
     ("api-mask-policy-unknown", _validate(model="sparse_unet", mask_policy="blobs"), ValueError, r"unknown mask policy 'blobs'"),
     ("api-device-not-a-string", _validate(device=0), TypeError, r"device must be a string"),
     ("api-progress-not-a-bool", _validate(progress="no"), TypeError, r"progress must be True or False"),
+    ("api-task-mismatch", _validate(model="unet", data="mnist"), ValueError,
+     r"model 'unet' does segmentation but data set 'mnist' is classification"),
     ("api-sync-bn-not-a-bool", _validate(sync_bn=1), TypeError, r"sync_bn must be True or False"),
     ("api-amp-unknown", _validate(amp="fp8"), ValueError, r"unknown mixed-precision mode 'fp8'"),
     ("api-cache-dir-a-file", lambda f: TrainConfig(model="mlp", cache_dir=str(f["file"])).validate(),
