@@ -2,7 +2,8 @@
 
 Side by side in one run, on the same inputs: spconv2d with its CPU default (``auto``: the numba
 kernels when the ``cpu`` extra is installed) and with the PyTorch path (``torch``), building the
-kernel map from a fresh SparseTensor inside the timed call; dense ``F.conv2d`` on the whole image
+kernel map from a fresh SparseTensor inside the timed call (``test_auto_vs_torch_alternating``:
+the two alternating round by round, the ratio in ``extra_info``); dense ``F.conv2d`` on the whole image
 (NCHW and channels_last), and the peer spconv 2.3.8's CPU build (``pip install -e .[bench]``;
 skipped when absent).
 
@@ -86,3 +87,37 @@ def test_spconv_peer(benchmark, density):
         ours = sp.functional.subm_conv2d(sp.SparseTensor(feats, coords, (H, W), 1), weight, bias).features
         benchmark.extra_info["max_abs_diff_vs_spconv2d"] = float((fn().features - ours).abs().max())
     _run(benchmark, fn, f"subm3x3-c64-d{density:.2f}", "spconv-2.3.8", density, coords.shape[0])
+
+
+ALT_ROUNDS = 15
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_auto_vs_torch_alternating(benchmark, density):
+    """``auto`` (numba with the ``cpu`` extra) and the PyTorch path alternating round by round on
+    the same inputs (fresh SparseTensor, map built in the call), so that the machine's drift hits
+    both alike; ``extra_info``: both medians and ``torch_over_auto`` (> 1: ``auto`` is faster)."""
+    import statistics
+    import time
+
+    coords, feats, weight, bias = _inputs(density)
+
+    def call(backend):
+        x = sp.SparseTensor(feats, coords, (H, W), 1)
+        return sp.functional.subm_conv2d(x, weight, bias, backend=backend)
+
+    times = {"auto": [], "torch": []}
+    with torch.no_grad():
+        for backend in times:  # warm-up (compiles on a cold cache)
+            call(backend)
+        for _ in range(ALT_ROUNDS):
+            for backend, ts in times.items():
+                t0 = time.perf_counter()
+                call(backend)
+                ts.append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    _run(benchmark, lambda: call("auto"), f"alternating-subm3x3-c64-d{density:.2f}", "auto-vs-torch", density,
+         coords.shape[0])
+    benchmark.extra_info.update(auto_median_s=med["auto"], torch_median_s=med["torch"],
+                                torch_over_auto=med["torch"] / med["auto"], rounds=ALT_ROUNDS,
+                                backend=sp.backends.auto_cpu_backend())

@@ -1,13 +1,15 @@
 """Where a ``sparse_unet`` batch goes: per-step wall times next to ``unet``, the two models
 alternating round by round (so that a drifting machine slows both alike).
 
-    python bench/steps_zoo.py [--threads 2] [--rounds 15] [--density 0.3] [--no-refine]
+    python bench/steps_zoo.py [--threads 2] [--rounds 15] [--density 0.3] [--no-refine] [--ops]
 
 A diagnostic, not a benchmark (``bench_zoo.py`` is the benchmark): steps are timed by wrapping
 the public steps of ``SparseUNet.forward`` (its docstring lists them: ``make_mask``, the
 submodules, ``context``, ``cell_states``, ``upsample_guided``, ``refine_uncertain``) on the
 instance (``spconv2d.zoo.measure.instrument_stages``, also used by ``spconv2d study``), so the
 total includes a little overhead.
+``--ops`` also times every sparse op of one forward with ``sp.profile(timing=True)`` (median over
+the rounds): which convolutions the sparse stages' time is in, and how it scales with threads.
 Weights come from ``runs/<model>-streets/model.safetensors`` when present (how much the sparse
 model refines depends on them).
 """
@@ -19,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+import spconv2d as sp
 import spconv2d.zoo as zoo
 from spconv2d.zoo.data import build_dataset
 from spconv2d.zoo.measure import instrument_stages
@@ -40,6 +43,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--density", type=float, default=0.3)
     ap.add_argument("--no-refine", action="store_true", help="sparse_unet(refine=False)")
+    ap.add_argument("--ops", action="store_true", help="also time each sparse op (sp.profile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     images = build_dataset("streets", "val", num_samples=16).images
@@ -59,6 +63,20 @@ def main():
           f"unet {ms['unet']:.1f} ms, sparse_unet {ms['sparse_unet']:.1f} ms "
           f"(unet / sparse_unet = {ms['unet'] / ms['sparse_unet']:.2f})")
     print("sparse_unet steps (ms): " + ", ".join(f"{k} {1e3 * statistics.median(v):.1f}" for k, v in steps.items()))
+    if args.ops:
+        ops = defaultdict(list)
+        with torch.no_grad():
+            for _ in range(args.rounds):
+                with sp.profile(timing=True) as prof:
+                    sparse(images)
+                for i, r in enumerate(prof.records):
+                    ops[i].append(r)
+        total_ops = sum(statistics.median(r.seconds for r in rs) for rs in ops.values())
+        print(f"sparse ops of one forward: {len(ops)}, {1e3 * total_ops:.1f} ms in all (medians)")
+        for i, rs in ops.items():
+            r = rs[0]
+            print(f"  {i:2d} {r.op:16s} {r.path:6s} {r.c_in:3d}->{r.c_out:<3d} sites {r.n_in:6d}->{r.n_out:<6d} "
+                  f"pairs {r.pairs or 0:7d}  {1e3 * statistics.median(q.seconds for q in rs):6.2f} ms")
 
 
 if __name__ == "__main__":
