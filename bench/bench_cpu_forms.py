@@ -12,8 +12,9 @@ Masks: uniformly random pixels, and the zoo's ``residual`` policy on ``streets``
 The group name carries the mask's *fill* (pairs / (9 x active pixels)), the quantity the
 ``auto`` form thresholds are set from.
 
-    python -m pytest bench/bench_cpu_forms.py --benchmark-json=bench/results/cpu_forms.json
-    python bench/report.py bench/results/cpu_forms.json --ours im2col --baseline pairs
+    BENCH_THREADS=1 python -m pytest bench/bench_cpu_forms.py -k "not table" \
+        --benchmark-json=bench/results/cpu_forms_1thread.json
+    python bench/report.py bench/results/cpu_forms_1thread.json --ours im2col --baseline pairs
 
 ``BENCH_THREADS=N`` fixes torch's CPU threads (default: torch's own).
 """

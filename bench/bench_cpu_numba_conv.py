@@ -30,7 +30,6 @@ ratio ``alt_ratio_vs_torch`` (torch path time / this time; >1 = faster than the 
 ``-k test_a_subm64`` / ``test_b_zoo`` / ``test_c_sweep`` select one family; test ids carry the
 channels, density, op and implementation (e.g. ``-k "test_c_sweep and c64 and d10"``).
 """
-import platform
 import time
 
 import pytest
@@ -43,24 +42,14 @@ import spconv2d as sp  # noqa: E402
 from spconv2d.backends.numba_kernels import conv as nk  # noqa: E402
 from spconv2d.backends.torch_backend import TorchBackend  # noqa: E402
 from spconv2d.maps import subm_map  # noqa: E402
+from spconv2d.zoo.study import cpu_model  # noqa: E402
 
 ROUNDS = 7
 ALT_ROUNDS = 9
 K = 9
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-CPU = _cpu_model()
+CPU = cpu_model()
 
 
 # -- cases ----------------------------------------------------------------------------------------

@@ -350,7 +350,8 @@ def train_command(fields: Dict[str, Any], out: str) -> str:
 # --------------------------------------------------------------------------------------------
 # machine facts
 # --------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -379,7 +380,7 @@ def machine_facts(device: str) -> Dict[str, Any]:
         load = list(os.getloadavg())
     except (OSError, AttributeError):
         load = None
-    facts = {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads_default": torch.get_num_threads(),
+    facts = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads_default": torch.get_num_threads(),
              "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
              "triton": _version("triton"), "numba": _version("numba"), "spconv2d": spconv2d.__version__,
              "cpu_backend": backends.resolve(torch.device("cpu")).name, "load_average": load,

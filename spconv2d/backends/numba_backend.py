@@ -49,34 +49,24 @@ def _cpu32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-class _MaxPool(torch.autograd.Function):
+class _Pool(torch.autograd.Function):
+    """Max or average pooling over ``kmap`` with the numba kernels: ``forward_kernel(x, nbr)``
+    gives ``(out, saved)`` (the arg-max rows or the neighbour counts), ``backward_kernel(grad,
+    saved, rev)`` the input gradient over the reverse table (no atomics)."""
+
     @staticmethod
-    def forward(ctx, features, kmap):
-        out, argmax = npool.max_pool_forward(_cpu32(features.detach()), kmap.nbr)
-        ctx.save_for_backward(argmax)
-        ctx.kmap, ctx.dtype = kmap, features.dtype
+    def forward(ctx, features, kmap, forward_kernel, backward_kernel):
+        out, saved = forward_kernel(_cpu32(features.detach()), kmap.nbr)
+        ctx.save_for_backward(saved)
+        ctx.kmap, ctx.dtype, ctx.backward_kernel = kmap, features.dtype, backward_kernel
         return out.to(features.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        (argmax,) = ctx.saved_tensors
-        return npool.max_pool_backward(_cpu32(grad_out), argmax, _rev(ctx.kmap)).to(ctx.dtype), None
-
-
-class _AvgPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features, kmap):
-        out, count = npool.avg_pool_forward(_cpu32(features.detach()), kmap.nbr)
-        ctx.save_for_backward(count)
-        ctx.kmap, ctx.dtype = kmap, features.dtype
-        return out.to(features.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        (count,) = ctx.saved_tensors
-        return npool.avg_pool_backward(_cpu32(grad_out), count, _rev(ctx.kmap)).to(ctx.dtype), None
+        (saved,) = ctx.saved_tensors
+        grad = ctx.backward_kernel(_cpu32(grad_out), saved, _rev(ctx.kmap)).to(ctx.dtype)
+        return grad, None, None, None
 
 
 def _rev(kmap) -> torch.Tensor:
@@ -215,10 +205,10 @@ class NumbaBackend(TorchBackend):
         fallback = lambda: super(NumbaBackend, self).max_pool(features, kmap)  # noqa: E731
         if features.device.type != "cpu":
             return fallback()
-        return self._fused(lambda: _MaxPool.apply(features, kmap), fallback)
+        return self._fused(lambda: _Pool.apply(features, kmap, npool.max_pool_forward, npool.max_pool_backward), fallback)
 
     def avg_pool(self, features: torch.Tensor, kmap) -> torch.Tensor:
         fallback = lambda: super(NumbaBackend, self).avg_pool(features, kmap)  # noqa: E731
         if features.device.type != "cpu":
             return fallback()
-        return self._fused(lambda: _AvgPool.apply(features, kmap), fallback)
+        return self._fused(lambda: _Pool.apply(features, kmap, npool.avg_pool_forward, npool.avg_pool_backward), fallback)

@@ -77,7 +77,7 @@ def test_errors_are_clear(tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
     assert main(["train", "mlp", "--out", str(tmp_path / "x"), "--resume"]) == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
-    assert main(["train", "cnn", "--data", "cityscapes", "--data-root", str(tmp_path), "--out",
+    assert main(["train", "unet", "--data", "cityscapes", "--data-root", str(tmp_path), "--out",
                  str(tmp_path / "cs")]) == 2
     err = capsys.readouterr().err
     assert "leftImg8bit" in err and "cityscapes-dataset.com" in err

@@ -299,6 +299,39 @@ def _mark_wide(builder, vty):
     set.add(attrs, '"min-legal-vector-width"="512"')
 
 
+def _literal_tile(M_, NV_, VW_, arrays):
+    """``(M, NV, VW)`` when the tile shape is literal and every array argument is an array; else
+    None (the intrinsic does not apply to these argument types)."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (M_, NV_, VW_)):
+        return None
+    if not all(isinstance(a, types.Array) for a in arrays):
+        return None
+    return M_.literal_value, NV_.literal_value, VW_.literal_value
+
+
+class _TileIR:
+    """What every micro-kernel's codegen uses: the ``VW``-wide vector type of ``dtype`` (the
+    function marked for wide vectors), its alignment, ``i64``, its ``llvm.fma``, and ``n``
+    accumulator vectors in one ``alloca`` (``slot(i)``); ``vptr(base, off)`` is the vector
+    pointer ``off`` elements past ``base``."""
+
+    def __init__(self, context, builder, dtype, VW: int, n: int):
+        fty = context.get_value_type(dtype)
+        self.builder = builder
+        self.vty = _vec_type(fty, VW)
+        _mark_wide(builder, self.vty)
+        self.al = _align(fty)
+        self.i64 = ir.IntType(64)
+        self.fma = _fma_fn(builder, self.vty)
+        self.slots = cgutils.alloca_once(builder, ir.ArrayType(self.vty, n))
+
+    def slot(self, i: int):
+        return self.builder.gep(self.slots, [ir.Constant(self.i64, 0), ir.Constant(self.i64, i)], inbounds=True)
+
+    def vptr(self, base, off):
+        return self.builder.bitcast(self.builder.gep(base, [ir.Constant(self.i64, off)]), self.vty.as_pointer())
+
+
 @intrinsic(prefer_literal=True)
 def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
     """``acc[loc[p + r]] += x[src[p + r]] @ W`` for ``r < M`` (rows of ``NR = NV * VW``
@@ -310,32 +343,20 @@ def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
     (element offset of the ``[C_in, NR]`` weight block, rows ``Cp`` apart), ``acc`` (2-D
     ``[rows, NR]``), ``src``, ``loc`` (1-D int32), ``p``, and the literal tile shape ``M``,
     ``NV``, ``VW``."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (M_, NV_, VW_)):
+    shape = _literal_tile(M_, NV_, VW_, (x, w, acc, src, loc))
+    if shape is None:
         return None
-    if not all(isinstance(a, types.Array) for a in (x, w, acc, src, loc)):
-        return None
-    M, NV, VW = M_.literal_value, NV_.literal_value, VW_.literal_value
+    M, NV, VW = shape
     NR = NV * VW
 
     def codegen(context, builder, sig, args):
-        fty = context.get_value_type(x.dtype)
-        vty = _vec_type(fty, VW)
-        _mark_wide(builder, vty)
-        al = _align(fty)
-        i64 = ir.IntType(64)
-        fma = _fma_fn(builder, vty)
+        tile = _TileIR(context, builder, x.dtype, VW, M * NV)
+        vty, al, i64, fma, slot, vptr = tile.vty, tile.al, tile.i64, tile.fma, tile.slot, tile.vptr
         xa, wa, aa, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
             (x, args[0]), (w, args[1]), (acc, args[3]), (src, args[4]), (loc, args[5])))
         wo_v, p_v = args[2], args[6]
         c_in = builder.extract_value(xa.shape, 1)
         w_row = builder.extract_value(wa.shape, 2)
-        slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
-
-        def slot(i):
-            return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
-
-        def vptr(base, off):
-            return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
 
         arows, xrows = [], []
         for r in range(M):
@@ -375,33 +396,21 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
     Arguments: ``x`` (2-D, C-contiguous), ``c0``, ``g`` (3-D ``[N_out, ncb, NR]``), ``cb``,
     ``part`` (C-contiguous), ``ao``, ``ps``, ``pe``, ``r0``, ``src``, ``loc`` (1-D int32), and
     the literal tile shape ``M``, ``NV``, ``VW``."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (M_, NV_, VW_)):
+    shape = _literal_tile(M_, NV_, VW_, (x, g, part, src, loc))
+    if shape is None:
         return None
-    if not all(isinstance(a, types.Array) for a in (x, g, part, src, loc)):
-        return None
-    M, NV, VW = M_.literal_value, NV_.literal_value, VW_.literal_value
+    M, NV, VW = shape
     NR = NV * VW
 
     def codegen(context, builder, sig, args):
-        fty = context.get_value_type(x.dtype)
-        vty = _vec_type(fty, VW)
-        _mark_wide(builder, vty)
-        al = _align(fty)
-        i64 = ir.IntType(64)
-        fma = _fma_fn(builder, vty)
+        tile = _TileIR(context, builder, x.dtype, VW, M * NV)
+        vty, al, i64, fma, slot, vptr = tile.vty, tile.al, tile.i64, tile.fma, tile.slot, tile.vptr
         xa, ga, pa, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
             (x, args[0]), (g, args[2]), (part, args[4]), (src, args[9]), (loc, args[10])))
         c0_v, cb_v, ao_v, ps_v, pe_v, r0_v = args[1], args[3], args[5], args[6], args[7], args[8]
         c_in = builder.extract_value(xa.shape, 1)
         g_row = builder.mul(builder.extract_value(ga.shape, 1), ir.Constant(i64, NR))
         gcol = builder.mul(cb_v, ir.Constant(i64, NR))
-        slots = cgutils.alloca_once(builder, ir.ArrayType(vty, M * NV))
-
-        def slot(i):
-            return builder.gep(slots, [ir.Constant(i64, 0), ir.Constant(i64, i)], inbounds=True)
-
-        def vptr(base, off):
-            return builder.bitcast(builder.gep(base, [ir.Constant(i64, off)]), vty.as_pointer())
 
         abase = builder.gep(pa.data, [ao_v])
         for i in range(M * NV):

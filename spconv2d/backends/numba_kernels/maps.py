@@ -142,8 +142,8 @@ def _first_duplicate(skeys):
 
 
 @njit(inline="always")
-def _find(skeys, q):
-    lo = 0
+def _lower_bound(skeys, q, lo):
+    """The first position ``>= lo`` whose key is not below ``q`` (binary search)."""
     hi = skeys.shape[0]
     while lo < hi:
         mid = (lo + hi) >> 1
@@ -151,6 +151,13 @@ def _find(skeys, q):
             lo = mid + 1
         else:
             hi = mid
+    return lo
+
+
+@njit(inline="always")
+def _find(skeys, q):
+    """The position of key ``q`` in the sorted ``skeys``, or -1."""
+    lo = _lower_bound(skeys, q, 0)
     if lo < skeys.shape[0] and skeys[lo] == q:
         return lo
     return -1
@@ -271,18 +278,6 @@ def _subm_grid(coords, H, W, py, px, delta, centre, grid):
     return nbr, bad
 
 
-@njit(inline="always")
-def _lower_bound(skeys, q, lo):
-    hi = skeys.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if skeys[mid] < q:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 @parallel_kernel
 def _subm_sorted(coords, skeys, perm, has_perm, H, W, kh, kw, ry, rx, nbr):
     """Submanifold table from sorted keys: one binary search per kernel row, then a forward
@@ -380,6 +375,19 @@ def _affine(o, scale, off, div, size):
     return q
 
 
+@njit(inline="always")
+def _affine_key(b, y, x, sy, sx, off_y, off_x, dy, dx, H, W):
+    """The key ``(b * H + y') * W + x'`` of the site the affine rule (``_affine`` per axis)
+    takes ``(y, x)`` to, or -1 when it is inexact or outside the ``H x W`` grid."""
+    yy = _affine(y, sy, off_y, dy, H)
+    if yy < 0:
+        return -1
+    xx = _affine(x, sx, off_x, dx, W)
+    if xx < 0:
+        return -1
+    return (np.int64(b) * H + yy) * W + xx
+
+
 @parallel_kernel
 def _lookup_grid(in_coords, H, W, out_coords, sy, sx, offs, dy, dx, nbr, grid):
     """``grid`` (all -1, at least ``B * H * W`` cells) is left all -1."""
@@ -391,13 +399,8 @@ def _lookup_grid(in_coords, H, W, out_coords, sy, sx, offs, dy, dx, nbr, grid):
         oy = out_coords[j, 1]
         ox = out_coords[j, 2]
         for k in range(K):
-            r = -1
-            iy = _affine(oy, sy, offs[k, 0], dy, H)
-            if iy >= 0:
-                ix = _affine(ox, sx, offs[k, 1], dx, W)
-                if ix >= 0:
-                    r = grid[(b * H + iy) * W + ix]
-            nbr[k, j] = r
+            key = _affine_key(b, oy, ox, sy, sx, offs[k, 0], offs[k, 1], dy, dx, H, W)
+            nbr[k, j] = grid[key] if key >= 0 else -1
     for i in prange(in_coords.shape[0]):
         grid[(in_coords[i, 0] * H + in_coords[i, 1]) * W + in_coords[i, 2]] = -1
 
@@ -410,15 +413,9 @@ def _lookup_sorted(skeys, perm, has_perm, H, W, out_coords, sy, sx, offs, dy, dx
         oy = out_coords[j, 1]
         ox = out_coords[j, 2]
         for k in range(K):
-            r = -1
-            iy = _affine(oy, sy, offs[k, 0], dy, H)
-            if iy >= 0:
-                ix = _affine(ox, sx, offs[k, 1], dx, W)
-                if ix >= 0:
-                    p = _find(skeys, (b * H + iy) * W + ix)
-                    if p >= 0:
-                        r = perm[p] if has_perm else p
-            nbr[k, j] = r
+            key = _affine_key(b, oy, ox, sy, sx, offs[k, 0], offs[k, 1], dy, dx, H, W)
+            p = _find(skeys, key) if key >= 0 else -1
+            nbr[k, j] = -1 if p < 0 else (perm[p] if has_perm else p)
 
 
 def lookup_table(in_coords: torch.Tensor, in_batch: int, in_shape: Sequence[int], out_coords: torch.Tensor,
@@ -464,11 +461,9 @@ def _mark(coords, Ho, Wo, my, mx, offs, dy, dx, occ):
         iy = coords[i, 1]
         ix = coords[i, 2]
         for k in range(K):
-            oy = _affine(iy, my, offs[k, 0], dy, Ho)
-            if oy >= 0:
-                ox = _affine(ix, mx, offs[k, 1], dx, Wo)
-                if ox >= 0:
-                    occ[(b * Ho + oy) * Wo + ox] = 0
+            key = _affine_key(b, iy, ix, my, mx, offs[k, 0], offs[k, 1], dy, dx, Ho, Wo)
+            if key >= 0:
+                occ[key] = 0
 
 
 @parallel_kernel
@@ -527,11 +522,9 @@ def _fill_grid(coords, Ho, Wo, my, mx, offs, dy, dx, rows, nbr, out):
         iy = coords[i, 1]
         ix = coords[i, 2]
         for k in range(K):
-            oy = _affine(iy, my, offs[k, 0], dy, Ho)
-            if oy >= 0:
-                ox = _affine(ix, mx, offs[k, 1], dx, Wo)
-                if ox >= 0:
-                    nbr[k, rows[(b * Ho + oy) * Wo + ox]] = i
+            key = _affine_key(b, iy, ix, my, mx, offs[k, 0], offs[k, 1], dy, dx, Ho, Wo)
+            if key >= 0:
+                nbr[k, rows[key]] = i
     for r in prange(out.shape[0]):
         rows[(out[r, 0] * Ho + out[r, 1]) * Wo + out[r, 2]] = -1
 
@@ -557,7 +550,7 @@ def _count_proposals(coords, Ho, Wo, my, mx, offs, dy, dx, counts):
         ix = coords[i, 2]
         c = 0
         for k in range(K):
-            if _affine(iy, my, offs[k, 0], dy, Ho) >= 0 and _affine(ix, mx, offs[k, 1], dx, Wo) >= 0:
+            if _affine_key(0, iy, ix, my, mx, offs[k, 0], offs[k, 1], dy, dx, Ho, Wo) >= 0:
                 c += 1
         counts[i + 1] = c
 
@@ -571,12 +564,10 @@ def _write_proposals(coords, Ho, Wo, my, mx, offs, dy, dx, start, keys):
         ix = coords[i, 2]
         p = start[i]
         for k in range(K):
-            oy = _affine(iy, my, offs[k, 0], dy, Ho)
-            if oy >= 0:
-                ox = _affine(ix, mx, offs[k, 1], dx, Wo)
-                if ox >= 0:
-                    keys[p] = (b * Ho + oy) * Wo + ox
-                    p += 1
+            key = _affine_key(b, iy, ix, my, mx, offs[k, 0], offs[k, 1], dy, dx, Ho, Wo)
+            if key >= 0:
+                keys[p] = key
+                p += 1
 
 
 @cached_njit(nogil=True)
@@ -597,11 +588,9 @@ def _fill_sorted(coords, Ho, Wo, my, mx, offs, dy, dx, out_keys, nbr):
         iy = coords[i, 1]
         ix = coords[i, 2]
         for k in range(K):
-            oy = _affine(iy, my, offs[k, 0], dy, Ho)
-            if oy >= 0:
-                ox = _affine(ix, mx, offs[k, 1], dx, Wo)
-                if ox >= 0:
-                    nbr[k, _find(out_keys, (b * Ho + oy) * Wo + ox)] = i
+            key = _affine_key(b, iy, ix, my, mx, offs[k, 0], offs[k, 1], dy, dx, Ho, Wo)
+            if key >= 0:
+                nbr[k, _find(out_keys, key)] = i
 
 
 @parallel_kernel

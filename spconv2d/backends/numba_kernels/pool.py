@@ -78,9 +78,13 @@ def _max_forward(f, nbr, out, arg):
 
 
 @parallel_kernel
-def _max_backward(g, arg, rev, gin):
+def _pool_backward(g, arg, count, rev, gin):
+    """``gin[i] = sum over (k, j = rev[k, i]) of g[j] / count[j]``, for max pooling only where
+    ``arg[j, c] == k`` (``count`` all ones), for average pooling everywhere (``arg`` with no
+    columns): one kernel, so both gradients are the same loop in the same order."""
     K = rev.shape[0]
     C = g.shape[1]
+    by_arg = arg.shape[1] > 0
     for i in prange(rev.shape[1]):
         acc = gin[i]
         for c in range(C):
@@ -90,10 +94,15 @@ def _max_backward(g, arg, rev, gin):
             if j < 0:
                 continue
             gj = g[j]
-            aj = arg[j]
-            for c in range(C):
-                if aj[c] == k:
-                    acc[c] += gj[c]
+            d = count[j]
+            if by_arg:
+                aj = arg[j]
+                for c in range(C):
+                    if aj[c] == k:
+                        acc[c] += gj[c] / d
+            else:
+                for c in range(C):
+                    acc[c] += gj[c] / d
 
 
 @parallel_kernel
@@ -117,24 +126,6 @@ def _avg_forward(f, nbr, out, count):
         d = count[j]
         for c in range(C):
             o[c] = o[c] / d
-
-
-@parallel_kernel
-def _avg_backward(g, count, rev, gin):
-    K = rev.shape[0]
-    C = g.shape[1]
-    for i in prange(rev.shape[1]):
-        acc = gin[i]
-        for c in range(C):
-            acc[c] = 0
-        for k in range(K):
-            j = rev[k, i]
-            if j < 0:
-                continue
-            gj = g[j]
-            d = count[j]
-            for c in range(C):
-                acc[c] += gj[c] / d
 
 
 # -----------------------------------------------------------------------------------------
@@ -165,7 +156,7 @@ def max_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rev: torch.T
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
         request_threads(r.size * g.shape[1])
-        _max_backward(g, argmax.contiguous().numpy(), r, gin.numpy())
+        _pool_backward(g, argmax.contiguous().numpy(), np.ones(g.shape[0], g.dtype), r, gin.numpy())
     return gin
 
 
@@ -188,5 +179,6 @@ def avg_pool_backward(grad_out: torch.Tensor, count: torch.Tensor, rev: torch.Te
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
         request_threads(r.size * g.shape[1])
-        _avg_backward(g, count.to(grad_out.dtype).contiguous().numpy(), r, gin.numpy())
+        _pool_backward(g, np.empty((g.shape[0], 0), np.uint8), count.to(grad_out.dtype).contiguous().numpy(), r,
+                       gin.numpy())
     return gin
