@@ -108,7 +108,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .runtime import cached_njit, launch, parallel_kernel, request_threads
+from .runtime import ParallelKernel, launch, parallel_kernel, request_threads
 
 #: Output rows per block (one task of the forward / input-gradient kernels, the unit of the
 #: plan): chosen per map between these bounds so that an offset's segment of a block holds
@@ -443,7 +443,6 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     NV = NR // VW
     A = (MAX_BLOCK_ROWS + 1) * NR
 
-    @cached_njit(parallel=True, nogil=True)
     def kernel(x, w, bias, has_bias, block, bptr, src, loc, out):
         # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, C_out]
         n_out, C_out = out.shape
@@ -482,7 +481,7 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
                     for c in range(C_out - co0):
                         out[r0 + r, co0 + c] = acc[r, c]
 
-    return kernel
+    return ParallelKernel(kernel)
 
 
 #: Row chunks of the weight gradient: each chunk's sums go to its own partial
@@ -533,7 +532,6 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
     output channels), then ``out = sum_ch part[ch]`` in chunk order."""
     NV = NR // VW
 
-    @cached_njit(parallel=True, nogil=True)
     def kernel(x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out,
                reduce):
         # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR];
@@ -581,7 +579,7 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
             for t in prange(WG_REDUCE_TASKS):
                 _wgrad_reduce_rows(part, out, min(n, t * step), min(n, (t + 1) * step), MR)
 
-    return kernel
+    return ParallelKernel(kernel)
 
 
 # --------------------------------------------------------------------------------------------
