@@ -86,15 +86,24 @@ H, W = 512, 1024
 DENSITIES = [0.01, 0.05, 0.25, 0.50]
 
 
+def _on_torch(fn):
+    """``fn()`` with the PyTorch backend in force (``SparseTensor(check=True)`` uses the CPU
+    backend's fused check otherwise)."""
+    with sp.backend("torch"):
+        return fn()
+
+
 def _subm_impls(coords, B, shape):
     feats = torch.zeros(coords.shape[0], 1)
     return {
-        "torch": lambda: maps.subm_map(sp.SparseTensor(feats, coords, shape, B, check=False), (3, 3), (1, 1), BE).nbr,
+        "torch": lambda: maps.subm_map(sp.SparseTensor(feats, coords, shape, B, check=False), (3, 3), (1, 1),
+                                       BE).kmap.nbr,
         "numba": lambda: nm.subm_table(coords, B, shape, 3, 1),
-        "torch+validate": lambda: maps.subm_map(sp.SparseTensor(feats, coords, shape, B), (3, 3), (1, 1), BE).nbr,
+        "torch+validate": lambda: _on_torch(lambda: maps.subm_map(sp.SparseTensor(feats, coords, shape, B), (3, 3),
+                                                                  (1, 1), BE).kmap.nbr),
         "numba+validate": lambda: nm.subm_table(sp.SparseTensor(feats, coords, shape, B).coords, B, shape, 3, 1),
         "numba+check_coords": lambda: nm.subm_table(nm.check_coords(coords, B, shape)[0], B, shape, 3, 1),
-        "validate": lambda: sp.SparseTensor(feats, coords, shape, B),
+        "validate": lambda: _on_torch(lambda: sp.SparseTensor(feats, coords, shape, B)),
         "check_coords": lambda: nm.check_coords(coords, B, shape),
     }
 
