@@ -51,6 +51,43 @@ def pack_keys(coords: torch.Tensor, spatial_shape: Tuple[int, int], dtype: torch
     return ((c[:, 0] * H + c[:, 1]) * W + c[:, 2]).to(dtype)
 
 
+def check_in_grid(coords: torch.Tensor, spatial_shape, batch_size: int) -> None:
+    """``ValueError`` naming the first row of ``coords`` outside the ``B x H x W`` grid, checked in
+    the coordinates' own dtype (before any narrowing to int32, so nothing wraps around).
+    ``SparseTensor`` and the backends' fused checks raise through it, so the message is one."""
+    H, W = spatial_shape
+    if coords.shape[0] == 0:
+        return
+    lo, hi = coords.amin(0).tolist(), coords.amax(0).tolist()
+    if min(lo) >= 0 and hi[0] < batch_size and hi[1] < H and hi[2] < W:
+        return
+    for col, name, hi in ((0, "b", batch_size), (1, "y", H), (2, "x", W)):
+        v = coords[:, col].long()
+        bad = (v < 0) | (v >= hi)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            what = "batch_size" if col == 0 else "spatial_shape"
+            raise ValueError(
+                f"coords row {row} = {tuple(coords[row].tolist())} has {name}={int(v[row])} outside "
+                f"[0, {hi}) (from {what}); coordinates must be non-negative and inside the grid"
+            )
+
+
+def check_unique(keys: torch.Tensor, coords: torch.Tensor) -> None:
+    """``ValueError`` naming the first two rows of ``coords`` whose packed ``keys`` are equal."""
+    if keys.numel() < 2:
+        return
+    sorted_keys, order = torch.sort(keys, stable=True)
+    dup = sorted_keys[1:] == sorted_keys[:-1]
+    if bool(dup.any()):
+        p = int(dup.nonzero()[0, 0])
+        a, b = int(order[p]), int(order[p + 1])
+        raise ValueError(
+            f"duplicate coordinates: rows {a} and {b} are both {tuple(coords[a].tolist())}; "
+            f"use SparseTensor.coalesce(...) to merge duplicates"
+        )
+
+
 def unpack_keys(keys: torch.Tensor, spatial_shape: Tuple[int, int]) -> torch.Tensor:
     """Inverse of :func:`pack_keys`: int32 ``[N, 3]`` rows ``(b, y, x)``."""
     H, W = spatial_shape

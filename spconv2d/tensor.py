@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .coords import CoordinateManager, CoordSet, key_dtype, pack_keys
+from .coords import CoordinateManager, CoordSet, check_in_grid, check_unique, key_dtype, pack_keys
 from .geometry import integer, pair
 
 _REDUCTIONS = ("sum", "mean", "max", "min")
@@ -53,41 +53,6 @@ def _check_grid(spatial_shape, batch_size, inferred: bool = False) -> Tuple[Tupl
 
 def _infer_batch_size(coords: torch.Tensor) -> int:
     return int(coords[:, 0].max()) + 1 if coords.shape[0] else 1
-
-
-def _check_range(coords: torch.Tensor, spatial_shape, batch_size: int) -> None:
-    """Every coordinate inside the grid, checked in the coordinates' own dtype (before the
-    narrowing to int32, so nothing wraps around)."""
-    H, W = spatial_shape
-    if coords.shape[0] == 0:
-        return
-    lo, hi = coords.amin(0).tolist(), coords.amax(0).tolist()
-    if min(lo) >= 0 and hi[0] < batch_size and hi[1] < H and hi[2] < W:
-        return
-    for col, name, hi in ((0, "b", batch_size), (1, "y", H), (2, "x", W)):
-        v = coords[:, col].long()
-        bad = (v < 0) | (v >= hi)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            what = "batch_size" if col == 0 else "spatial_shape"
-            raise ValueError(
-                f"coords row {row} = {tuple(coords[row].tolist())} has {name}={int(v[row])} outside "
-                f"[0, {hi}) (from {what}); coordinates must be non-negative and inside the grid"
-            )
-
-
-def _check_unique(keys: torch.Tensor, coords: torch.Tensor) -> None:
-    if keys.numel() < 2:
-        return
-    sorted_keys, order = torch.sort(keys, stable=True)
-    dup = sorted_keys[1:] == sorted_keys[:-1]
-    if bool(dup.any()):
-        p = int(dup.nonzero()[0, 0])
-        a, b = int(order[p]), int(order[p + 1])
-        raise ValueError(
-            f"duplicate coordinates: rows {a} and {b} are both {tuple(coords[a].tolist())}; "
-            f"use SparseTensor.coalesce(...) to merge duplicates"
-        )
 
 
 def _fused_check(coords: torch.Tensor, batch_size: int, spatial_shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -156,11 +121,11 @@ class SparseTensor:
             coords, keys = checked
         else:
             if check:
-                _check_range(coords, spatial_shape, batch_size)  # before the narrowing cast
+                check_in_grid(coords, spatial_shape, batch_size)  # before the narrowing cast
             coords = coords.to(torch.int32).contiguous()
             if check:
                 keys = pack_keys(coords, spatial_shape, key_dtype(batch_size, spatial_shape))
-                _check_unique(keys, coords)
+                check_unique(keys, coords)
         cs = CoordSet(coords, spatial_shape, batch_size, stride, keys=keys)
         self.features = features
         self._manager = CoordinateManager()
@@ -221,7 +186,7 @@ class SparseTensor:
         inferred = batch_size is None
         spatial_shape, batch_size = _check_grid(spatial_shape, _infer_batch_size(coords) if inferred else batch_size,
                                                 inferred)
-        _check_range(coords, spatial_shape, batch_size)
+        check_in_grid(coords, spatial_shape, batch_size)
         keys = pack_keys(coords, spatial_shape, torch.int64)
         uniq, inv = torch.unique(keys, return_inverse=True)
         out = features.new_zeros(uniq.numel(), features.shape[1])

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from ...coords import check_in_grid, check_unique
 from ...geometry import pair
 from .runtime import cached_njit, parallel_kernel, request_threads, threads_for
 
@@ -235,16 +236,14 @@ def check_coords(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[
     grid = _lookup_grid_ok(key_space, n, grid_max_keys, grid_keys_per_site)
     request_threads(n)
     if _validate(coords.numpy(), batch_size, H, W, out.numpy(), keys):
-        from ...tensor import _check_range
-        _check_range(coords, (H, W), batch_size)  # raises with the first bad row
+        check_in_grid(coords, (H, W), batch_size)  # raises with the first bad row
         raise AssertionError("unreachable: a row is out of range")
     if grid:
         dup = _count_duplicates_grid(keys, _scratch_grid(key_space))
     else:
         dup = _first_duplicate(torch.sort(torch.from_numpy(keys)).values.numpy()) >= 0
     if dup:
-        from ...tensor import _check_unique
-        _check_unique(torch.from_numpy(keys), out)  # raises naming the duplicate rows
+        check_unique(torch.from_numpy(keys), out)  # raises naming the duplicate rows
         raise AssertionError("unreachable: duplicate coordinates")
     return out, torch.from_numpy(keys)
 
