@@ -20,7 +20,7 @@ from typing import List, Optional
 
 from .checkpoint import CheckpointError
 from .config import TrainConfig
-from .distributed import env_rank
+from .distributed import env_rank, launched_by_torchrun
 from .threads import set_threads
 from .validation import (check_density, check_device, check_input_folder, check_int, check_output_file,
                          check_output_folder)
@@ -82,7 +82,6 @@ def cmd_list(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .distributed import env_rank, launched_by_torchrun
     from .engine import train
 
     if launched_by_torchrun():  # a process's error goes to torchrun's summary, with its rank and traceback

@@ -14,9 +14,9 @@
   :func:`launch` and kernels decorated with :func:`parallel_kernel` hold one lock.
 * **One thread: no parallel region.** A kernel (:class:`ParallelKernel`) is compiled on demand
   twice: with ``parallel=True`` for several threads, and without for one, where ``prange`` runs
-  as ``range`` on the calling thread. Entering a parallel region costs ~40 us even with one
-  thread (measured: a 150-element loop, 38 us vs 0.5 us), and a kernel may hold several; the
-  results are the same (each iteration writes its own outputs, in the same order).
+  as ``range`` on the calling thread. Entering a parallel region costs even with one thread;
+  the serial compilations ran 1.3-1.5x faster on one thread (``bench/serial_vs_parallel.py``).
+  The results are the same (each iteration writes its own outputs, in the same order).
 * **Disk cache** (:func:`cached_njit`): compiled kernels are cached where numba can write
   (``__pycache__`` next to the source, else the user's cache folder, or ``NUMBA_CACHE_DIR``).
   Where none is writable (a read-only install and home), the kernels are compiled in every

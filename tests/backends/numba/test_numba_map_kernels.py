@@ -303,15 +303,21 @@ def test_scratch_grid_left_clean(gen):
     assert nm.scratch_size() == 0
 
 
-def test_first_kernel_keeps_torch_threads():
-    """Starting numba's threading layer resets the OpenMP runtime torch shares (measured); the
-    launchers restore torch's thread count. Fresh process: the layer must not be started yet."""
+def test_one_thread_never_starts_numba_threads():
+    """With one torch thread every kernel runs its serial compilation: numba's threading layer is
+    never started (``numba.threading_layer()`` raises until it is) and torch's thread count is
+    untouched. Fresh process, so nothing started the layer before."""
     import subprocess
     import sys
-    code = ("import torch; torch.set_num_threads(1)\n"
+    code = ("import numba, torch; torch.set_num_threads(1)\n"
             "from spconv2d.backends.numba_kernels import maps as nm\n"
-            "nm.subm_table(torch.tensor([[0, 1, 1], [0, 1, 2]], dtype=torch.int32), 1, (4, 4), 3)\n"
-            "print(torch.get_num_threads())")
+            "c = (torch.rand(1, 200, 200) < 0.5).nonzero().to(torch.int32)  # parallel-sized work\n"
+            "nm.subm_table(c, 1, (200, 200), 3)\n"
+            "try:\n"
+            "    layer = numba.threading_layer()\n"
+            "except ValueError:\n"
+            "    layer = 'not started'\n"
+            "print(torch.get_num_threads(), layer)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1"
+    assert out.stdout.strip() == "1 not started"
