@@ -14,6 +14,12 @@ Groups
       forward, the input gradient and the weight gradient separately.
   (c) ``c-c{1..128}-d{1..90}-{fwd,bwi,wgrad}``: channels x density sweep on a batch of 4 of
       64x128, ``numba`` and ``torch``: the "never slower than the torch path" check.
+  (d) ``d-team-c{16,32,64}-{fwd,wgrad}``: where the numba kernels' threads come from, inside a
+      model: ``team`` (PyTorch's own OpenMP threads, ``runtime.TeamKernel``) and ``pool``
+      (numba's ``workqueue`` pool, the fallback), each call right after a parallel PyTorch op
+      (a ReLU over a U-Net activation, untimed), at the U-Net's levels (16 ch at 30 % of 64x128,
+      32 ch at 45 % of 32x64, 64 ch at 64 % of 16x32, batch 16). ``alt_ratio_pool_vs_team`` =
+      pool time / team time. Meaningful with ``BENCH_THREADS=2`` (one thread runs neither).
 
 Timings: pytest-benchmark's own rounds per implementation (``stats``), and, because the machine
 is shared and its speed drifts, every case is also run ``ALT_ROUNDS`` times alternating the
@@ -40,6 +46,7 @@ pytest.importorskip("numba")
 
 import spconv2d as sp  # noqa: E402
 from spconv2d.backends.numba_kernels import conv as nk  # noqa: E402
+from spconv2d.backends.numba_kernels import runtime  # noqa: E402
 from spconv2d.backends.torch_backend import TorchBackend  # noqa: E402
 from spconv2d.maps import subm_map  # noqa: E402
 from spconv2d.zoo.study import cpu_model  # noqa: E402
@@ -165,3 +172,60 @@ def test_b_zoo(benchmark, c, density, op, impl):
 def test_c_sweep(benchmark, c, density, op, impl):
     case = _case(("c", c, density, op), (4, 64, 128), c, density, op)
     _run(benchmark, case, f"c-c{c}-d{round(density * 100)}-{op}", impl)
+
+
+# -- (d) PyTorch's OpenMP team vs numba's pool, after a PyTorch op ---------------------------------
+TEAM_LEVELS = {16: ((16, 64, 128), 0.30), 32: ((16, 32, 64), 0.45), 64: ((16, 16, 32), 0.64)}
+
+
+def _team_case(c, op):
+    key = ("d", c, op)
+    if key not in _CASES:
+        shape, density = TEAM_LEVELS[c]
+        case = _case(key, shape, c, density, op)
+        activation = torch.randn(16, 16, 64, 128)
+        kernel = case.fns["numba"]
+
+        def after_torch_op(team):
+            def call():
+                runtime.USE_TORCH_TEAM = team
+                try:
+                    return kernel()
+                finally:
+                    runtime.USE_TORCH_TEAM = True
+            return call
+
+        case.fns = {"team": after_torch_op(True), "pool": after_torch_op(False)}
+        times = {k: [] for k in case.fns}
+        with torch.no_grad():
+            for f in case.fns.values():
+                f()
+            for _ in range(3 * ALT_ROUNDS):
+                for k, f in case.fns.items():
+                    activation.relu_()  # PyTorch's threads now wait for work (untimed)
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
+        case.alt = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        case.activation = activation
+    return _CASES[key]
+
+
+@pytest.mark.parametrize("impl", ["team", "pool"])
+@pytest.mark.parametrize("op", ["fwd", "wgrad"])
+@pytest.mark.parametrize("c", [16, 32, 64], ids=lambda c: f"c{c}")
+def test_d_team(benchmark, c, op, impl):
+    case = _team_case(c, op)
+    benchmark.group = f"d-team-c{c}-{op}"
+    benchmark.name = impl
+    benchmark.extra_info.update(case.info, impl=impl, threads=torch.get_num_threads(),
+                                alt_median_s=case.alt[impl],
+                                alt_ratio_pool_vs_team=case.alt["pool"] / case.alt["team"])
+    fn = case.fns[impl]
+
+    def after_op():
+        case.activation.relu_()
+        return (), {}
+
+    with torch.no_grad():
+        benchmark.pedantic(fn, setup=after_op, rounds=3 * ROUNDS, warmup_rounds=1)

@@ -108,11 +108,12 @@ class KernelMap:
             return self._cache["pairs"][0][-1]
         return self.cached("num_pairs", lambda: int((self.nbr >= 0).sum()))
 
-    def transpose(self) -> "KernelMap":
-        """The map of the transposed op: outputs become inputs; tables are shared."""
+    def transpose(self, rev: Optional[torch.Tensor] = None) -> "KernelMap":
+        """The map of the transposed op: outputs become inputs; tables are shared. ``rev``: this
+        map's reverse table when the caller built it (``Backend.reverse_table``)."""
         t = KernelMap(
-            self.rev, self.n_out, self.kernel_size, self.symmetric, self.identity_offset,
-            rev=self.nbr,
+            self.rev if rev is None else rev, self.n_out, self.kernel_size, self.symmetric,
+            self.identity_offset, rev=self.nbr,
         )
         for name, value in self._cache.items():  # "X@nbr" of one map is "X@rev" of the other
             base, _, side = name.rpartition("@")

@@ -244,7 +244,7 @@ def conv_transpose_to_map(x: SparseTensor, target: SparseTensor, ksize: Pair, st
     def build() -> BuiltMap:
         down = manager.cached_map(MapKey("conv", ts.name, ksize, stride, padding, dilation))
         if down is not None and down.out is cs:
-            return BuiltMap(ts, down.kmap.transpose())
+            return BuiltMap(ts, down.kmap.transpose(be.reverse_table(down.kmap)))
         offs = kernel_offsets(ksize, cs.coords.device)
         offsets = torch.stack((padding[0] - offs[:, 0] * dilation[0], padding[1] - offs[:, 1] * dilation[1]), 1)
         nbr = be.build_lookup_table(cs, ts.coords, (1, 1), offsets, stride, _strategy(cs, be, index))

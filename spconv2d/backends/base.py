@@ -126,6 +126,11 @@ class Backend(abc.ABC):
         None (then ``build_index`` + ``neighbor_table``)."""
         return None
 
+    def reverse_table(self, kmap) -> torch.Tensor:
+        """``kmap.rev`` (``rev[k, i] = j <=> nbr[k, j] = i``), built and cached on the map by this
+        backend when it has a faster build (``KernelMap.transpose`` of a strided conv's map)."""
+        return kmap.rev
+
     # -- pooling (defaults: PyTorch ops, differentiable by autograd) ----------------------------
     def max_pool(self, features: torch.Tensor, kmap) -> torch.Tensor:
         """``[N_out, C]``: max over each output's valid neighbours (``kmap.nbr``)."""

@@ -162,6 +162,11 @@ class NumbaBackend(TorchBackend):
         return self._fused(lambda: nm.lookup_table(cs.coords, cs.batch_size, cs.spatial_shape, out_coords, scale,
                                                    offsets, divisor, **self._grid_options(strategy)), lambda: None)
 
+    def reverse_table(self, kmap) -> torch.Tensor:
+        if kmap.device.type != "cpu":
+            return kmap.rev
+        return _rev(kmap)  # one pass over the table (the core's build is a nonzero + scatter)
+
     # -- convolution ----------------------------------------------------------------------
     def _on_torch(self, kmap, c_in: int, c_out: int, n_dst: int) -> bool:
         if max(c_in, c_out) < self.torch_conv_channels:

@@ -108,7 +108,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .runtime import ParallelKernel, launch, parallel_kernel, request_threads
+from .runtime import (TEAM_ARGS, TEAM_PHASE, TEAM_TASKS, TeamKernel, array_arg1, array_arg2, array_arg3, array_arg5,
+                      launch, next_task, team_words)
 
 #: Output rows per block (one task of the forward / input-gradient kernels, the unit of the
 #: plan): chosen per map between these bounds so that an offset's segment of a block holds
@@ -170,43 +171,79 @@ class ConvPlan(NamedTuple):
     block_rows: int
 
 
-@parallel_kernel
-def _plan_counts(nbr, block, cnt):
-    """``cnt[b * K + k]``: valid entries of offset ``k`` among the rows of block ``b``."""
+@njit(inline="always")
+def _count_segment(s, nbr, block, cnt):
+    """``cnt[s]``, ``s = b * K + k``: valid entries of offset ``k`` among the rows of block ``b``."""
     K, n_out = nbr.shape
-    nb = cnt.shape[0] // K
-    for s in prange(nb * K):
-        b, k = s // K, s % K
-        c = 0
-        for j in range(b * block, min((b + 1) * block, n_out)):
-            if nbr[k, j] >= 0:
-                c += 1
-        cnt[s] = c
+    b, k = s // K, s % K
+    c = 0
+    for j in range(b * block, min((b + 1) * block, n_out)):
+        if nbr[k, j] >= 0:
+            c += 1
+    cnt[s] = c
 
 
-@parallel_kernel
-def _plan_fill(nbr, block, bptr, src, loc):
-    """Each segment's pairs in row order, then its padding (the last pair's input row, written
+def _plan_counts_tasks(nbr, block, cnt):
+    for s in prange(cnt.shape[0]):
+        _count_segment(s, nbr, block, cnt)
+
+
+def _plan_counts_team(data):
+    words = team_words(data)
+    nbr, i = array_arg2(words, TEAM_ARGS, np.int32)
+    block = words[i]
+    cnt, i = array_arg1(words, i + 1, np.int32)
+    s = next_task(words)
+    while s < words[TEAM_TASKS]:
+        _count_segment(s, nbr, block, cnt)
+        s = next_task(words)
+
+
+_plan_counts = TeamKernel(_plan_counts_tasks, _plan_counts_team, lambda phase, nbr, block, cnt: cnt.shape[0])
+
+
+@njit(inline="always")
+def _fill_segment(s, nbr, block, bptr, src, loc):
+    """Segment ``s``'s pairs in row order, then its padding (the last pair's input row, written
     to the scratch row ``block``). Branch-free over the table (every entry is written at the
     cursor, which advances on a pair only; the segment's end bounds the writes): a random
     table's branches mispredicted and took 2x as long."""
     K, n_out = nbr.shape
-    nb = (bptr.shape[0] - 1) // K
-    for s in prange(nb * K):
-        b, k = s // K, s % K
-        p, end = bptr[s], bptr[s + 1]
-        base = b * block
-        for j in range(base, min(base + block, n_out)):
-            i = nbr[k, j]
-            if p < end:
-                src[p] = i
-                loc[p] = j - base
-            p += i >= 0
-        last = src[p - 1] if p > bptr[s] else 0
-        while p < end:
-            src[p] = last
-            loc[p] = block
-            p += 1
+    b, k = s // K, s % K
+    p, end = bptr[s], bptr[s + 1]
+    base = b * block
+    for j in range(base, min(base + block, n_out)):
+        i = nbr[k, j]
+        if p < end:
+            src[p] = i
+            loc[p] = j - base
+        p += i >= 0
+    last = src[p - 1] if p > bptr[s] else 0
+    while p < end:
+        src[p] = last
+        loc[p] = block
+        p += 1
+
+
+def _plan_fill_tasks(nbr, block, bptr, src, loc):
+    for s in prange(bptr.shape[0] - 1):
+        _fill_segment(s, nbr, block, bptr, src, loc)
+
+
+def _plan_fill_team(data):
+    words = team_words(data)
+    nbr, i = array_arg2(words, TEAM_ARGS, np.int32)
+    block = words[i]
+    bptr, i = array_arg1(words, i + 1, np.int64)
+    src, i = array_arg1(words, i, np.int32)
+    loc, i = array_arg1(words, i, np.int32)
+    s = next_task(words)
+    while s < words[TEAM_TASKS]:
+        _fill_segment(s, nbr, block, bptr, src, loc)
+        s = next_task(words)
+
+
+_plan_fill = TeamKernel(_plan_fill_tasks, _plan_fill_team, lambda phase, nbr, block, bptr, src, loc: bptr.shape[0] - 1)
 
 
 def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
@@ -219,8 +256,7 @@ def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
     nb = -(-n_out // MIN_BLOCK_ROWS)
     cnt = np.zeros(nb * K, np.int32)  # first per block of MIN_BLOCK_ROWS rows
     if cnt.size:
-        request_threads(K * n_out)
-        _plan_counts(t, MIN_BLOCK_ROWS, cnt)
+        launch(_plan_counts, t, MIN_BLOCK_ROWS, cnt, work=K * n_out)
     counts = cnt.reshape(nb, K).sum(0)
     # the pairs of an offset per output row, the fullest offset (a submanifold map's identity)
     # left out: blocks of about SEGMENT_PAIRS / fill rows
@@ -241,8 +277,7 @@ def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
     src = np.empty(int(bptr[-1]), np.int32)
     loc = np.empty(int(bptr[-1]), np.int32)
     if src.size:
-        request_threads(K * n_out)
-        _plan_fill(t, block, bptr, src, loc)
+        launch(_plan_fill, t, block, bptr, src, loc, work=K * n_out)
     return ConvPlan(bptr, cnt, src, loc, n_out, int(n_in), K, pad, block)
 
 
@@ -438,50 +473,73 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
 def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     """``out = bias + sum_k x[map_k] @ w[k]`` for ``NR``-wide channel blocks: per task one row
     block x one channel block, its accumulator on the stack, the plan's segments in tiles of
-    ``MR`` rows, then of ``PAD`` rows."""
+    ``MR`` rows, then of ``PAD`` rows. Tasks: ``prange`` (numba's pool, or one thread) or the
+    team form (PyTorch's OpenMP threads, ``runtime.TeamKernel``); the same task code."""
     npdt = _NP[dt]
     NV = NR // VW
     A = (MAX_BLOCK_ROWS + 1) * NR
 
-    def kernel(x, w, bias, has_bias, block, bptr, src, loc, out):
+    @njit(inline="always")
+    def task(t, x, w, bias, has_bias, block, bptr, src, loc, out):
         # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, C_out]
         n_out, C_out = out.shape
         C_in = x.shape[1]
         K, Cp = w.shape[0], w.shape[2]
         ncb = Cp // NR
-        nblk = (n_out + block - 1) // block
-        for task in prange(nblk * ncb):
-            b = task // ncb
-            cb = task - b * ncb
-            r0 = b * block
-            nr = min(block, n_out - r0)
-            # the block's accumulator; row `block` takes the padding entries
-            acc = numba.carray(_stack_ptr(npdt, A), (MAX_BLOCK_ROWS + 1, NR))
+        b = t // ncb
+        cb = t - b * ncb
+        r0 = b * block
+        nr = min(block, n_out - r0)
+        # the block's accumulator; row `block` takes the padding entries
+        acc = numba.carray(_stack_ptr(npdt, A), (MAX_BLOCK_ROWS + 1, NR))
+        for r in range(nr):
+            for c in range(NR):
+                acc[r, c] = bias[cb, c] if has_bias else 0.0
+        for k in range(K):
+            e = bptr[b * K + k + 1]
+            wo = k * C_in * Cp + cb * NR
+            p = bptr[b * K + k]
+            while e - p >= MR:
+                _conv_tile(x, w, wo, acc, src, loc, p, MR, NV, VW)
+                p += MR
+            while p < e:
+                _conv_tile(x, w, wo, acc, src, loc, p, P, NV, VW)
+                p += P
+        co0 = cb * NR
+        if co0 + NR <= C_out:
             for r in range(nr):
+                orow = out[r0 + r, co0:co0 + NR]
                 for c in range(NR):
-                    acc[r, c] = bias[cb, c] if has_bias else 0.0
-            for k in range(K):
-                e = bptr[b * K + k + 1]
-                wo = k * C_in * Cp + cb * NR
-                p = bptr[b * K + k]
-                while e - p >= MR:
-                    _conv_tile(x, w, wo, acc, src, loc, p, MR, NV, VW)
-                    p += MR
-                while p < e:
-                    _conv_tile(x, w, wo, acc, src, loc, p, P, NV, VW)
-                    p += P
-            co0 = cb * NR
-            if co0 + NR <= C_out:
-                for r in range(nr):
-                    orow = out[r0 + r, co0:co0 + NR]
-                    for c in range(NR):
-                        orow[c] = acc[r, c]
-            else:  # the last block of a channel count that is not a multiple of NR
-                for r in range(nr):
-                    for c in range(C_out - co0):
-                        out[r0 + r, co0 + c] = acc[r, c]
+                    orow[c] = acc[r, c]
+        else:  # the last block of a channel count that is not a multiple of NR
+            for r in range(nr):
+                for c in range(C_out - co0):
+                    out[r0 + r, co0 + c] = acc[r, c]
 
-    return ParallelKernel(kernel)
+    def kernel(x, w, bias, has_bias, block, bptr, src, loc, out):
+        n_tasks = (out.shape[0] + block - 1) // block * (w.shape[2] // NR)
+        for t in prange(n_tasks):
+            task(t, x, w, bias, has_bias, block, bptr, src, loc, out)
+
+    def team(data):
+        words = team_words(data)
+        x, i = array_arg2(words, TEAM_ARGS, npdt)
+        w, i = array_arg3(words, i, npdt)
+        bias, i = array_arg2(words, i, npdt)
+        has_bias, block = words[i] != 0, words[i + 1]
+        bptr, i = array_arg1(words, i + 2, np.int64)
+        src, i = array_arg1(words, i, np.int32)
+        loc, i = array_arg1(words, i, np.int32)
+        out, i = array_arg2(words, i, npdt)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            task(t, x, w, bias, has_bias, block, bptr, src, loc, out)
+            t = next_task(words)
+
+    def tasks(phase, x, w, bias, has_bias, block, bptr, src, loc, out):
+        return -(-out.shape[0] // block) * (w.shape[2] // NR)
+
+    return TeamKernel(kernel, team, tasks)
 
 
 #: Row chunks of the weight gradient: each chunk's sums go to its own partial
@@ -529,57 +587,87 @@ def _wgrad_reduce_rows(part, out, i0, i1, MR):
 def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
     """Partial sums ``part[ch, k, cb, tile rows] = sum_{pairs of chunk ch} x[src, tile].T
     (outer) g[dst, block cb]`` in ``MR x NR`` register tiles (rows: input channels, columns:
-    output channels), then ``out = sum_ch part[ch]`` in chunk order."""
+    output channels), then ``out = sum_ch part[ch]`` in chunk order. Two passes of tasks
+    (partials, then the sum), as ``prange`` loops or in the team form (``runtime.TeamKernel``)."""
+    npdt = _NP[dt]
     NV = NR // VW
 
-    def kernel(x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out,
-               reduce):
-        # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR];
-        # out [K, C_in, C_out] (not reduce: part is out)
-        nchunk, K, ncb, TR = part.shape[0], part.shape[1], part.shape[2], part.shape[3]
+    @njit(inline="always")
+    def partial_task(task, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part):
+        # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR]
+        K, ncb, TR = part.shape[1], part.shape[2], part.shape[3]
         C_in = x.shape[1]
-        n_out = g.shape[0]
-        nblk = (n_out + block - 1) // block
+        nblk = (g.shape[0] + block - 1) // block
         n_tiles = TR // MR
-        for task in prange(nchunk * ncb):
-            ch = task // ncb
-            cb = task - ch * ncb
+        ch = task // ncb
+        cb = task - ch * ncb
+        for k in range(K):
+            for i in range(TR):
+                for c in range(NR):
+                    part[ch, k, cb, i, c] = 0.0
+        bs = ch * chunk_blocks
+        be = min(nblk, bs + chunk_blocks)
+        # every element sums its pairs in (block, pair) order; the passes and pair chunks only
+        # decide when an accumulator tile goes to memory and back (exactly)
+        for b0 in range(bs, be, pass_blocks):
+            b1 = min(be, b0 + pass_blocks)
             for k in range(K):
-                for i in range(TR):
-                    for c in range(NR):
-                        part[ch, k, cb, i, c] = 0.0
-            bs = ch * chunk_blocks
-            be = min(nblk, bs + chunk_blocks)
-            # every element sums its pairs in (block, pair) order; the passes and pair chunks
-            # only decide when an accumulator tile goes to memory and back (exactly)
-            for b0 in range(bs, be, pass_blocks):
-                b1 = min(be, b0 + pass_blocks)
-                for k in range(K):
-                    for b in range(b0, b1):
-                        s = bptr[b * K + k]
-                        e = s + cnt[b * K + k]
-                        for ps in range(s, e, pair_chunk):
-                            pe = min(e, ps + pair_chunk)
-                            for tile in range(n_tiles):
-                                # the last tile ends at C_in, overlapping its neighbour in
-                                # channels (not in storage): both compute the same sums
-                                c0 = min(tile * MR, C_in - MR)
-                                ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
-                                _wgrad_tile(x, c0, g, cb, part, ao, ps, pe, b * block, src, loc,
-                                            MR, NV, VW)
+                for b in range(b0, b1):
+                    s = bptr[b * K + k]
+                    e = s + cnt[b * K + k]
+                    for ps in range(s, e, pair_chunk):
+                        pe = min(e, ps + pair_chunk)
+                        for tile in range(n_tiles):
+                            # the last tile ends at C_in, overlapping its neighbour in channels
+                            # (not in storage): both compute the same sums
+                            c0 = min(tile * MR, C_in - MR)
+                            ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
+                            _wgrad_tile(x, c0, g, cb, part, ao, ps, pe, b * block, src, loc, MR, NV, VW)
+
+    def kernel(x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out, reduce):
+        # out [K, C_in, C_out] (not reduce: part is out)
+        for task in prange(part.shape[0] * part.shape[2]):
+            partial_task(task, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part)
         # the ordered sum over chunks: by the calling thread when it is small (a parallel
         # region costs more), else in ranges of (offset, input channel) rows
-        n = K * C_in
+        n = out.shape[0] * out.shape[1]
         if not reduce:
             pass
-        elif nchunk * n * ncb * NR <= WG_SERIAL_REDUCE:
+        elif part.shape[0] * n * part.shape[2] * NR <= WG_SERIAL_REDUCE:
             _wgrad_reduce_rows(part, out, 0, n, MR)
         else:
             step = (n + WG_REDUCE_TASKS - 1) // WG_REDUCE_TASKS
             for t in prange(WG_REDUCE_TASKS):
                 _wgrad_reduce_rows(part, out, min(n, t * step), min(n, (t + 1) * step), MR)
 
-    return ParallelKernel(kernel)
+    def team(data):
+        words = team_words(data)
+        x, i = array_arg2(words, TEAM_ARGS, npdt)
+        g, i = array_arg3(words, i, npdt)
+        block = words[i]
+        bptr, i = array_arg1(words, i + 1, np.int64)
+        cnt, i = array_arg1(words, i, np.int32)
+        src, i = array_arg1(words, i, np.int32)
+        loc, i = array_arg1(words, i, np.int32)
+        chunk_blocks, pass_blocks, pair_chunk = words[i], words[i + 1], words[i + 2]
+        part, i = array_arg5(words, i + 3, npdt)
+        out, i = array_arg3(words, i, npdt)
+        n = out.shape[0] * out.shape[1]
+        step = (n + WG_REDUCE_TASKS - 1) // WG_REDUCE_TASKS
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            if words[TEAM_PHASE] == 0:
+                partial_task(t, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part)
+            else:
+                _wgrad_reduce_rows(part, out, min(n, t * step), min(n, (t + 1) * step), MR)
+            t = next_task(words)
+
+    def tasks(phase, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out, reduce):
+        if phase == 0:
+            return part.shape[0] * part.shape[2]
+        return WG_REDUCE_TASKS if reduce else 0  # (on threads already running: small sums too)
+
+    return TeamKernel(kernel, team, tasks, phases=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,15 @@
   as ``range`` on the calling thread. Entering a parallel region costs even with one thread;
   the serial compilations ran 1.3-1.5x faster on one thread (``bench/serial_vs_parallel.py``).
   The results are the same (each iteration writes its own outputs, in the same order).
+* **PyTorch's own OpenMP team** (:class:`TeamKernel`, :func:`torch_team`): a kernel that also
+  has a *team* form (a ``cfunc`` that takes its tasks from a shared atomic counter) runs on
+  several threads through ``GOMP_parallel`` of the OpenMP runtime PyTorch itself uses (found
+  under ``torch/lib`` or among the loaded libraries), i.e. on PyTorch's intra-op threads. After
+  every parallel PyTorch op those threads spin for a while waiting for more work (GNU OpenMP's
+  default wait policy); numba's own pool then had to share the cores with them, and the conv
+  kernels gained nothing from a second thread inside a model (measured: the team form ran the
+  zoo's convs 1.6-1.8x faster at 2 threads, ``bench/bench_cpu_numba_conv.py -k team``). Where
+  no such runtime is found, the ``parallel=True`` form on numba's pool runs instead.
 * **Disk cache** (:func:`cached_njit`): compiled kernels are cached where numba can write
   (``__pycache__`` next to the source, else the user's cache folder, or ``NUMBA_CACHE_DIR``).
   Where none is writable (a read-only install and home), the kernels are compiled in every
@@ -24,15 +33,22 @@
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import glob
+import os
 import threading
 import types
 import warnings
 from typing import Optional
 
 import numba
+import numpy as np
 import torch
+from llvmlite import ir
 from numba import njit
+from numba import types as nbtypes
+from numba.extending import intrinsic
 
 # Below this many elementary steps (lookups, cells, multiply-adds / 64) a kernel runs on one
 # thread: a parallel region costs microseconds on an idle machine and milliseconds when the
@@ -83,12 +99,15 @@ def request_threads(work: Optional[int] = None) -> None:
 
 def launch(kernel: "ParallelKernel", *args, work: Optional[int] = None, dynamic: bool = False):
     """Run a parallel kernel under the lock with ``threads_for(work)`` threads (one: its serial
-    compilation); ``dynamic``: its ``prange`` iterations handed out one at a time (for tasks of
-    unequal size; which thread runs a task never changes a result)."""
+    compilation; several: its team form on PyTorch's OpenMP threads when it has one and
+    :func:`torch_team` finds the runtime); ``dynamic``: its ``prange`` iterations handed out one
+    at a time (for tasks of unequal size; which thread runs a task never changes a result)."""
     with _lock:
         n = threads_for(work)
         if n == 1:
             return kernel.compiled(1)(*args)
+        if isinstance(kernel, TeamKernel) and torch_team() is not None:
+            return kernel.run_team(n, args)
         _set_threads(n)
         compiled = kernel.compiled(n)
         if not dynamic:
@@ -103,24 +122,33 @@ def launch(kernel: "ParallelKernel", *args, work: Optional[int] = None, dynamic:
 _warned_no_cache = False
 
 
+def _cached(compile_with, fn):
+    """``compile_with(cache=True)(fn)``; where numba finds no writable cache location it raises
+    at decoration ("cannot cache function ...: no locator available"): then ``fn`` is compiled
+    without the disk cache, and a warning says so once per process."""
+    global _warned_no_cache
+    try:
+        return compile_with(cache=True)(fn)
+    except RuntimeError as e:
+        if "cannot cache" not in str(e):
+            raise
+        if not _warned_no_cache:
+            _warned_no_cache = True
+            warnings.warn(f"spconv2d: numba has no writable cache location here ({e}); the CPU "
+                          f"kernels are compiled in every process. Set NUMBA_CACHE_DIR to a "
+                          f"writable folder to keep them.", RuntimeWarning, stacklevel=3)
+        return compile_with(cache=False)(fn)
+
+
 def cached_njit(**options):
-    """``numba.njit(cache=True, **options)``; where numba finds no writable cache location it
-    raises at decoration ("cannot cache function ...: no locator available"): then the kernel
-    is compiled without the disk cache, and a warning says so once per process."""
-    def decorate(fn):
-        global _warned_no_cache
-        try:
-            return njit(cache=True, **options)(fn)
-        except RuntimeError as e:
-            if "cannot cache" not in str(e):
-                raise
-            if not _warned_no_cache:
-                _warned_no_cache = True
-                warnings.warn(f"spconv2d: numba has no writable cache location here ({e}); the CPU "
-                              f"kernels are compiled in every process. Set NUMBA_CACHE_DIR to a "
-                              f"writable folder to keep them.", RuntimeWarning, stacklevel=2)
-            return njit(cache=False, **options)(fn)
-    return decorate
+    """``numba.njit(cache=True, **options)``, or without the disk cache (and a warning once)
+    where no cache location is writable."""
+    return lambda fn: _cached(lambda cache: njit(cache=cache, **options), fn)
+
+
+def cached_cfunc(signature):
+    """``numba.cfunc(signature, cache=True)``, like :func:`cached_njit`."""
+    return lambda fn: _cached(lambda cache: numba.cfunc(signature, cache=cache), fn)
 
 
 def _renamed(fn, suffix: str):
@@ -170,3 +198,149 @@ def parallel_kernel(fn):
 
     call.kernel = kernel
     return call
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch's OpenMP team
+# --------------------------------------------------------------------------------------------
+#: Run team kernels on PyTorch's OpenMP threads when the runtime is found (tests switch it off
+#: to run the ``parallel=True`` forms side by side).
+USE_TORCH_TEAM = True
+_team_lib = None
+_team_searched = False
+
+#: The words of a team launch's argument block before the kernel's own arguments: the next
+#: task (an atomic counter), the task count, the phase (for kernels with several passes).
+TEAM_NEXT, TEAM_TASKS, TEAM_PHASE, TEAM_ARGS = 0, 1, 2, 3
+
+
+def _openmp_candidates():
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for pattern in ("libgomp*.so*", "libiomp5*", "libomp*"):
+        yield from sorted(glob.glob(os.path.join(libdir, pattern)))
+    try:  # a runtime linked from elsewhere (e.g. a conda environment's lib folder), Linux only
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split()[-1] for line in maps if ".so" in line}
+    except OSError:
+        return
+    yield from sorted(p for p in loaded if os.path.basename(p).startswith(("libgomp", "libiomp5", "libomp")))
+
+
+def torch_team():
+    """PyTorch's OpenMP runtime as a ``ctypes`` library exposing ``GOMP_parallel`` (GNU OpenMP,
+    and LLVM's / Intel's runtimes through their GNU entry points), or None: PyTorch built
+    without OpenMP, the runtime not found, or :data:`USE_TORCH_TEAM` off."""
+    global _team_lib, _team_searched
+    if not USE_TORCH_TEAM:
+        return None
+    if not _team_searched:
+        _team_searched = True
+        if torch.backends.openmp.is_available():
+            for path in _openmp_candidates():
+                try:
+                    lib = ctypes.CDLL(path)
+                    fn = lib.GOMP_parallel
+                except (OSError, AttributeError):
+                    continue
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                fn.restype = None
+                _team_lib = lib
+                break
+    return _team_lib
+
+
+def pack_args(*args) -> np.ndarray:
+    """The argument block of a team launch: ``TEAM_ARGS`` header words, then per argument its
+    words: a C-contiguous array as its address and its shape, a bool or an integer as itself.
+    The caller keeps the arrays alive until the launch returns."""
+    words = [0] * TEAM_ARGS
+    for a in args:
+        if isinstance(a, np.ndarray):
+            if not a.flags.c_contiguous:
+                raise ValueError("team kernels take C-contiguous arrays")
+            words.append(a.ctypes.data)
+            words.extend(a.shape)
+        else:
+            words.append(int(a))
+    return np.array(words, dtype=np.int64)
+
+
+@intrinsic
+def next_task(typingctx, words):
+    """``words[TEAM_NEXT]++`` atomically; returns the old value (the task this thread takes)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [ir.Constant(ir.IntType(64), TEAM_NEXT)])
+        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return nbtypes.int64(words), codegen
+
+
+@intrinsic
+def address_as(typingctx, address, dtype):
+    """The integer ``address`` as a pointer to ``dtype`` elements (for ``numba.carray``)."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return nbtypes.CPointer(dtype.dtype)(address, dtype), codegen
+
+
+@njit(inline="always")
+def array_arg1(words, i, dtype):
+    """The 1-d array packed at ``words[i]`` and the index after it."""
+    return numba.carray(address_as(words[i], dtype), (words[i + 1],)), i + 2
+
+
+@njit(inline="always")
+def array_arg2(words, i, dtype):
+    return numba.carray(address_as(words[i], dtype), (words[i + 1], words[i + 2])), i + 3
+
+
+@njit(inline="always")
+def array_arg3(words, i, dtype):
+    return numba.carray(address_as(words[i], dtype), (words[i + 1], words[i + 2], words[i + 3])), i + 4
+
+
+@njit(inline="always")
+def array_arg5(words, i, dtype):
+    shape = (words[i + 1], words[i + 2], words[i + 3], words[i + 4], words[i + 5])
+    return numba.carray(address_as(words[i], dtype), shape), i + 6
+
+
+#: Words a team function may read of its argument block (it reads only those packed).
+TEAM_MAX_WORDS = 256
+
+
+@njit(inline="always")
+def team_words(data):
+    """Inside a team ``cfunc``: its argument block (``data``: the launch's pointer)."""
+    return numba.carray(data, (TEAM_MAX_WORDS,), np.int64)
+
+
+class TeamKernel(ParallelKernel):
+    """A :class:`ParallelKernel` with a team form: ``team(data)``, a ``void(void*)`` function whose
+    argument block (:func:`pack_args` of the kernel's own arguments, ``phases`` passes) it reads
+    with :func:`team_words` and ``array_arg*``, taking tasks with :func:`next_task` until
+    ``words[TEAM_TASKS]``. ``tasks(phase, *args)`` gives each pass's task count (Python)."""
+
+    def __init__(self, fn, team, tasks, phases: int = 1):
+        super().__init__(fn)
+        self.team = team
+        self.tasks = tasks
+        self.phases = phases
+        self._cfunc = None
+
+    def run_team(self, threads: int, args):
+        if self._cfunc is None:
+            self._cfunc = cached_cfunc(nbtypes.void(nbtypes.voidptr))(self.team)
+        words = pack_args(*args)
+        if words.size > TEAM_MAX_WORDS:
+            raise ValueError("too many team kernel arguments")
+        parallel = torch_team().GOMP_parallel
+        for phase in range(self.phases):
+            n = self.tasks(phase, *args)
+            if n <= 0:
+                continue
+            words[TEAM_NEXT], words[TEAM_TASKS], words[TEAM_PHASE] = 0, n, phase
+            parallel(self._cfunc.address, words.ctypes.data, min(threads, n), 0)
+

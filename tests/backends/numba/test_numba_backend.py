@@ -100,6 +100,11 @@ def test_read_only_install_compiles_without_the_disk_cache(tmp_path):
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
             "    y = sp.functional.subm_conv2d(x, w, backend='numba')\n"
+            "    from spconv2d.backends.numba_kernels import conv as nk\n"  # the team form too
+            "    nbr = torch.randint(-1, 3000, (9, 3000), dtype=torch.int32)\n"
+            "    torch.set_num_threads(2)\n"
+            "    big = nk.conv_forward(torch.ones(3000, 8), torch.ones(9, 8, 8), None, nbr)\n"
+            "assert torch.equal(big[:, 0], 8.0 * (nbr >= 0).sum(0)), 'team conv wrong'\n"
             "ref = sp.functional.subm_conv2d(x, w, backend='torch')\n"
             "assert sp.__file__.startswith(%r), sp.__file__\n"
             "assert torch.allclose(y.features, ref.features), 'numba differs from torch'\n"

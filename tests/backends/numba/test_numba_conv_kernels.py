@@ -5,8 +5,9 @@
 random maps with missing entries, submanifold maps (identity offset, symmetric), odd channel
 counts and empty inputs, in float32 and float64.
 
-Determinism: each kernel's result is bit-identical across two runs and across 1 and 2 threads
-(every output element is summed in an order fixed by the plan and the tile shape; no atomics).
+Determinism: each kernel's result is bit-identical across two runs and across 1 and 2 threads,
+on PyTorch's OpenMP team and on numba's pool (every output element is summed in an order fixed
+by the plan and the tile shape; no atomics).
 The first run of this file compiles the kernels (cached on disk by numba for the next runs).
 """
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import spconv2d as sp
 from spconv2d.backends.numba_kernels import conv as nk
+from spconv2d.backends.numba_kernels import runtime
 from spconv2d.backends.torch_backend import TorchBackend
 from spconv2d.maps import subm_map
 
@@ -202,11 +204,14 @@ def test_bit_identical_runs_and_threads(gen, c):
         torch.set_num_threads(1)
         one = run()
         torch.set_num_threads(2)
-        two, again = run(), run()
+        two, again = run(), run()  # on PyTorch's OpenMP team where there is one
+        runtime.USE_TORCH_TEAM = False
+        pool = run()  # the parallel=True compilations on numba's pool
     finally:
+        runtime.USE_TORCH_TEAM = True
         torch.set_num_threads(old)
-    for a, b_, c_ in zip(one, two, again):
-        assert torch.equal(a, b_) and torch.equal(b_, c_)
+    for a, b_, c_, d in zip(one, two, again, pool):
+        assert torch.equal(a, b_) and torch.equal(b_, c_) and torch.equal(c_, d)
 
 
 # -- the tile shapes used without AVX-512 (correctness only on this machine) ---------------------
