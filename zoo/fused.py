@@ -8,7 +8,8 @@ rounding (tests/zoo/test_inactive.py compares them). (A numba guided upsampling 
 faster than the tensor code's batched GEMM, so there is none.) ``row_margins``: the top-2
 margins of the refinement candidates straight from the logit rows (the tensor code gathers the
 rows, then runs a strided running top-2): used in training too, it selects pixels only. The kernels run through the core's numba runtime
-(``spconv2d.backends.numba_kernels.runtime``: PyTorch's thread count, one launch at a time) and
+(``spconv2d.backends.numba_kernels.runtime``: PyTorch's thread count and, where PyTorch has an
+OpenMP runtime, PyTorch's own threads; one launch at a time) and
 are compiled lazily (``pixel_kernels`` is imported on first use) and cached on disk.
 ``usable(*tensors)`` says whether a call may use them.
 """
@@ -29,10 +30,14 @@ def usable(*tensors: torch.Tensor, grad: bool = False) -> bool:
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
 
 
+def _dt(dtype: torch.dtype) -> str:
+    return "f8" if dtype == torch.float64 else "f4"
+
+
 def row_margins(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``inactive.logit_margin`` of the rows ``rows[idx]`` (``rows`` ``[N, K]``), without
     gathering them: ``[len(idx)]``."""
-    from spconv2d.backends.numba_kernels.runtime import request_threads
+    from spconv2d.backends.numba_kernels.runtime import launch
 
     from . import pixel_kernels
 
@@ -40,15 +45,17 @@ def row_margins(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if not r.is_contiguous():
         r = r.contiguous()
     out = torch.empty(idx.numel(), dtype=r.dtype)
-    request_threads(idx.numel() * rows.shape[1] // 16)
-    pixel_kernels.row_margins(r.numpy(), idx.to(torch.int64).contiguous().numpy(), out.numpy())
+    launch(pixel_kernels.margins_kernel(_dt(r.dtype)), r.numpy(), idx.to(torch.int64).contiguous().numpy(),
+           out.numpy(), work=idx.numel() * rows.shape[1] // 16)
     return out
 
 
 def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, radius: int,
               sigma_r: float) -> torch.Tensor:
     """``inactive.refine_at``: ``[len(idx), K]`` colour-weighted window means."""
-    from spconv2d.backends.numba_kernels.runtime import request_threads
+    import numpy as np
+
+    from spconv2d.backends.numba_kernels.runtime import launch
 
     from . import pixel_kernels
 
@@ -56,7 +63,7 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
     rows = logits.detach().permute(0, 2, 3, 1).reshape(-1, logits.shape[1]).contiguous()
     im = images.detach().to(dt).contiguous()
     res = torch.empty(idx.numel(), logits.shape[1], dtype=dt)
-    request_threads(idx.numel() * (2 * radius + 1) ** 2 * (images.shape[1] + logits.shape[1]) // 64)
-    pixel_kernels.refine(rows.numpy(), im.numpy(), idx.to(torch.int64).contiguous().numpy(), int(radius),
-                         1.0 / (2 * sigma_r ** 2), res.numpy())
+    launch(pixel_kernels.refine_kernel(_dt(dt)), rows.numpy(), im.numpy(), idx.to(torch.int64).contiguous().numpy(),
+           int(radius), np.array([1.0 / (2 * sigma_r ** 2)]), res.numpy(),
+           work=idx.numel() * (2 * radius + 1) ** 2 * (images.shape[1] + logits.shape[1]) // 64)
     return res

@@ -1,20 +1,29 @@
-"""The numba kernel behind ``zoo.fused`` (imported on first use: importing it imports numba).
+"""The numba kernels behind ``zoo.fused`` (imported on first use: importing it imports numba).
 
-``refine``: the colour-weighted window mean of the pixels ``idx``, one task per pixel, each
-output row written once in a fixed summation order (deterministic), float32 or float64.
+``refine_kernel(dt)``: the colour-weighted window mean of the pixels ``idx``, in tasks of
+``PIXELS_PER_TASK`` pixels, each output row written once in a fixed summation order
+(deterministic), float32 (``"f4"``) or float64 (``"f8"``). ``margins_kernel(dt)``: the top-2
+margins of the rows ``idx``. Both are ``runtime.TeamKernel`` s (PyTorch's OpenMP threads; numba's
+pool where PyTorch has no OpenMP runtime), run with ``runtime.launch``.
 """
+import functools
 import math
 
-from numba import prange
+import numpy as np
+from numba import njit, prange
 
-from spconv2d.backends.numba_kernels.runtime import parallel_kernel
+from spconv2d.backends.numba_kernels.runtime import (TEAM_ARGS, TEAM_TASKS, TeamKernel, array_arg1, array_arg2,
+                                                     array_arg4, next_task, team_words)
+
+PIXELS_PER_TASK = 64
+_NP = {"f4": np.float32, "f8": np.float64}
 
 
-@parallel_kernel
-def refine(rows, images, idx, r, inv2sr2, res):
+@njit(inline="always")
+def _refine_pixels(t, rows, images, idx, r, inv2sr2, res):
     B, C, H, W = images.shape
     K = rows.shape[1]
-    for i in prange(idx.shape[0]):
+    for i in range(t * PIXELS_PER_TASK, min(idx.shape[0], (t + 1) * PIXELS_PER_TASK)):
         p = idx[i]
         b, y, x = p // (H * W), (p // W) % H, p % W
         for k in range(K):
@@ -26,7 +35,7 @@ def refine(rows, images, idx, r, inv2sr2, res):
                 for c in range(C):
                     diff = images[b, c, y, x] - images[b, c, qy, qx]
                     d2 += diff * diff
-                wq = math.exp(-d2 * inv2sr2)
+                wq = math.exp(-d2 * inv2sr2[0])
                 total += wq
                 q = (b * H + qy) * W + qx
                 for k in range(K):
@@ -35,12 +44,43 @@ def refine(rows, images, idx, r, inv2sr2, res):
             res[i, k] /= total
 
 
-@parallel_kernel
-def row_margins(rows, idx, out):
+def _tasks(n: int) -> int:
+    return -(-n // PIXELS_PER_TASK)
+
+
+def _refine_tasks(rows, images, idx, r, inv2sr2, res):
+    for t in prange((idx.shape[0] + PIXELS_PER_TASK - 1) // PIXELS_PER_TASK):
+        _refine_pixels(t, rows, images, idx, r, inv2sr2, res)
+
+
+@functools.lru_cache(maxsize=None)
+def refine_kernel(dt: str) -> TeamKernel:
+    """``res[i] = sum_q w_q rows[q] / sum_q w_q`` over the window of radius ``r`` around pixel
+    ``idx[i]``, ``w_q = exp(-|images[p] - images[q]|^2 * inv2sr2[0])``."""
+    npdt = _NP[dt]
+
+    def team(data):
+        words = team_words(data)
+        rows, i = array_arg2(words, TEAM_ARGS, npdt)
+        images, i = array_arg4(words, i, npdt)
+        idx, i = array_arg1(words, i, np.int64)
+        r = words[i]
+        inv2sr2, i = array_arg1(words, i + 1, np.float64)
+        res, i = array_arg2(words, i, npdt)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            _refine_pixels(t, rows, images, idx, r, inv2sr2, res)
+            t = next_task(words)
+
+    return TeamKernel(_refine_tasks, team, lambda phase, rows, images, idx, *rest: _tasks(idx.shape[0]))
+
+
+@njit(inline="always")
+def _margin_pixels(t, rows, idx, out):
     """``out[i]``: top-1 minus top-2 of ``rows[idx[i]]`` (0 on a tie at the top; +inf with one
     column), one pass over the row."""
     K = rows.shape[1]
-    for i in prange(idx.shape[0]):
+    for i in range(t * PIXELS_PER_TASK, min(idx.shape[0], (t + 1) * PIXELS_PER_TASK)):
         p = idx[i]
         top1, top2 = rows[p, 0], -math.inf
         for k in range(1, K):
@@ -50,3 +90,26 @@ def row_margins(rows, idx, out):
             elif v > top2:
                 top2 = v
         out[i] = top1 - top2
+
+
+def _margin_tasks(rows, idx, out):
+    for t in prange((idx.shape[0] + PIXELS_PER_TASK - 1) // PIXELS_PER_TASK):
+        _margin_pixels(t, rows, idx, out)
+
+
+@functools.lru_cache(maxsize=None)
+def margins_kernel(dt: str) -> TeamKernel:
+    """``out[i]`` = the top-2 margin of ``rows[idx[i]]``."""
+    npdt = _NP[dt]
+
+    def team(data):
+        words = team_words(data)
+        rows, i = array_arg2(words, TEAM_ARGS, npdt)
+        idx, i = array_arg1(words, i, np.int64)
+        out, i = array_arg1(words, i, npdt)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            _margin_pixels(t, rows, idx, out)
+            t = next_task(words)
+
+    return TeamKernel(_margin_tasks, team, lambda phase, rows, idx, out: _tasks(idx.shape[0]))

@@ -38,7 +38,8 @@ from numba import njit, prange
 
 from ...coords import check_in_grid, check_unique
 from ...geometry import pair
-from .runtime import cached_njit, parallel_kernel, request_threads, threads_for
+from .runtime import (TEAM_ARGS, TEAM_PHASE, TEAM_TASKS, TeamKernel, array_arg1, array_arg2, cached_njit, launch,
+                      next_task, parallel_kernel, request_threads, team_words, threads_for)
 
 Pair = Tuple[int, int]
 
@@ -251,30 +252,63 @@ def check_coords(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[
 # -----------------------------------------------------------------------------------------
 # kernels: submanifold
 # -----------------------------------------------------------------------------------------
-@parallel_kernel
-def _subm_grid(coords, H, W, py, px, delta, centre, grid):
-    """Submanifold table from a grid padded by ``(py, px)`` cells of -1 on each side, so every
-    neighbour is one unchecked load ``grid[key + delta[k]]``. Returns ``(nbr, bad)``, ``bad``
-    counting rows the grid does not map back to themselves (duplicate coordinates).
-    ``grid`` (all -1, at least ``B * (H + 2 py) * (W + 2 px)`` cells) is left all -1."""
-    Hp = H + 2 * py
-    Wp = W + 2 * px
-    n = coords.shape[0]
-    K = delta.shape[0]
-    nbr = np.empty((K, n), np.int32)
-    for i in prange(n):
-        grid[(coords[i, 0] * Hp + coords[i, 1] + py) * Wp + coords[i, 2] + px] = i
+#: Rows per task of the chunked map kernels (``_subm_grid``).
+ROWS_PER_TASK = 2048
+
+
+@njit(inline="always")
+def _subm_grid_rows(phase, lo, hi, coords, Hp, Wp, py, px, delta, centre, grid, nbr):
+    """Rows ``lo:hi`` of phase 0 (``grid[key] = row``), 1 (the lookups ``nbr[k, row] =
+    grid[key + delta[k]]``; returns how many rows the grid does not map back to themselves) or
+    2 (``grid[key] = -1``)."""
     bad = 0
-    for j in prange(n):
-        key = (coords[j, 0] * Hp + coords[j, 1] + py) * Wp + coords[j, 2] + px
-        for k in range(K):
-            nbr[k, j] = grid[key + delta[k]]
-        if nbr[centre, j] != j:
-            bad += 1
-            nbr[centre, j] = j
-    for i in prange(n):
-        grid[(coords[i, 0] * Hp + coords[i, 1] + py) * Wp + coords[i, 2] + px] = -1
-    return nbr, bad
+    for i in range(lo, hi):
+        key = (coords[i, 0] * Hp + coords[i, 1] + py) * Wp + coords[i, 2] + px
+        if phase == 0:
+            grid[key] = i
+        elif phase == 1:
+            for k in range(delta.shape[0]):
+                nbr[k, i] = grid[key + delta[k]]
+            if nbr[centre, i] != i:
+                bad += 1
+                nbr[centre, i] = i
+        else:
+            grid[key] = -1
+    return bad
+
+
+def _subm_grid_tasks(coords, Hp, Wp, py, px, delta, centre, grid, nbr, bad):
+    n = coords.shape[0]
+    for phase in range(3):
+        for t in prange(bad.shape[0]):
+            bad[t] += _subm_grid_rows(phase, t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK), coords, Hp, Wp,
+                                      py, px, delta, centre, grid, nbr)
+
+
+def _subm_grid_team(data):
+    words = team_words(data)
+    coords, i = array_arg2(words, TEAM_ARGS, np.int32)
+    Hp, Wp, py, px = words[i], words[i + 1], words[i + 2], words[i + 3]
+    delta, i = array_arg1(words, i + 4, np.int64)
+    centre = words[i]
+    grid, i = array_arg1(words, i + 1, np.int32)
+    nbr, i = array_arg2(words, i, np.int32)
+    bad, i = array_arg1(words, i, np.int64)
+    n, phase = coords.shape[0], words[TEAM_PHASE]
+    t = next_task(words)
+    while t < words[TEAM_TASKS]:
+        bad[t] += _subm_grid_rows(phase, t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK), coords, Hp, Wp, py,
+                                  px, delta, centre, grid, nbr)
+        t = next_task(words)
+
+
+#: Submanifold table from a grid padded by ``(py, px)`` cells of -1 on each side, so every
+#: neighbour is one unchecked load ``grid[key + delta[k]]``: three passes over the rows in tasks
+#: of ``ROWS_PER_TASK`` (write the grid, look up, clear it again); ``bad[task]`` counts the rows
+#: the grid does not map back to themselves (duplicate coordinates). ``grid`` (all -1, at least
+#: ``B * Hp * Wp`` cells) is left all -1.
+_subm_grid = TeamKernel(_subm_grid_tasks, _subm_grid_team,
+                        lambda phase, coords, Hp, Wp, py, px, delta, centre, grid, nbr, bad: bad.shape[0], phases=3)
 
 
 @parallel_kernel
@@ -342,10 +376,11 @@ def subm_table(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[in
     py, px = (kh // 2) * ry, (kw // 2) * rx
     grid_size = batch_size * (H + 2 * py) * (W + 2 * px)
     if _lookup_grid_ok(grid_size, n, grid_max_keys, grid_keys_per_site):
-        request_threads(n * K)
-        nbr, bad = _subm_grid(c, H, W, py, px, offs[:, 0] * (W + 2 * px) + offs[:, 1], centre,
-                              _scratch_grid(grid_size))
-        if bad:
+        nbr = np.empty((K, n), np.int32)
+        bad = np.zeros(-(-n // ROWS_PER_TASK), np.int64)
+        launch(_subm_grid, c, H + 2 * py, W + 2 * px, py, px, np.ascontiguousarray(offs[:, 0] * (W + 2 * px) + offs[:, 1]),
+               centre, _scratch_grid(grid_size), nbr, bad, work=n * K)
+        if bad.any():
             _raise_duplicate(c, batch_size, (H, W))
     else:
         request_threads(n * K)

@@ -302,6 +302,12 @@ def array_arg3(words, i, dtype):
 
 
 @njit(inline="always")
+def array_arg4(words, i, dtype):
+    shape = (words[i + 1], words[i + 2], words[i + 3], words[i + 4])
+    return numba.carray(address_as(words[i], dtype), shape), i + 5
+
+
+@njit(inline="always")
 def array_arg5(words, i, dtype):
     shape = (words[i + 1], words[i + 2], words[i + 3], words[i + 4], words[i + 5])
     return numba.carray(address_as(words[i], dtype), shape), i + 6
