@@ -20,6 +20,10 @@ Groups
       (a ReLU over a U-Net activation, untimed), at the U-Net's levels (16 ch at 30 % of 64x128,
       32 ch at 45 % of 32x64, 64 ch at 64 % of 16x32, batch 16). ``alt_ratio_pool_vs_team`` =
       pool time / team time. Meaningful with ``BENCH_THREADS=2`` (one thread runs neither).
+  (e) ``e-subm1x1``: a 1x1 submanifold conv (the U-Net's head: 16 -> 19 channels at 30 % of a
+      batch of 16 of 64x128, a fresh tensor as in a forward): ``linear`` (what ``subm_conv2d``
+      runs: one GEMM on the features) vs ``map+kernel`` (the identity map built, then the
+      gathered kernel). ``alt_ratio_map_vs_linear`` = map+kernel time / linear time.
 
 Timings: pytest-benchmark's own rounds per implementation (``stats``), and, because the machine
 is shared and its speed drifts, every case is also run ``ALT_ROUNDS`` times alternating the
@@ -229,3 +233,37 @@ def test_d_team(benchmark, c, op, impl):
 
     with torch.no_grad():
         benchmark.pedantic(fn, setup=after_op, rounds=3 * ROUNDS, warmup_rounds=1)
+
+
+# -- (e) a 1x1 submanifold conv: one GEMM vs a map and the gathered kernel -------------------------
+@pytest.mark.parametrize("impl", ["linear", "map+kernel"])
+def test_e_subm1x1(benchmark, impl):
+    from spconv2d import backends, maps
+    from spconv2d.functional.conv import _as_kio, _run
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(16, 64, 128, generator=g) < 0.3
+    dense = torch.randn(16, 16, 64, 128, generator=g)
+    w, b = torch.randn(19, 16, 1, 1, generator=g), torch.randn(19, generator=g)
+    fresh = lambda: sp.SparseTensor.from_dense(dense, mask)  # noqa: E731  (no map cached)
+
+    def via_map(x):
+        be = backends.resolve(x.device, None)
+        return _run(x.features, _as_kio(w, False), b, maps.subm_map(x, (1, 1), (1, 1), be).kmap, be)
+
+    fns = {"linear": lambda x: F.linear(x.features, w[:, :, 0, 0], b), "map+kernel": via_map}
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(3 * ALT_ROUNDS):
+            for k, f in fns.items():
+                x = fresh()
+                t = time.perf_counter()
+                f(x)
+                times[k].append(time.perf_counter() - t)
+    alt = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    benchmark.group = "e-subm1x1"
+    benchmark.name = impl
+    benchmark.extra_info.update(impl=impl, threads=torch.get_num_threads(), cpu=CPU, alt_median_s=alt[impl],
+                                alt_ratio_map_vs_linear=alt["map+kernel"] / alt["linear"])
+    with torch.no_grad():
+        benchmark.pedantic(fns[impl], setup=lambda: ((fresh(),), {}), rounds=3 * ROUNDS, warmup_rounds=1)

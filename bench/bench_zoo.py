@@ -10,11 +10,14 @@ Groups
     unet-streets-64x128-b16   unet | sparse_unet (mask given) | sparse_unet (mask policy included)
                               at densities 0.1 / 0.25 / 0.3 | sparse_unet 0.3 without the
                               refinement of uncertain pixels (refine=False); eval mode, no grad
-    unet-vs-sparse-*          the issue-11 goals, each in one test: unet and sparse_unet (mask
-                              policy inside the timing) alternating round by round (medians and
-                              the ratio in ``extra_info``; the benchmark's own timing is of
-                              sparse_unet): inference at batch 16 of 64x128 and at batch 4 of
-                              256x512, and a training step (forward, backward, AdamW) at batch 16
+    unet-vs-sparse-*          the issue-11 goals, each in one test: unet, unet in channels-last
+                              memory (model and input; the faster dense layout here) and
+                              sparse_unet (mask policy inside the timing) alternating round by
+                              round (medians and the ratios ``speedup`` and
+                              ``speedup_vs_channels_last`` in ``extra_info``; the benchmark's own
+                              timing is of sparse_unet): inference at batch 16 of 64x128 and at
+                              batch 4 of 256x512, and a training step (forward, backward, AdamW)
+                              at batch 16
     cnn-mnist-b256            cnn | sparse_cnn (active = non-zero pixels)
     choice-*                  the zoo's measured implementation choices, each next to the
                               alternative it replaced, on the shapes of a streets batch of 16
@@ -127,41 +130,54 @@ def _alternating(fns, rounds):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _goal(benchmark, dense_fn, sparse_fn, rounds=15, **info):
-    med = _alternating({"unet": dense_fn, "sparse_unet": sparse_fn}, rounds)
+def _goal(benchmark, fns, rounds=15, **info):
+    """``fns``: ``unet`` (the zoo's model as it runs: NCHW), ``unet-channels_last`` (the same
+    weights with the model and its input in channels-last memory, the faster dense layout on
+    this CPU) and ``sparse_unet``, alternating round by round."""
+    med = _alternating(fns, rounds)
+    sparse = med["sparse_unet"]
     benchmark.extra_info.update(threads=torch.get_num_threads(), alternating_rounds=rounds,
-                                unet_ms=1e3 * med["unet"], sparse_unet_ms=1e3 * med["sparse_unet"],
-                                speedup=med["unet"] / med["sparse_unet"], trained=_trained("sparse_unet"), **info)
-    benchmark.pedantic(sparse_fn, rounds=5, iterations=1, warmup_rounds=1)
+                                unet_ms=1e3 * med["unet"], unet_channels_last_ms=1e3 * med["unet-channels_last"],
+                                sparse_unet_ms=1e3 * sparse, speedup=med["unet"] / sparse,
+                                speedup_vs_channels_last=med["unet-channels_last"] / sparse,
+                                trained=_trained("sparse_unet"), **info)
+    benchmark.pedantic(fns["sparse_unet"], rounds=5, iterations=1, warmup_rounds=1)
+
+
+def _inference(images, rounds, **info):
+    d, s = _model("unet").eval(), _model("sparse_unet").eval()
+    dcl = _model("unet").eval().to(memory_format=torch.channels_last)
+    icl = images.contiguous(memory_format=torch.channels_last)
+    return dict(fns={"unet": lambda: d(images), "unet-channels_last": lambda: dcl(icl),
+                     "sparse_unet": lambda: s(images)}, rounds=rounds, density=s.policy.density, **info)
 
 
 @pytest.mark.benchmark(group="unet-vs-sparse-inference-64x128-b16")
 def test_goal_inference_64x128(benchmark, streets_batch):
-    d, s = _model("unet"), _model("sparse_unet")
     with torch.no_grad():
-        _goal(benchmark, lambda: d(streets_batch), lambda: s(streets_batch), shape=[16, 64, 128],
-              density=s.policy.density)
+        _goal(benchmark, **_inference(streets_batch, 15, shape=[16, 64, 128]))
 
 
 @pytest.mark.benchmark(group="unet-vs-sparse-inference-256x512-b4")
 def test_goal_inference_256x512(benchmark):
     images = build_dataset("streets", "val", num_samples=4, size=(256, 512)).images
-    d, s = _model("unet"), _model("sparse_unet")
     with torch.no_grad():
-        _goal(benchmark, lambda: d(images), lambda: s(images), rounds=9, shape=[4, 256, 512],
-              density=s.policy.density)
+        _goal(benchmark, **_inference(images, 9, shape=[4, 256, 512]))
 
 
 @pytest.mark.benchmark(group="unet-vs-sparse-train-step-64x128-b16")
 def test_goal_training_step(benchmark):
     data = build_dataset("streets", "train", num_samples=16)
-    images, targets = data.images, data.targets
+    targets = data.targets
     steps = {}
-    for name in ("unet", "sparse_unet"):
-        m = _model(name).train()
+    for name, model, fmt in (("unet", "unet", torch.contiguous_format),
+                             ("unet-channels_last", "unet", torch.channels_last),
+                             ("sparse_unet", "sparse_unet", torch.contiguous_format)):
+        m = _model(model).train().to(memory_format=fmt)
+        images = data.images.contiguous(memory_format=fmt)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
 
-        def step(m=m, opt=opt):
+        def step(m=m, opt=opt, images=images):
             out, aux = m(images, return_aux=True)
             loss = F.cross_entropy(out, targets, ignore_index=255) + 0.4 * F.cross_entropy(aux, targets, ignore_index=255)
             opt.zero_grad(set_to_none=True)
@@ -169,7 +185,7 @@ def test_goal_training_step(benchmark):
             opt.step()
 
         steps[name] = step
-    _goal(benchmark, steps["unet"], steps["sparse_unet"], rounds=9, shape=[16, 64, 128])
+    _goal(benchmark, steps, rounds=9, shape=[16, 64, 128])
 
 
 @pytest.mark.benchmark(group="cnn-mnist-b256")

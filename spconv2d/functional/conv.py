@@ -132,7 +132,8 @@ def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Opti
         return y
     if K == 1:
         # a 1x1 conv maps every site to itself: one GEMM on the features, no map (the zoo's
-        # heads; measured 10x faster than a map and the gathered kernel, docs/ARCHITECTURE.md)
+        # heads; faster than building the map and running the gathered kernel, measured in
+        # docs/ARCHITECTURE.md, "Measured choices")
         y = x.replace(torch.nn.functional.linear(x.features, weight[:, :, 0, 0], bias))
         rec.done("subm_conv2d", "sparse", x, y, c_in, c_out, K, x.num_active, grid)
         return y

@@ -85,9 +85,10 @@ Precision: float32 and float64 compute in their own precision with fused multipl
 torch path's results differ by rounding). float16 / bfloat16 are converted to float32 by the
 launcher and the result is rounded once. Index arithmetic (``row * channels``) is 64-bit.
 
-Threads: each launch uses ``torch.get_num_threads()`` numba threads (capped by
-``NUMBA_NUM_THREADS``), tasks handed out dynamically, through ``runtime.launch`` (the
-``workqueue`` threading layer, one launch at a time; see ``runtime``).
+Threads: each launch uses ``torch.get_num_threads()`` threads, tasks handed out dynamically,
+through ``runtime.launch``: PyTorch's own OpenMP threads (the kernels' team forms,
+``runtime.TeamKernel``), else numba's ``workqueue`` pool (capped by ``NUMBA_NUM_THREADS``); one
+launch at a time; one thread runs the serial compilation (see ``runtime``).
 
 Compilation: nothing compiles at import; each specialisation compiles on first use and is
 cached on disk (``cache=True``: numba's ``__pycache__`` next to this file, or numba's user cache

@@ -1,4 +1,4 @@
-"""How the numba kernels run: the threading layer, the thread count, one launch at a time.
+"""How the numba kernels run: on whose threads, how many, one launch at a time.
 
 * **Threading layer** (:func:`configure_threading`, the one place this package sets numba
   configuration): ``workqueue``, chosen only when nobody chose a layer (``NUMBA_THREADING_LAYER``
@@ -17,15 +17,22 @@
   as ``range`` on the calling thread. Entering a parallel region costs even with one thread;
   the serial compilations ran 1.3-1.5x faster on one thread (``bench/serial_vs_parallel.py``).
   The results are the same (each iteration writes its own outputs, in the same order).
-* **PyTorch's own OpenMP team** (:class:`TeamKernel`, :func:`torch_team`): a kernel that also
-  has a *team* form (a ``cfunc`` that takes its tasks from a shared atomic counter) runs on
-  several threads through ``GOMP_parallel`` of the OpenMP runtime PyTorch itself uses (found
-  under ``torch/lib`` or among the loaded libraries), i.e. on PyTorch's intra-op threads. After
-  every parallel PyTorch op those threads spin for a while waiting for more work (GNU OpenMP's
-  default wait policy); numba's own pool then had to share the cores with them, and the conv
-  kernels gained nothing from a second thread inside a model (measured: the team form ran the
-  zoo's convs 1.6-1.8x faster at 2 threads, ``bench/bench_cpu_numba_conv.py -k team``). Where
-  no such runtime is found, the ``parallel=True`` form on numba's pool runs instead.
+* **PyTorch's own OpenMP team** (:class:`TeamKernel`, :func:`torch_team`): the kernels on the
+  hot path of a model (the convolutions' forward, input and weight gradient and their plans,
+  the submanifold map build, the zoo's refinement) also have a *team* form: a ``cfunc`` that
+  reads its arguments from a block of words (:func:`pack_args`) and takes tasks from a shared
+  atomic counter (:func:`next_task`), the same task code as the ``prange`` form. With several
+  threads it runs through ``GOMP_parallel`` of the OpenMP runtime PyTorch itself uses (found
+  under ``torch/lib``, else among the loaded libraries), i.e. on PyTorch's intra-op threads.
+  Why: after every parallel PyTorch op those threads keep spinning for a while, waiting for
+  more work (GNU OpenMP's default wait policy), and numba's own pool had to share the cores
+  with them: inside a model a second thread bought the conv kernels nothing. On PyTorch's
+  threads the work starts at once: 1.1-1.6x faster right after a PyTorch op at 2 threads
+  (``BENCH_THREADS=2 python -m pytest bench/bench_cpu_numba_conv.py -k test_d_team``). Results
+  are bit-identical to the other forms (tested). Where PyTorch has no OpenMP runtime that
+  exports ``GOMP_parallel`` (GNU, LLVM and Intel's runtimes do), or :data:`USE_TORCH_TEAM` is
+  off, the ``parallel=True`` form runs on numba's pool; the other kernels (the strided and
+  lookup map builds, pooling) still run there.
 * **Disk cache** (:func:`cached_njit`): compiled kernels are cached where numba can write
   (``__pycache__`` next to the source, else the user's cache folder, or ``NUMBA_CACHE_DIR``).
   Where none is writable (a read-only install and home), the kernels are compiled in every
