@@ -500,49 +500,102 @@ def _mark(coords, Ho, Wo, my, mx, offs, dy, dx, occ):
                 occ[key] = 0
 
 
-@parallel_kernel
-def _mark_blocks(coords, Ho, Wo, sy, sx, occ):
-    """k == s, p == 0, r == 1: each input proposes its block's output only."""
-    for i in prange(coords.shape[0]):
+@njit(inline="always")
+def _mark_block_rows(t, coords, Ho, Wo, sy, sx, occ):
+    for i in range(t * ROWS_PER_TASK, min(coords.shape[0], (t + 1) * ROWS_PER_TASK)):
         oy = coords[i, 1] // sy
         ox = coords[i, 2] // sx
         if oy < Ho and ox < Wo:
             occ[(coords[i, 0] * Ho + oy) * Wo + ox] = 0
 
 
-@parallel_kernel
-def _number_rows(occ, B, Ho, Wo, K, nchunks):
-    """Occupied cells -> their raster rank (in place); the output coordinates; ``nbr [K, M]``
-    initialised to -1."""
-    rows_total = B * Ho
-    chunk = (rows_total + nchunks - 1) // nchunks
-    counts = np.zeros(nchunks + 1, np.int64)
-    for c in prange(nchunks):
+def _mark_blocks_tasks(coords, Ho, Wo, sy, sx, occ):
+    for t in prange((coords.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _mark_block_rows(t, coords, Ho, Wo, sy, sx, occ)
+
+
+def _mark_blocks_team(data):
+    words = team_words(data)
+    coords, i = array_arg2(words, TEAM_ARGS, np.int32)
+    Ho, Wo, sy, sx = words[i], words[i + 1], words[i + 2], words[i + 3]
+    occ, i = array_arg1(words, i + 4, np.int32)
+    t = next_task(words)
+    while t < words[TEAM_TASKS]:
+        _mark_block_rows(t, coords, Ho, Wo, sy, sx, occ)
+        t = next_task(words)
+
+
+#: k == s, p == 0, r == 1: each input proposes its block's output only (``occ[key] = 0``).
+_mark_blocks = TeamKernel(_mark_blocks_tasks, _mark_blocks_team,
+                          lambda phase, coords, *rest: -(-coords.shape[0] // ROWS_PER_TASK))
+
+
+@njit(inline="always")
+def _number_chunk(phase, c, occ, Ho, Wo, chunk, counts, out, nbr):
+    """Output rows ``c * chunk ...`` (image rows of the grid): phase 0 counts their occupied
+    cells into ``counts[c + 1]``; phase 1 (``counts`` now the exclusive prefix sums) gives each
+    occupied cell its raster rank (in place), its output coordinates, and -1 in ``nbr``."""
+    rows_total = occ.shape[0] // Wo
+    lo, hi = c * chunk, min(rows_total, (c + 1) * chunk)
+    if phase == 0:
         cnt = 0
-        for o in range(c * chunk * Wo, min(rows_total, (c + 1) * chunk) * Wo):
+        for o in range(lo * Wo, hi * Wo):
             if occ[o] >= 0:
                 cnt += 1
         counts[c + 1] = cnt
-    for c in range(nchunks):
-        counts[c + 1] += counts[c]
-    m = counts[nchunks]
-    out = np.empty((m, 3), np.int32)
-    nbr = np.empty((K, m), np.int32)
-    for c in prange(nchunks):
-        r = counts[c]
-        for row in range(c * chunk, min(rows_total, (c + 1) * chunk)):
-            b = row // Ho
-            y = row - b * Ho
-            base = row * Wo
-            for x in range(Wo):
-                if occ[base + x] >= 0:
-                    occ[base + x] = r
-                    out[r, 0] = b
-                    out[r, 1] = y
-                    out[r, 2] = x
-                    for k in range(K):
-                        nbr[k, r] = -1
-                    r += 1
+        return
+    r = counts[c]
+    for row in range(lo, hi):
+        b = row // Ho
+        y = row - b * Ho
+        base = row * Wo
+        for x in range(Wo):
+            if occ[base + x] >= 0:
+                occ[base + x] = r
+                out[r, 0] = b
+                out[r, 1] = y
+                out[r, 2] = x
+                for k in range(nbr.shape[0]):
+                    nbr[k, r] = -1
+                r += 1
+
+
+def _number_tasks(phase, occ, Ho, Wo, chunk, counts, out, nbr):
+    for c in prange(counts.shape[0] - 1):
+        _number_chunk(phase, c, occ, Ho, Wo, chunk, counts, out, nbr)
+
+
+def _number_team(data):
+    words = team_words(data)
+    phase = words[TEAM_ARGS]
+    occ, i = array_arg1(words, TEAM_ARGS + 1, np.int32)
+    Ho, Wo, chunk = words[i], words[i + 1], words[i + 2]
+    counts, i = array_arg1(words, i + 3, np.int64)
+    out, i = array_arg2(words, i, np.int32)
+    nbr, i = array_arg2(words, i, np.int32)
+    t = next_task(words)
+    while t < words[TEAM_TASKS]:
+        _number_chunk(phase, t, occ, Ho, Wo, chunk, counts, out, nbr)
+        t = next_task(words)
+
+
+_number = TeamKernel(_number_tasks, _number_team, lambda phase, p, occ, Ho, Wo, chunk, counts, *rest: counts.shape[0] - 1)
+
+
+def _number_rows(occ: np.ndarray, B: int, Ho: int, Wo: int, K: int, nchunks: int, work: int):
+    """Occupied cells of ``occ`` (the first ``B * Ho * Wo``) -> their raster rank (in place);
+    returns the output coordinates ``[M, 3]`` and ``nbr [K, M]`` initialised to -1: counts per
+    chunk of grid rows, their prefix sums, then the numbering, each chunk a task."""
+    grid = occ[:B * Ho * Wo]
+    chunk = -(-(B * Ho) // nchunks)
+    nchunks = -(-(B * Ho) // chunk)
+    counts = np.zeros(nchunks + 1, np.int64)
+    none = np.empty((0, 3), np.int32), np.empty((K, 0), np.int32)
+    launch(_number, 0, grid, Ho, Wo, chunk, counts, *none, work=work)
+    np.cumsum(counts, out=counts)
+    m = int(counts[-1])
+    out, nbr = np.empty((m, 3), np.int32), np.empty((K, m), np.int32)
+    launch(_number, 1, grid, Ho, Wo, chunk, counts, out, nbr, work=work)
     return out, nbr
 
 
@@ -563,17 +616,49 @@ def _fill_grid(coords, Ho, Wo, my, mx, offs, dy, dx, rows, nbr, out):
         rows[(out[r, 0] * Ho + out[r, 1]) * Wo + out[r, 2]] = -1
 
 
-@parallel_kernel
-def _fill_blocks(coords, Ho, Wo, sy, sx, kw, rows, nbr, out):
-    for i in prange(coords.shape[0]):
-        iy = coords[i, 1]
-        ix = coords[i, 2]
-        oy = iy // sy
-        ox = ix // sx
-        if oy < Ho and ox < Wo:
-            nbr[(iy - oy * sy) * kw + (ix - ox * sx), rows[(coords[i, 0] * Ho + oy) * Wo + ox]] = i
-    for r in prange(out.shape[0]):
-        rows[(out[r, 0] * Ho + out[r, 1]) * Wo + out[r, 2]] = -1
+@njit(inline="always")
+def _fill_block_rows(phase, t, coords, Ho, Wo, sy, sx, kw, rows, nbr, out):
+    """Phase 0, inputs ``t * ROWS_PER_TASK ...``: ``nbr[k, rows[key(out)]] = i``; phase 1,
+    outputs ``t * ROWS_PER_TASK ...``: their cells of ``rows`` reset to -1."""
+    if phase == 0:
+        for i in range(t * ROWS_PER_TASK, min(coords.shape[0], (t + 1) * ROWS_PER_TASK)):
+            iy = coords[i, 1]
+            ix = coords[i, 2]
+            oy = iy // sy
+            ox = ix // sx
+            if oy < Ho and ox < Wo:
+                nbr[(iy - oy * sy) * kw + (ix - ox * sx), rows[(coords[i, 0] * Ho + oy) * Wo + ox]] = i
+    else:
+        for r in range(t * ROWS_PER_TASK, min(out.shape[0], (t + 1) * ROWS_PER_TASK)):
+            rows[(out[r, 0] * Ho + out[r, 1]) * Wo + out[r, 2]] = -1
+
+
+def _fill_blocks_tasks(coords, Ho, Wo, sy, sx, kw, rows, nbr, out):
+    for phase in range(2):
+        n = coords.shape[0] if phase == 0 else out.shape[0]
+        for t in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+            _fill_block_rows(phase, t, coords, Ho, Wo, sy, sx, kw, rows, nbr, out)
+
+
+def _fill_blocks_team(data):
+    words = team_words(data)
+    coords, i = array_arg2(words, TEAM_ARGS, np.int32)
+    Ho, Wo, sy, sx, kw = words[i], words[i + 1], words[i + 2], words[i + 3], words[i + 4]
+    rows, i = array_arg1(words, i + 5, np.int32)
+    nbr, i = array_arg2(words, i, np.int32)
+    out, i = array_arg2(words, i, np.int32)
+    phase = words[TEAM_PHASE]
+    t = next_task(words)
+    while t < words[TEAM_TASKS]:
+        _fill_block_rows(phase, t, coords, Ho, Wo, sy, sx, kw, rows, nbr, out)
+        t = next_task(words)
+
+
+#: k == s blocks: each input is the one entry of its (offset, output); then the grid cells of
+#: the outputs are reset to -1.
+_fill_blocks = TeamKernel(_fill_blocks_tasks, _fill_blocks_team,
+                          lambda phase, coords, Ho, Wo, sy, sx, kw, rows, nbr, out:
+                          -(-(coords.shape[0] if phase == 0 else out.shape[0]) // ROWS_PER_TASK), phases=2)
 
 
 @parallel_kernel
@@ -653,17 +738,18 @@ def _generate(c: np.ndarray, batch_size: int, out_shape: Pair, K: int, mul: Pair
         return torch.zeros((0, 3), dtype=torch.int32), torch.zeros((K, 0), dtype=torch.int32)
     key_space = batch_size * Ho * Wo
     if use_grid(key_space, n, grid_max_keys, grid_keys_per_site):
-        request_threads(max(n * K, key_space))
+        work = max(n * K, key_space)
         occ = _scratch_grid(key_space)  # all -1; marked cells are reset by the fill
         if blocks is not None:
-            _mark_blocks(c, Ho, Wo, blocks[0], blocks[1], occ)
+            launch(_mark_blocks, c, Ho, Wo, blocks[0], blocks[1], occ, work=work)
         else:
+            request_threads(work)
             _mark(c, Ho, Wo, mul[0], mul[1], offs, div[0], div[1], occ)
-        nchunks = min(batch_size * Ho, 8 * threads_for(max(n * K, key_space)))
-        out, nbr = _number_rows(occ, batch_size, Ho, Wo, K, nchunks)
+        out, nbr = _number_rows(occ, batch_size, Ho, Wo, K, min(batch_size * Ho, 8 * threads_for(work)), work)
         if blocks is not None:
-            _fill_blocks(c, Ho, Wo, blocks[0], blocks[1], blocks[2], occ, nbr, out)
+            launch(_fill_blocks, c, Ho, Wo, blocks[0], blocks[1], blocks[2], occ, nbr, out, work=work)
         else:
+            request_threads(work)
             _fill_grid(c, Ho, Wo, mul[0], mul[1], offs, div[0], div[1], occ, nbr, out)
         return torch.from_numpy(out), torch.from_numpy(nbr)
     request_threads(n * K)
