@@ -67,3 +67,18 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
            int(radius), np.array([1.0 / (2 * sigma_r ** 2)]), res.numpy(),
            work=idx.numel() * (2 * radius + 1) ** 2 * (images.shape[1] + logits.shape[1]) // 64)
     return res
+
+
+def residual_ridge_energy(images: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``max(masks.residual_energy(images), masks.ridge_energy(images))`` ``[B, H, W]`` in one
+    pass, given ``up`` (the images' upsampled coarse approximation, as ``residual_energy``
+    computes it): the same values exactly (subtractions, absolute values, min and max only)."""
+    from spconv2d.backends.numba_kernels.runtime import launch
+
+    from . import pixel_kernels
+
+    im, u = images.detach().contiguous(), up.detach().to(images.dtype).contiguous()
+    B, C, H, W = im.shape
+    out = torch.empty(B, H, W, dtype=im.dtype)
+    launch(pixel_kernels.energy_kernel(_dt(im.dtype)), im.numpy(), u.numpy(), out.numpy(), work=B * H * W * C)
+    return out

@@ -3,7 +3,7 @@
 ``refine_kernel(dt)``: the colour-weighted window mean of the pixels ``idx``, in tasks of
 ``PIXELS_PER_TASK`` pixels, each output row written once in a fixed summation order
 (deterministic), float32 (``"f4"``) or float64 (``"f8"``). ``margins_kernel(dt)``: the top-2
-margins of the rows ``idx``. Both are ``runtime.TeamKernel`` s (PyTorch's OpenMP threads; numba's
+margins of the rows ``idx``. ``energy_kernel(dt)``: the ``residual`` mask policy's energy. Both are ``runtime.TeamKernel`` s (PyTorch's OpenMP threads; numba's
 pool where PyTorch has no OpenMP runtime), run with ``runtime.launch``.
 """
 import functools
@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from spconv2d.backends.numba_kernels.runtime import (TEAM_ARGS, TEAM_TASKS, TeamKernel, array_arg1, array_arg2,
-                                                     array_arg4, next_task, team_words)
+                                                     array_arg3, array_arg4, next_task, team_words)
 
 PIXELS_PER_TASK = 64
 _NP = {"f4": np.float32, "f8": np.float64}
@@ -113,3 +113,69 @@ def margins_kernel(dt: str) -> TeamKernel:
             t = next_task(words)
 
     return TeamKernel(_margin_tasks, team, lambda phase, rows, idx, out: _tasks(idx.shape[0]))
+
+
+ROWS_PER_TASK = 16
+
+
+@njit(inline="always")
+def _ridge_term(v, left, right):
+    a = v - left
+    b = v - right
+    return max(min(a, b), -max(a, b))
+
+
+@njit(inline="always")
+def _energy_rows(t, images, up, out):
+    """Image rows ``t * ROWS_PER_TASK ...`` of ``B*H``: ``out[b, y, x] = max(max_c |images - up|,
+    ridge)``, ``ridge = max(0, max_{d in 1, 2} max_c max(min(a, b), -max(a, b)))`` with
+    ``a = x - x[j-d]``, ``b = x - x[j+d]`` (replicate-clamped): ``masks.residual_energy`` and
+    ``masks.ridge_energy`` combined, exactly (only subtractions, min and max, in any order).
+    Per row and channel, loops over the columns (the interior without clamping: vectorised)."""
+    B, C, H, W = images.shape
+    e = np.empty(W, images.dtype)
+    for row in range(t * ROWS_PER_TASK, min(B * H, (t + 1) * ROWS_PER_TASK)):
+        b, y = row // H, row % H
+        for x in range(W):
+            e[x] = 0.0  # both energies are >= 0 (|.| and the ridge clamped at 0)
+        for c in range(C):
+            img = images[b, c, y]
+            u = up[b, c, y]
+            for x in range(W):
+                e[x] = max(e[x], abs(img[x] - u[x]))
+            for d in range(1, 3):
+                for x in range(min(d, W)):  # left border: replicate
+                    e[x] = max(e[x], _ridge_term(img[x], img[0], img[min(x + d, W - 1)]))
+                for x in range(d, W - d):
+                    e[x] = max(e[x], _ridge_term(img[x], img[x - d], img[x + d]))
+                for x in range(max(d, W - d), W):  # right border: replicate
+                    e[x] = max(e[x], _ridge_term(img[x], img[max(x - d, 0)], img[W - 1]))
+        o = out[b, y]
+        for x in range(W):
+            o[x] = e[x]
+
+
+def _energy_tasks(images, up, out):
+    B, C, H, W = images.shape
+    for t in prange((B * H + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _energy_rows(t, images, up, out)
+
+
+@functools.lru_cache(maxsize=None)
+def energy_kernel(dt: str) -> TeamKernel:
+    """``max(masks.residual_energy, masks.ridge_energy)`` from the images and their coarse
+    approximation ``up`` (``[B, C, H, W]``), into ``out [B, H, W]``."""
+    npdt = _NP[dt]
+
+    def team(data):
+        words = team_words(data)
+        images, i = array_arg4(words, TEAM_ARGS, npdt)
+        up, i = array_arg4(words, i, npdt)
+        out, i = array_arg3(words, i, npdt)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            _energy_rows(t, images, up, out)
+            t = next_task(words)
+
+    return TeamKernel(_energy_tasks, team,
+                      lambda phase, images, up, out: -(-(images.shape[0] * images.shape[2]) // ROWS_PER_TASK))

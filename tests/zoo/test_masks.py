@@ -131,3 +131,21 @@ def test_a_sparse_model_owns_its_mask_policy():
         s.set_mask_policy("bogus")
     dense = zoo.create_model("unet")
     assert not dense.sparse and activity_mask(dense, x) is None
+
+
+@pytest.mark.numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [(16, 24), (7, 3), (9, 1)])
+def test_fused_residual_energy_equals_the_tensor_ops_exactly(dtype, size):
+    """The one-pass numba energy of the ``residual`` policy (used wherever numba is installed)
+    is bit for bit ``max(residual_energy, ridge_energy)`` of the tensor ops: borders, sizes that
+    are not multiples of the cell, widths below the ridge distances; so are the masks."""
+    from spconv2d.zoo import fused
+    from spconv2d.zoo.masks import coarse_approximation, threshold_density
+
+    g = torch.Generator().manual_seed(7)
+    images = torch.rand(3, 3, *size, generator=g, dtype=dtype)
+    images[0, :, :, min(1, size[1] - 1)] = 1.0  # a thin line: ridge energy
+    ref = torch.maximum(residual_energy(images), ridge_energy(images))
+    assert torch.equal(fused.residual_ridge_energy(images, coarse_approximation(images)), ref)
+    assert torch.equal(make_mask(images, "residual", 0.3), threshold_density(ref, 0.3, 1))
