@@ -16,20 +16,22 @@ Contract
     gradient sums ``grad_out[j] / count[j]`` over the outputs that read the input.
   - sums run over ``k`` ascending in the features' dtype, as the PyTorch path's do.
 * Deterministic, no atomics: forward is output-stationary (one iteration per output row),
-  backward input-stationary over ``rev`` (one iteration per input row). Parallel over rows with
-  ``min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)`` threads (one for small
-  inputs, ``runtime.PARALLEL_MIN_WORK``), one launch at a time.
+  backward input-stationary over ``rev`` (one iteration per input row). Parallel over tasks of
+  ``ROWS_PER_TASK`` rows on ``torch.get_num_threads()`` threads (one for small inputs,
+  ``runtime.PARALLEL_MIN_WORK``): PyTorch's OpenMP threads (the team forms), else numba's pool;
+  one launch at a time (``runtime.launch``).
 * Compiled lazily on first call and cached on disk (``cache=True``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import numpy as np
 import torch
 from numba import njit, prange
 
-from .runtime import parallel_kernel, request_threads
+from .runtime import TEAM_ARGS, TEAM_TASKS, TeamKernel, array_arg1, array_arg2, launch, next_task, team_words
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -51,14 +53,22 @@ def _table(t: torch.Tensor, name: str) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------------------
-# kernels
+# kernels: per task ``ROWS_PER_TASK`` rows; a ``prange`` form and a team form (``runtime``)
 # -----------------------------------------------------------------------------------------
-@parallel_kernel
-def _max_forward(f, nbr, out, arg):
+ROWS_PER_TASK = 256
+_NP = {"f4": np.float32, "f8": np.float64, "u1": np.uint8, "i4": np.int32}
+
+
+def _tasks(n: int) -> int:
+    return -(-n // ROWS_PER_TASK)
+
+
+@njit(inline="always")
+def _max_rows(t, f, nbr, out, arg):
     K = nbr.shape[0]
     C = f.shape[1]
     ninf = -np.inf
-    for j in prange(nbr.shape[1]):
+    for j in range(t * ROWS_PER_TASK, min(nbr.shape[1], (t + 1) * ROWS_PER_TASK)):
         o = out[j]
         a = arg[j]
         for c in range(C):
@@ -77,15 +87,15 @@ def _max_forward(f, nbr, out, arg):
                     a[c] = k
 
 
-@parallel_kernel
-def _pool_backward(g, arg, count, rev, gin):
+@njit(inline="always")
+def _backward_rows(t, g, arg, count, rev, gin):
     """``gin[i] = sum over (k, j = rev[k, i]) of g[j] / count[j]``, for max pooling only where
     ``arg[j, c] == k`` (``count`` all ones), for average pooling everywhere (``arg`` with no
     columns): one kernel, so both gradients are the same loop in the same order."""
     K = rev.shape[0]
     C = g.shape[1]
     by_arg = arg.shape[1] > 0
-    for i in prange(rev.shape[1]):
+    for i in range(t * ROWS_PER_TASK, min(rev.shape[1], (t + 1) * ROWS_PER_TASK)):
         acc = gin[i]
         for c in range(C):
             acc[c] = 0
@@ -105,11 +115,11 @@ def _pool_backward(g, arg, count, rev, gin):
                     acc[c] += gj[c] / d
 
 
-@parallel_kernel
-def _avg_forward(f, nbr, out, count):
+@njit(inline="always")
+def _avg_rows(t, f, nbr, out, count):
     K = nbr.shape[0]
     C = f.shape[1]
-    for j in prange(nbr.shape[1]):
+    for j in range(t * ROWS_PER_TASK, min(nbr.shape[1], (t + 1) * ROWS_PER_TASK)):
         o = out[j]
         for c in range(C):
             o[c] = 0
@@ -128,6 +138,81 @@ def _avg_forward(f, nbr, out, count):
             o[c] = o[c] / d
 
 
+def _max_tasks(f, nbr, out, arg):
+    for t in prange((nbr.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _max_rows(t, f, nbr, out, arg)
+
+
+def _backward_tasks(g, arg, count, rev, gin):
+    for t in prange((rev.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _backward_rows(t, g, arg, count, rev, gin)
+
+
+def _avg_tasks(f, nbr, out, count):
+    for t in prange((nbr.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _avg_rows(t, f, nbr, out, count)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_forward(dt: str, at: str) -> TeamKernel:
+    fdt, adt = _NP[dt], _NP[at]
+
+    def team(data):
+        words = team_words(data)
+        f, i = array_arg2(words, TEAM_ARGS, fdt)
+        nbr, i = array_arg2(words, i, np.int32)
+        out, i = array_arg2(words, i, fdt)
+        arg, i = array_arg2(words, i, adt)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            _max_rows(t, f, nbr, out, arg)
+            t = next_task(words)
+
+    return TeamKernel(_max_tasks, team, lambda phase, f, nbr, out, arg: _tasks(nbr.shape[1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_backward(dt: str, at: str) -> TeamKernel:
+    fdt, adt = _NP[dt], _NP[at]
+
+    def team(data):
+        words = team_words(data)
+        g, i = array_arg2(words, TEAM_ARGS, fdt)
+        arg, i = array_arg2(words, i, adt)
+        count, i = array_arg1(words, i, fdt)
+        rev, i = array_arg2(words, i, np.int32)
+        gin, i = array_arg2(words, i, fdt)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            _backward_rows(t, g, arg, count, rev, gin)
+            t = next_task(words)
+
+    return TeamKernel(_backward_tasks, team, lambda phase, g, arg, count, rev, gin: _tasks(rev.shape[1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _avg_forward(dt: str) -> TeamKernel:
+    fdt = _NP[dt]
+
+    def team(data):
+        words = team_words(data)
+        f, i = array_arg2(words, TEAM_ARGS, fdt)
+        nbr, i = array_arg2(words, i, np.int32)
+        out, i = array_arg2(words, i, fdt)
+        count, i = array_arg1(words, i, fdt)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            _avg_rows(t, f, nbr, out, count)
+            t = next_task(words)
+
+    return TeamKernel(_avg_tasks, team, lambda phase, f, nbr, out, count: _tasks(nbr.shape[1]))
+
+
+def _dt(a: np.ndarray) -> str:
+    return {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8", np.dtype(np.uint8): "u1",
+            np.dtype(np.int32): "i4"}[a.dtype]
+
+
 # -----------------------------------------------------------------------------------------
 # launchers
 # -----------------------------------------------------------------------------------------
@@ -143,8 +228,8 @@ def max_pool_forward(features: torch.Tensor, nbr: torch.Tensor) -> Tuple[torch.T
     out = torch.empty((n_out, f.shape[1]), dtype=features.dtype)
     arg = torch.empty((n_out, f.shape[1]), dtype=argmax_dtype(K))
     if n_out and f.shape[1]:
-        request_threads(t.size * f.shape[1])
-        _max_forward(f, t, out.numpy(), arg.numpy())
+        a = arg.numpy()
+        launch(_max_forward(_dt(f), _dt(a)), f, t, out.numpy(), a, work=t.size * f.shape[1])
     return out, arg
 
 
@@ -155,8 +240,9 @@ def max_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rev: torch.T
         raise ValueError(f"argmax has shape {tuple(argmax.shape)}, grad_out {g.shape}")
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
-        request_threads(r.size * g.shape[1])
-        _pool_backward(g, argmax.contiguous().numpy(), np.ones(g.shape[0], g.dtype), r, gin.numpy())
+        a = argmax.contiguous().numpy()
+        launch(_pool_backward(_dt(g), _dt(a)), g, a, np.ones(g.shape[0], g.dtype), r, gin.numpy(),
+               work=r.size * g.shape[1])
     return gin
 
 
@@ -168,8 +254,7 @@ def avg_pool_forward(features: torch.Tensor, nbr: torch.Tensor) -> Tuple[torch.T
     out = torch.empty((n_out, f.shape[1]), dtype=features.dtype)
     count = torch.empty(n_out, dtype=features.dtype)
     if n_out:
-        request_threads(t.size * f.shape[1])
-        _avg_forward(f, t, out.numpy(), count.numpy())
+        launch(_avg_forward(_dt(f)), f, t, out.numpy(), count.numpy(), work=t.size * f.shape[1])
     return out, count
 
 
@@ -178,7 +263,6 @@ def avg_pool_backward(grad_out: torch.Tensor, count: torch.Tensor, rev: torch.Te
     g, r = _features(grad_out, "grad_out"), _table(rev, "rev")
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
-        request_threads(r.size * g.shape[1])
-        _pool_backward(g, np.empty((g.shape[0], 0), np.uint8), count.to(grad_out.dtype).contiguous().numpy(), r,
-                       gin.numpy())
+        launch(_pool_backward(_dt(g), "u1"), g, np.empty((g.shape[0], 0), np.uint8),
+               count.to(grad_out.dtype).contiguous().numpy(), r, gin.numpy(), work=r.size * g.shape[1])
     return gin

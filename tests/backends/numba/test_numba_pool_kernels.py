@@ -7,6 +7,7 @@ import spconv2d as sp
 from spconv2d import maps
 from spconv2d.backends.numba_kernels import maps as nm
 from spconv2d.backends.numba_kernels import pool as npool
+from spconv2d.backends.numba_kernels import runtime
 from spconv2d.testing import at_sites, avg_pool2d_dense, max_pool2d_dense, random_sparse
 
 pytestmark = pytest.mark.numba
@@ -114,20 +115,22 @@ def test_pool_empty_and_large_kernel(gen):
     torch.testing.assert_close(out, ref)
 
 
-def test_pool_same_result_on_one_and_two_threads(gen):
+def test_pool_same_result_on_one_and_two_threads_team_and_pool(gen):
     x = random_sparse(2, 16, (64, 64), 0.3, dtype=torch.float32, generator=gen)
     _, kmap = maps.conv_map(x, (3, 3), (2, 2), (1, 1), (1, 1))
     g = torch.randn(kmap.n_out, 16, generator=gen)
     old, res = torch.get_num_threads(), []
-    try:
-        for n in (1, 2):
+    try:  # one thread, two on PyTorch's OpenMP team, two on numba's pool
+        for n, team in ((1, True), (2, True), (2, False)):
             torch.set_num_threads(n)
+            runtime.USE_TORCH_TEAM = team
             out, arg = npool.max_pool_forward(x.features, kmap.nbr)
             a, cnt = npool.avg_pool_forward(x.features, kmap.nbr)
             res.append((out, arg, npool.max_pool_backward(g, arg, kmap.rev), a, npool.avg_pool_backward(g, cnt, kmap.rev)))
     finally:
+        runtime.USE_TORCH_TEAM = True
         torch.set_num_threads(old)
-    assert all(torch.equal(u, v) for u, v in zip(*res))
+    assert all(torch.equal(u, v) and torch.equal(v, w) for u, v, w in zip(*res))
 
 
 def test_rejects_other_dtypes():
