@@ -832,14 +832,31 @@ def conv_transpose_table(coords: torch.Tensor, batch_size: int, spatial_shape: S
 # -----------------------------------------------------------------------------------------
 # derived tables
 # -----------------------------------------------------------------------------------------
-@parallel_kernel
-def _reverse(nbr, rev):
-    K = nbr.shape[0]
-    for k in prange(K):
-        for j in range(nbr.shape[1]):
-            i = nbr[k, j]
-            if i >= 0:
-                rev[k, i] = j
+@njit(inline="always")
+def _reverse_offset(k, nbr, rev):
+    for j in range(nbr.shape[1]):
+        i = nbr[k, j]
+        if i >= 0:
+            rev[k, i] = j
+
+
+def _reverse_tasks(nbr, rev):
+    for k in prange(nbr.shape[0]):
+        _reverse_offset(k, nbr, rev)
+
+
+def _reverse_team(data):
+    words = team_words(data)
+    nbr, i = array_arg2(words, TEAM_ARGS, np.int32)
+    rev, i = array_arg2(words, i, np.int32)
+    k = next_task(words)
+    while k < words[TEAM_TASKS]:
+        _reverse_offset(k, nbr, rev)
+        k = next_task(words)
+
+
+#: ``rev[k, nbr[k, j]] = j``: one task per offset.
+_reverse = TeamKernel(_reverse_tasks, _reverse_team, lambda phase, nbr, rev: nbr.shape[0])
 
 
 def reverse_table(nbr: torch.Tensor, n_in: int) -> torch.Tensor:
@@ -847,6 +864,5 @@ def reverse_table(nbr: torch.Tensor, n_in: int) -> torch.Tensor:
     a = nbr.to(torch.int32).contiguous().numpy()
     rev = np.full((a.shape[0], n_in), -1, np.int32)
     if a.size:
-        request_threads(a.size)
-        _reverse(a, rev)
+        launch(_reverse, a, rev, work=a.size)
     return torch.from_numpy(rev)

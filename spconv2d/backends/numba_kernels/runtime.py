@@ -20,7 +20,8 @@
 * **PyTorch's own OpenMP team** (:class:`TeamKernel`, :func:`torch_team`): the kernels on the
   hot path of a model (the convolutions' forward, input and weight gradient and their plans,
   the submanifold map build, the strided map build with kernel = stride, max / average pooling
-  forward and backward, the zoo's refinement, margins and mask energy) also have a *team* form: a ``cfunc`` that
+  forward and backward, the reverse table, the zoo's refinement, margins and mask energy) also
+  have a *team* form: a ``cfunc`` that
   reads its arguments from a block of words (:func:`pack_args`) and takes tasks from a shared
   atomic counter (:func:`next_task`), the same task code as the ``prange`` form. With several
   threads it runs through ``GOMP_parallel`` of the OpenMP runtime PyTorch itself uses (found
@@ -33,7 +34,7 @@
   are bit-identical to the other forms (tested). Where PyTorch has no OpenMP runtime that
   exports ``GOMP_parallel`` (GNU, LLVM and Intel's runtimes do), or :data:`USE_TORCH_TEAM` is
   off, the ``parallel=True`` form runs on numba's pool; the other kernels (map builds of other
-  geometries and on sorted keys, the reverse table, the coordinate check) still run there.
+  geometries and on sorted keys, the coordinate check) still run there.
 * **Disk cache** (:func:`cached_njit`): compiled kernels are cached where numba can write
   (``__pycache__`` next to the source, else the user's cache folder, or ``NUMBA_CACHE_DIR``).
   Where none is writable (a read-only install and home), the kernels are compiled in every
