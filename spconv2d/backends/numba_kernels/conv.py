@@ -470,6 +470,47 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
     return types.none(x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_, VW_), codegen
 
 
+@njit(inline="always")
+def _conv_task(t, x, w, bias, has_bias, block, bptr, src, loc, out, NR, NV, VW, MR, P, A):
+    """Task ``t`` of the forward kernel: row block ``t // ncb`` x channel block ``t % ncb``.
+    (Module level, its tile shape in arguments that the callers pass as constants: a closure
+    capturing a jitted function would change numba's disk-cache key in every process.)"""
+    # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, C_out]
+    n_out, C_out = out.shape
+    C_in = x.shape[1]
+    K, Cp = w.shape[0], w.shape[2]
+    ncb = Cp // NR
+    b = t // ncb
+    cb = t - b * ncb
+    r0 = b * block
+    nr = min(block, n_out - r0)
+    # the block's accumulator; row `block` takes the padding entries
+    acc = numba.carray(_stack_ptr(out.dtype, A), (MAX_BLOCK_ROWS + 1, NR))
+    for r in range(nr):
+        for c in range(NR):
+            acc[r, c] = bias[cb, c] if has_bias else 0.0
+    for k in range(K):
+        e = bptr[b * K + k + 1]
+        wo = k * C_in * Cp + cb * NR
+        p = bptr[b * K + k]
+        while e - p >= MR:
+            _conv_tile(x, w, wo, acc, src, loc, p, MR, NV, VW)
+            p += MR
+        while p < e:
+            _conv_tile(x, w, wo, acc, src, loc, p, P, NV, VW)
+            p += P
+    co0 = cb * NR
+    if co0 + NR <= C_out:
+        for r in range(nr):
+            orow = out[r0 + r, co0:co0 + NR]
+            for c in range(NR):
+                orow[c] = acc[r, c]
+    else:  # the last block of a channel count that is not a multiple of NR
+        for r in range(nr):
+            for c in range(C_out - co0):
+                out[r0 + r, co0 + c] = acc[r, c]
+
+
 @functools.lru_cache(maxsize=None)
 def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     """``out = bias + sum_k x[map_k] @ w[k]`` for ``NR``-wide channel blocks: per task one row
@@ -480,47 +521,10 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     NV = NR // VW
     A = (MAX_BLOCK_ROWS + 1) * NR
 
-    @njit(inline="always")
-    def task(t, x, w, bias, has_bias, block, bptr, src, loc, out):
-        # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, C_out]
-        n_out, C_out = out.shape
-        C_in = x.shape[1]
-        K, Cp = w.shape[0], w.shape[2]
-        ncb = Cp // NR
-        b = t // ncb
-        cb = t - b * ncb
-        r0 = b * block
-        nr = min(block, n_out - r0)
-        # the block's accumulator; row `block` takes the padding entries
-        acc = numba.carray(_stack_ptr(npdt, A), (MAX_BLOCK_ROWS + 1, NR))
-        for r in range(nr):
-            for c in range(NR):
-                acc[r, c] = bias[cb, c] if has_bias else 0.0
-        for k in range(K):
-            e = bptr[b * K + k + 1]
-            wo = k * C_in * Cp + cb * NR
-            p = bptr[b * K + k]
-            while e - p >= MR:
-                _conv_tile(x, w, wo, acc, src, loc, p, MR, NV, VW)
-                p += MR
-            while p < e:
-                _conv_tile(x, w, wo, acc, src, loc, p, P, NV, VW)
-                p += P
-        co0 = cb * NR
-        if co0 + NR <= C_out:
-            for r in range(nr):
-                orow = out[r0 + r, co0:co0 + NR]
-                for c in range(NR):
-                    orow[c] = acc[r, c]
-        else:  # the last block of a channel count that is not a multiple of NR
-            for r in range(nr):
-                for c in range(C_out - co0):
-                    out[r0 + r, co0 + c] = acc[r, c]
-
     def kernel(x, w, bias, has_bias, block, bptr, src, loc, out):
         n_tasks = (out.shape[0] + block - 1) // block * (w.shape[2] // NR)
         for t in prange(n_tasks):
-            task(t, x, w, bias, has_bias, block, bptr, src, loc, out)
+            _conv_task(t, x, w, bias, has_bias, block, bptr, src, loc, out, NR, NV, VW, MR, P, A)
 
     def team(data):
         words = team_words(data)
@@ -534,7 +538,7 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
         out, i = array_arg2(words, i, npdt)
         t = next_task(words)
         while t < words[TEAM_TASKS]:
-            task(t, x, w, bias, has_bias, block, bptr, src, loc, out)
+            _conv_task(t, x, w, bias, has_bias, block, bptr, src, loc, out, NR, NV, VW, MR, P, A)
             t = next_task(words)
 
     def tasks(phase, x, w, bias, has_bias, block, bptr, src, loc, out):
@@ -584,6 +588,42 @@ def _wgrad_reduce_rows(part, out, i0, i1, MR):
                 out[k, ci, cb * NR + c] = acc
 
 
+@njit(inline="always")
+def _wgrad_partial_task(task, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, NR, NV,
+                        VW, MR):
+    """Task ``task`` of the weight gradient's partial sums: chunk ``task // ncb`` x channel block
+    ``task % ncb`` (module level, like ``_conv_task``)."""
+    # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR]
+    K, ncb, TR = part.shape[1], part.shape[2], part.shape[3]
+    C_in = x.shape[1]
+    nblk = (g.shape[0] + block - 1) // block
+    n_tiles = TR // MR
+    ch = task // ncb
+    cb = task - ch * ncb
+    for k in range(K):
+        for i in range(TR):
+            for c in range(NR):
+                part[ch, k, cb, i, c] = 0.0
+    bs = ch * chunk_blocks
+    be = min(nblk, bs + chunk_blocks)
+    # every element sums its pairs in (block, pair) order; the passes and pair chunks only
+    # decide when an accumulator tile goes to memory and back (exactly)
+    for b0 in range(bs, be, pass_blocks):
+        b1 = min(be, b0 + pass_blocks)
+        for k in range(K):
+            for b in range(b0, b1):
+                s = bptr[b * K + k]
+                e = s + cnt[b * K + k]
+                for ps in range(s, e, pair_chunk):
+                    pe = min(e, ps + pair_chunk)
+                    for tile in range(n_tiles):
+                        # the last tile ends at C_in, overlapping its neighbour in channels
+                        # (not in storage): both compute the same sums
+                        c0 = min(tile * MR, C_in - MR)
+                        ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
+                        _wgrad_tile(x, c0, g, cb, part, ao, ps, pe, b * block, src, loc, MR, NV, VW)
+
+
 @functools.lru_cache(maxsize=None)
 def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
     """Partial sums ``part[ch, k, cb, tile rows] = sum_{pairs of chunk ch} x[src, tile].T
@@ -593,42 +633,11 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
     npdt = _NP[dt]
     NV = NR // VW
 
-    @njit(inline="always")
-    def partial_task(task, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part):
-        # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR]
-        K, ncb, TR = part.shape[1], part.shape[2], part.shape[3]
-        C_in = x.shape[1]
-        nblk = (g.shape[0] + block - 1) // block
-        n_tiles = TR // MR
-        ch = task // ncb
-        cb = task - ch * ncb
-        for k in range(K):
-            for i in range(TR):
-                for c in range(NR):
-                    part[ch, k, cb, i, c] = 0.0
-        bs = ch * chunk_blocks
-        be = min(nblk, bs + chunk_blocks)
-        # every element sums its pairs in (block, pair) order; the passes and pair chunks only
-        # decide when an accumulator tile goes to memory and back (exactly)
-        for b0 in range(bs, be, pass_blocks):
-            b1 = min(be, b0 + pass_blocks)
-            for k in range(K):
-                for b in range(b0, b1):
-                    s = bptr[b * K + k]
-                    e = s + cnt[b * K + k]
-                    for ps in range(s, e, pair_chunk):
-                        pe = min(e, ps + pair_chunk)
-                        for tile in range(n_tiles):
-                            # the last tile ends at C_in, overlapping its neighbour in channels
-                            # (not in storage): both compute the same sums
-                            c0 = min(tile * MR, C_in - MR)
-                            ao = (((ch * K + k) * ncb + cb) * TR + tile * MR) * NR
-                            _wgrad_tile(x, c0, g, cb, part, ao, ps, pe, b * block, src, loc, MR, NV, VW)
-
     def kernel(x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out, reduce):
         # out [K, C_in, C_out] (not reduce: part is out)
         for task in prange(part.shape[0] * part.shape[2]):
-            partial_task(task, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part)
+            _wgrad_partial_task(task, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk,
+                                part, NR, NV, VW, MR)
         # the ordered sum over chunks: by the calling thread when it is small (a parallel
         # region costs more), else in ranges of (offset, input channel) rows
         n = out.shape[0] * out.shape[1]
@@ -658,7 +667,8 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
         t = next_task(words)
         while t < words[TEAM_TASKS]:
             if words[TEAM_PHASE] == 0:
-                partial_task(t, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part)
+                _wgrad_partial_task(t, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk,
+                                    part, NR, NV, VW, MR)
             else:
                 _wgrad_reduce_rows(part, out, min(n, t * step), min(n, (t + 1) * step), MR)
             t = next_task(words)

@@ -59,3 +59,29 @@ def test_conv_at_two_threads_runs_on_pytorchs_threads_not_numbas_pool():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@needs_openmp
+def test_team_kernels_come_from_the_disk_cache_in_a_new_process(tmp_path):
+    """The team forms are cached like the other compilations: a second process with the same
+    cache folder compiles nothing (a closure capturing a jitted function would change numba's
+    cache key in every process and recompile each time)."""
+    import os
+
+    code = textwrap.dedent("""
+        import torch
+        from spconv2d.backends.numba_kernels import conv as nk
+        g = torch.Generator().manual_seed(0)
+        nbr = torch.randint(-1, 3000, (9, 3000), generator=g, dtype=torch.int32)
+        x = torch.randn(3000, 16, generator=g)
+        torch.set_num_threads(2)
+        nk.conv_forward(x, torch.randn(9, 16, 16, generator=g), None, nbr)
+        nk.conv_backward_weight(x, x, nbr)
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_DEBUG_CACHE="1")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    assert "data saved" in runs[0].stdout + runs[0].stderr  # (the first one did compile)
+    saved = [line for line in (runs[1].stdout + runs[1].stderr).splitlines() if "data saved" in line]
+    assert not saved, saved
