@@ -144,6 +144,7 @@ def _spawned(rank, init_file, out_dir):
         n = int(mask[keep].sum())
         step = _norm_step(norms.train(), x[keep], mask[keep], gd[keep], gs[rows:rows + n])
         torch.save({"eval": res, "norms": step}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both processes done before either tears the group down
     finally:
         dist.destroy_process_group()
 
