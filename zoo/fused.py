@@ -30,10 +30,6 @@ def usable(*tensors: torch.Tensor, grad: bool = False) -> bool:
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
 
 
-def _dt(dtype: torch.dtype) -> str:
-    return "f8" if dtype == torch.float64 else "f4"
-
-
 def row_margins(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``inactive.logit_margin`` of the rows ``rows[idx]`` (``rows`` ``[N, K]``), without
     gathering them: ``[len(idx)]``."""
@@ -45,7 +41,8 @@ def row_margins(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if not r.is_contiguous():
         r = r.contiguous()
     out = torch.empty(idx.numel(), dtype=r.dtype)
-    launch(pixel_kernels.margins_kernel(_dt(r.dtype)), r.numpy(), idx.to(torch.int64).contiguous().numpy(),
+    r_np = r.numpy()
+    launch(pixel_kernels.margins_kernel(r_np.dtype.type), r_np, idx.to(torch.int64).contiguous().numpy(),
            out.numpy(), work=idx.numel() * rows.shape[1] // 16)
     return out
 
@@ -63,7 +60,8 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
     rows = logits.detach().permute(0, 2, 3, 1).reshape(-1, logits.shape[1]).contiguous()
     im = images.detach().to(dt).contiguous()
     res = torch.empty(idx.numel(), logits.shape[1], dtype=dt)
-    launch(pixel_kernels.refine_kernel(_dt(dt)), rows.numpy(), im.numpy(), idx.to(torch.int64).contiguous().numpy(),
+    rows_np = rows.numpy()
+    launch(pixel_kernels.refine_kernel(rows_np.dtype.type), rows_np, im.numpy(), idx.to(torch.int64).contiguous().numpy(),
            int(radius), np.array([1.0 / (2 * sigma_r ** 2)]), res.numpy(),
            work=idx.numel() * (2 * radius + 1) ** 2 * (images.shape[1] + logits.shape[1]) // 64)
     return res
@@ -80,5 +78,6 @@ def residual_ridge_energy(images: torch.Tensor, up: torch.Tensor) -> torch.Tenso
     im, u = images.detach().contiguous(), up.detach().to(images.dtype).contiguous()
     B, C, H, W = im.shape
     out = torch.empty(B, H, W, dtype=im.dtype)
-    launch(pixel_kernels.energy_kernel(_dt(im.dtype)), im.numpy(), u.numpy(), out.numpy(), work=B * H * W * C)
+    im_np = im.numpy()
+    launch(pixel_kernels.energy_kernel(im_np.dtype.type), im_np, u.numpy(), out.numpy(), work=B * H * W * C)
     return out

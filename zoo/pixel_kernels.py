@@ -1,10 +1,11 @@
 """The numba kernels behind ``zoo.fused`` (imported on first use: importing it imports numba).
 
-``refine_kernel(dt)``: the colour-weighted window mean of the pixels ``idx``, in tasks of
+``refine_kernel(npdt)``: the colour-weighted window mean of the pixels ``idx``, in tasks of
 ``PIXELS_PER_TASK`` pixels, each output row written once in a fixed summation order
-(deterministic), float32 (``"f4"``) or float64 (``"f8"``). ``margins_kernel(dt)``: the top-2
-margins of the rows ``idx``. ``energy_kernel(dt)``: the ``residual`` mask policy's energy. Both are ``runtime.TeamKernel`` s (PyTorch's OpenMP threads; numba's
-pool where PyTorch has no OpenMP runtime), run with ``runtime.launch``.
+(deterministic), float32 or float64 (``npdt``: ``np.float32`` / ``np.float64``).
+``margins_kernel(npdt)``: the top-2 margins of the rows ``idx``. ``energy_kernel(npdt)``: the
+``residual`` mask policy's energy. All three are ``runtime.TeamKernel`` s (PyTorch's OpenMP
+threads; numba's pool where PyTorch has no OpenMP runtime), run with ``runtime.launch``.
 """
 import functools
 import math
@@ -16,7 +17,6 @@ from spconv2d.backends.numba_kernels.runtime import (TEAM_ARGS, TEAM_TASKS, Team
                                                      array_arg3, array_arg4, next_task, team_words)
 
 PIXELS_PER_TASK = 64
-_NP = {"f4": np.float32, "f8": np.float64}
 
 
 @njit(inline="always")
@@ -54,11 +54,9 @@ def _refine_tasks(rows, images, idx, r, inv2sr2, res):
 
 
 @functools.lru_cache(maxsize=None)
-def refine_kernel(dt: str) -> TeamKernel:
+def refine_kernel(npdt) -> TeamKernel:
     """``res[i] = sum_q w_q rows[q] / sum_q w_q`` over the window of radius ``r`` around pixel
     ``idx[i]``, ``w_q = exp(-|images[p] - images[q]|^2 * inv2sr2[0])``."""
-    npdt = _NP[dt]
-
     def team(data):
         words = team_words(data)
         rows, i = array_arg2(words, TEAM_ARGS, npdt)
@@ -98,10 +96,8 @@ def _margin_tasks(rows, idx, out):
 
 
 @functools.lru_cache(maxsize=None)
-def margins_kernel(dt: str) -> TeamKernel:
+def margins_kernel(npdt) -> TeamKernel:
     """``out[i]`` = the top-2 margin of ``rows[idx[i]]``."""
-    npdt = _NP[dt]
-
     def team(data):
         words = team_words(data)
         rows, i = array_arg2(words, TEAM_ARGS, npdt)
@@ -162,11 +158,9 @@ def _energy_tasks(images, up, out):
 
 
 @functools.lru_cache(maxsize=None)
-def energy_kernel(dt: str) -> TeamKernel:
+def energy_kernel(npdt) -> TeamKernel:
     """``max(masks.residual_energy, masks.ridge_energy)`` from the images and their coarse
     approximation ``up`` (``[B, C, H, W]``), into ``out [B, H, W]``."""
-    npdt = _NP[dt]
-
     def team(data):
         words = team_words(data)
         images, i = array_arg4(words, TEAM_ARGS, npdt)

@@ -579,7 +579,10 @@ def _number_team(data):
         t = next_task(words)
 
 
-_number = TeamKernel(_number_tasks, _number_team, lambda phase, p, occ, Ho, Wo, chunk, counts, *rest: counts.shape[0] - 1)
+#: Two passes, two launches (the prefix sum of the counts runs between them), so the pass is the
+#: kernel's first argument rather than a ``TeamKernel`` phase.
+_number = TeamKernel(_number_tasks, _number_team,
+                     lambda _phase, step, occ, Ho, Wo, chunk, counts, *rest: counts.shape[0] - 1)
 
 
 def _number_rows(occ: np.ndarray, B: int, Ho: int, Wo: int, K: int, nchunks: int, work: int):

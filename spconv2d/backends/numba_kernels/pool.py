@@ -56,7 +56,6 @@ def _table(t: torch.Tensor, name: str) -> np.ndarray:
 # kernels: per task ``ROWS_PER_TASK`` rows; a ``prange`` form and a team form (``runtime``)
 # -----------------------------------------------------------------------------------------
 ROWS_PER_TASK = 256
-_NP = {"f4": np.float32, "f8": np.float64, "u1": np.uint8, "i4": np.int32}
 
 
 def _tasks(n: int) -> int:
@@ -153,9 +152,9 @@ def _avg_tasks(f, nbr, out, count):
         _avg_rows(t, f, nbr, out, count)
 
 
+# team forms per element type (numpy scalar types: float32 / float64 features, uint8 / int32 argmax)
 @functools.lru_cache(maxsize=None)
-def _max_forward(dt: str, at: str) -> TeamKernel:
-    fdt, adt = _NP[dt], _NP[at]
+def _max_forward(fdt, adt) -> TeamKernel:
 
     def team(data):
         words = team_words(data)
@@ -172,8 +171,7 @@ def _max_forward(dt: str, at: str) -> TeamKernel:
 
 
 @functools.lru_cache(maxsize=None)
-def _pool_backward(dt: str, at: str) -> TeamKernel:
-    fdt, adt = _NP[dt], _NP[at]
+def _pool_backward(fdt, adt) -> TeamKernel:
 
     def team(data):
         words = team_words(data)
@@ -191,8 +189,7 @@ def _pool_backward(dt: str, at: str) -> TeamKernel:
 
 
 @functools.lru_cache(maxsize=None)
-def _avg_forward(dt: str) -> TeamKernel:
-    fdt = _NP[dt]
+def _avg_forward(fdt) -> TeamKernel:
 
     def team(data):
         words = team_words(data)
@@ -206,11 +203,6 @@ def _avg_forward(dt: str) -> TeamKernel:
             t = next_task(words)
 
     return TeamKernel(_avg_tasks, team, lambda phase, f, nbr, out, count: _tasks(nbr.shape[1]))
-
-
-def _dt(a: np.ndarray) -> str:
-    return {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8", np.dtype(np.uint8): "u1",
-            np.dtype(np.int32): "i4"}[a.dtype]
 
 
 # -----------------------------------------------------------------------------------------
@@ -229,7 +221,7 @@ def max_pool_forward(features: torch.Tensor, nbr: torch.Tensor) -> Tuple[torch.T
     arg = torch.empty((n_out, f.shape[1]), dtype=argmax_dtype(K))
     if n_out and f.shape[1]:
         a = arg.numpy()
-        launch(_max_forward(_dt(f), _dt(a)), f, t, out.numpy(), a, work=t.size * f.shape[1])
+        launch(_max_forward(f.dtype.type, a.dtype.type), f, t, out.numpy(), a, work=t.size * f.shape[1])
     return out, arg
 
 
@@ -241,7 +233,7 @@ def max_pool_backward(grad_out: torch.Tensor, argmax: torch.Tensor, rev: torch.T
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
         a = argmax.contiguous().numpy()
-        launch(_pool_backward(_dt(g), _dt(a)), g, a, np.ones(g.shape[0], g.dtype), r, gin.numpy(),
+        launch(_pool_backward(g.dtype.type, a.dtype.type), g, a, np.ones(g.shape[0], g.dtype), r, gin.numpy(),
                work=r.size * g.shape[1])
     return gin
 
@@ -254,7 +246,7 @@ def avg_pool_forward(features: torch.Tensor, nbr: torch.Tensor) -> Tuple[torch.T
     out = torch.empty((n_out, f.shape[1]), dtype=features.dtype)
     count = torch.empty(n_out, dtype=features.dtype)
     if n_out:
-        launch(_avg_forward(_dt(f)), f, t, out.numpy(), count.numpy(), work=t.size * f.shape[1])
+        launch(_avg_forward(f.dtype.type), f, t, out.numpy(), count.numpy(), work=t.size * f.shape[1])
     return out, count
 
 
@@ -263,6 +255,6 @@ def avg_pool_backward(grad_out: torch.Tensor, count: torch.Tensor, rev: torch.Te
     g, r = _features(grad_out, "grad_out"), _table(rev, "rev")
     gin = torch.empty((r.shape[1], g.shape[1]), dtype=grad_out.dtype)
     if gin.numel():
-        launch(_pool_backward(_dt(g), "u1"), g, np.empty((g.shape[0], 0), np.uint8),
+        launch(_pool_backward(g.dtype.type, np.uint8), g, np.empty((g.shape[0], 0), np.uint8),
                count.to(grad_out.dtype).contiguous().numpy(), r, gin.numpy(), work=r.size * g.shape[1])
     return gin

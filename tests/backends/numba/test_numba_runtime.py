@@ -77,6 +77,8 @@ def test_team_kernels_come_from_the_disk_cache_in_a_new_process(tmp_path):
         torch.set_num_threads(2)
         nk.conv_forward(x, torch.randn(9, 16, 16, generator=g), None, nbr)
         nk.conv_backward_weight(x, x, nbr)
+        from spconv2d.backends.numba_kernels import pool
+        pool.max_pool_forward(x, nbr)  # a team kernel made per element type
     """)
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_DEBUG_CACHE="1")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
