@@ -302,3 +302,32 @@ def test_choice_guided_softmax(benchmark, form):
     else:
         fn = lambda: torch.softmax(score, 1)  # noqa: E731
     _run(benchmark, fn, rounds=50)
+
+
+@pytest.mark.benchmark(group="choice-assembly")
+@pytest.mark.parametrize("form", ["numba kernel (fused.compose)", "tensor ops"])
+def test_choice_assembly(benchmark, coarse, form):
+    """SparseUNet.assemble at inference: every pixel's logits before the refinement (30 % active
+    pixels, guided upsampling in 55 % of the cells); one pass that writes each pixel once vs
+    bilinear everywhere + gather at the active pixels + guided upsampling + the fine rows."""
+    pytest.importorskip("numba")
+    from spconv2d.zoo import fused
+    from spconv2d.zoo.inactive import guided_spatial_term, guided_upsample, put_pixel_rows
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(B, 3, 4 * h, 4 * w, generator=g)
+    coords = (torch.rand(B, 4 * h, 4 * w, generator=g) < 0.3).nonzero()
+    pix = (coords[:, 0] * 4 * h + coords[:, 1]) * 4 * w + coords[:, 2]
+    head = torch.randn(pix.numel(), K, generator=g)
+    cells = torch.rand(B, h, w, generator=g) < 0.55
+    spatial = guided_spatial_term(4)
+    if form.startswith("numba"):
+        fn = lambda: fused.compose(coarse, images, cells, head, coords, 0.05, spatial)  # noqa: E731
+    else:
+        def fn():
+            out = bilinear_up(coarse, images.shape[-2:])
+            fine = head + out.permute(0, 2, 3, 1).reshape(-1, K).index_select(0, pix)
+            guided_upsample(coarse, images, out=out, cells=cells)
+            put_pixel_rows(out, pix, fine)
+            return out
+    _run(benchmark, fn, rounds=30)

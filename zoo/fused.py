@@ -1,17 +1,25 @@
-"""Numba kernels for the refinement step of the sparse U-Net's inference.
+"""Numba kernels for the sparse U-Net's inference on a CPU: its output assembly, refinement and
+activity mask.
 
-``inactive.refine_at`` is written as tensor operations (the reference, differentiable: training
-uses it). At inference on a CPU, with numba installed (the ``cpu`` extra), it runs as one pass
-per refined pixel instead, without the ``[pixels, 49]`` weight and CSR buffers: 2x faster
-(docs/ARCHITECTURE.md, "Measured choices — zoo"); same formula, same results up to float
-rounding (tests/zoo/test_inactive.py compares them). (A numba guided upsampling measured no
-faster than the tensor code's batched GEMM, so there is none.) ``row_margins``: the top-2
-margins of the refinement candidates straight from the logit rows (the tensor code gathers the
-rows, then runs a strided running top-2): used in training too, it selects pixels only. The kernels run through the core's numba runtime
-(``spconv2d.backends.numba_kernels.runtime``: PyTorch's thread count and, where PyTorch has an
-OpenMP runtime, PyTorch's own threads; one launch at a time) and
-are compiled lazily (``pixel_kernels`` is imported on first use) and cached on disk.
-``usable(*tensors)`` says whether a call may use them.
+The steps are written as tensor operations (the reference, differentiable: training uses
+them). At inference on a CPU, with numba installed (the ``cpu`` extra), they run as kernels
+instead; same formulas, same results up to float rounding (tests/zoo/test_inactive.py and
+test_masks.py compare them):
+
+* ``compose``: every pixel's logits before the refinement in one pass that writes each pixel
+  once: bilinear coarse logits, the guided upsampling in the mixed cells, the head's rows plus
+  the bilinear logits at the active pixels. The tensor path computes the bilinear logits at
+  every pixel, gathers them at the active ones, computes the guided values and writes the
+  fine rows over them (measured side by side: docs/ZOO.md, "Inference speed").
+* ``refine_at``: one pass per refined pixel, without the ``[pixels, 49]`` weight and CSR
+  buffers; ``row_margins``: the top-2 margins of the refinement candidates straight from the
+  logit rows (used in training too: it selects pixels only).
+* ``residual_ridge_energy``: the ``residual`` mask policy's energy in one pass (bit-identical).
+
+The kernels run through the core's numba runtime (``spconv2d.backends.numba_kernels.runtime``:
+PyTorch's thread count and, where PyTorch has an OpenMP runtime, PyTorch's own threads; one
+launch at a time), are compiled lazily (``pixel_kernels`` is imported on first use) and cached
+on disk. ``usable(*tensors)`` says whether a call may use them.
 """
 from __future__ import annotations
 
@@ -65,6 +73,58 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
            int(radius), np.array([1.0 / (2 * sigma_r ** 2)]), res.numpy(),
            work=idx.numel() * (2 * radius + 1) ** 2 * (images.shape[1] + logits.shape[1]) // 64)
     return res
+
+
+def _bilinear_taps(n_in: int, n_out: int, dtype: torch.dtype):
+    """``F.interpolate(mode="bilinear", align_corners=False)``'s source indices ``[n_out, 2]``
+    and weights ``[n_out, 2]`` along one axis (same formula, same float type)."""
+    src = ((torch.arange(n_out, dtype=dtype) + 0.5) * (n_in / n_out) - 0.5).clamp_min_(0)
+    i0 = src.long()  # floor: src >= 0
+    i1 = i0 + (i0 < n_in - 1).long()
+    l1 = src - i0.to(dtype)
+    return torch.stack([i0, i1], 1).contiguous(), torch.stack([1 - l1, l1], 1).contiguous()
+
+
+def compose(coarse: torch.Tensor, images: torch.Tensor, guided: torch.Tensor, fine: torch.Tensor,
+            coords: torch.Tensor, sigma_r: float, spatial: torch.Tensor) -> torch.Tensor:
+    """The sparse U-Net's logits ``[B, K, H, W]`` (channels-last) before refinement, each pixel
+    written once: at the active pixels ``coords`` (``[N, 3]`` rows ``(b, y, x)``, distinct and
+    inside the images, as a ``SparseTensor``'s) ``fine`` (the head's rows) plus the bilinearly
+    upsampled ``coarse`` logits; at the
+    inactive pixels of the cells ``guided`` (bool ``[B, h, w]``) ``inactive.guided_upsample``
+    (``sigma_r``; ``spatial``: its distance term ``[9, cell*cell]``); elsewhere the bilinear
+    logits. What ``bilinear_up``, ``guided_upsample(out=, cells=)`` and ``put_pixel_rows``
+    compute one after another, in one pass."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from spconv2d.backends.numba_kernels.runtime import launch
+
+    from . import pixel_kernels
+
+    dt = coarse.dtype
+    B, K, h, w = coarse.shape
+    H, W = images.shape[-2:]
+    im = images.detach().to(dt).contiguous()
+    means = F.avg_pool2d(im, H // h).contiguous()
+    rows = coarse.detach().permute(0, 2, 3, 1).contiguous().view(B * h * w, K)
+    out = torch.empty(B, K, H, W, dtype=dt, memory_format=torch.channels_last)
+    iy, wy = _bilinear_taps(h, H, dt)
+    ix, wx = _bilinear_taps(w, W, dt)
+    cell = H // h
+    # the distance term per pixel of a row of cells: [9, cell, W]
+    spatial_rows = spatial.to(dt).view(9, cell, 1, cell).expand(9, cell, w, cell).reshape(9, cell, W).contiguous()
+    im_np = im.numpy()
+    coords = coords.to(torch.int64).contiguous()
+    active = torch.zeros(B, H, W, dtype=torch.uint8)
+    active[coords[:, 0], coords[:, 1], coords[:, 2]] = 1
+    args = (im_np, active.numpy(), guided.contiguous().view(torch.uint8).numpy(),
+            means.numpy(), rows.numpy(), spatial_rows.numpy(),
+            np.array([1.0 / (2 * sigma_r ** 2)], dtype=im_np.dtype), iy.numpy(), wy.numpy(), ix.numpy(), wx.numpy(),
+            fine.detach().to(dt).contiguous().numpy(), coords.numpy(),
+            out.permute(0, 2, 3, 1).view(-1, K).numpy())
+    launch(pixel_kernels.compose_kernel(im_np.dtype.type), *args, work=B * H * W * K // 8)
+    return out
 
 
 def residual_ridge_energy(images: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,22 @@ def _padded_rows(x: torch.Tensor) -> torch.Tensor:
     return pixel_rows(F.pad(x, (1, 1, 1, 1), mode="replicate").contiguous(memory_format=torch.channels_last))
 
 
+#: ``guided_upsample``'s defaults (chosen on held-out ``streets`` scenes, docs/ZOO.md)
+GUIDED_SIGMA_R, GUIDED_SIGMA_S = 0.05, 3.0
+
+
+def guided_spatial_term(cell: int, dtype=torch.float32, device=None, sigma_s: float = GUIDED_SIGMA_S) -> torch.Tensor:
+    """``guided_upsample``'s distance term ``d^2 / 2 sigma_s^2`` ``[9, cell*cell]``: squared
+    distances from each pixel of a cell (raster order) to the centres of its 3x3 neighbour cells
+    ((dy, dx) in raster order)."""
+    pos = (torch.arange(cell, dtype=dtype, device=device) + 0.5) - cell / 2
+    off = torch.tensor([-cell, 0.0, cell], dtype=dtype, device=device)
+    sy = (off[:, None] - pos[None, :]).pow(2)  # [3 neighbours, cell] squared distances
+    return (sy[:, None, :, None] + sy[None, :, None, :]).reshape(9, cell * cell) / (2 * sigma_s ** 2)
+
+
 def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
-                    sigma_r: float = 0.05, sigma_s: float = 3.0, out: Optional[torch.Tensor] = None,
+                    sigma_r: float = GUIDED_SIGMA_R, sigma_s: float = GUIDED_SIGMA_S, out: Optional[torch.Tensor] = None,
                     cells: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Joint bilateral upsampling of cell logits ``[B, K, H/cell, W/cell]`` to ``[B, K, H, W]``.
 
@@ -58,7 +72,8 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     ``out`` are left as they are. Without: a new tensor (channels-last memory).
 
     Computed cell by cell: colour distances per colour plane, a softmax over the 9 neighbours,
-    one batched GEMM ``[n, pixels, 9] x [n, 9, K]`` with the cells' neighbour logits."""
+    one batched GEMM ``[n, pixels, 9] x [n, 9, K]`` with the cells' neighbour logits. (At
+    inference on a CPU with numba the sparse U-Net computes it inside ``fused.compose``.)"""
     B, K, h, w = logits.shape
     C = images.shape[1]
     if cells is not None and out is None:
@@ -67,6 +82,7 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     if out is None:
         out = torch.empty(B, K, h * cell, w * cell, dtype=logits.dtype, device=logits.device,
                           memory_format=torch.channels_last)
+    spatial = guided_spatial_term(cell, images.dtype, images.device, sigma_s)
     nbr, pixel = _cell_sites(sel, h, w, cell)
     pixel = pixel.view(-1)  # [n * cell * cell]
     n, P = sel.numel(), cell * cell
@@ -78,11 +94,7 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     score = (pix[0] - means[0]).square_()
     for c in range(1, C):
         score += (pix[c] - means[c]).square_()
-    pos = (torch.arange(cell, dtype=images.dtype, device=images.device) + 0.5) - cell / 2
-    off = torch.tensor([-cell, 0.0, cell], dtype=images.dtype, device=images.device)
-    sy = (off[:, None] - pos[None, :]).pow(2)  # [3 neighbours, cell] squared distances
-    ds = (sy[:, None, :, None] + sy[None, :, None, :]).reshape(9, P)  # cell (dy, dx) x pixel (y, x)
-    score.mul_(-1 / (2 * sigma_r ** 2)).sub_(ds / (2 * sigma_s ** 2))
+    score.mul_(-1 / (2 * sigma_r ** 2)).sub_(spatial)
     wgt = torch.softmax(score, 1)  # over the 9 cells: a middle dim (docs/ARCHITECTURE.md)
     nl = _padded_rows(logits).index_select(0, nbr.view(-1)).view(n, 9, K)
     res = torch.bmm(wgt.transpose(1, 2), nl).view(n * P, K)

@@ -225,6 +225,7 @@ def paired_ratios(num: Sequence[float], den: Sequence[float]) -> Dict[str, float
 # --------------------------------------------------------------------------------------------
 # (stage name, attribute, kind) in forward order; ``kind`` "method": wrapped on the instance,
 # "module": the submodule's forward wrapped. A model without the attribute skips the stage.
+# Stages in NESTED_STAGES run inside another stage (their time is part of it: sums skip them).
 UNET_STAGES = (
     ("mask", "make_mask", "method"),
     ("enc0", "enc0", "module"), ("down1", "down1", "module"), ("enc1", "enc1", "module"),
@@ -232,9 +233,12 @@ UNET_STAGES = (
     ("dense context head", "context", "method"),
     ("up2", "up2", "module"), ("dec1", "dec1", "module"), ("up1", "up1", "module"),
     ("dec0", "dec0", "module"), ("head", "head", "module"),
-    ("cell states", "cell_states", "method"), ("guided upsampling", "upsample_guided", "method"),
-    ("refinement", "refine_uncertain", "method"),
+    ("cell states", "cell_states", "method"), ("output assembly", "assemble", "method"),
+    ("guided upsampling", "upsample_guided", "method"), ("refinement", "refine_uncertain", "method"),
 )
+#: stage -> the stage it runs inside (the tensor path of the output assembly; its numba path
+#: computes the guided upsampling in the same pass)
+NESTED_STAGES = {"guided upsampling": "output assembly"}
 
 
 def timed(times: Dict[str, List[float]], name: str, fn: Callable, device: Optional[torch.device] = None) -> Callable:

@@ -1,17 +1,26 @@
 """The numba kernels behind ``zoo.fused`` (imported on first use: importing it imports numba).
 
+``compose_kernel(npdt)``: the sparse U-Net's output assembly (bilinear, guided upsampling,
+active pixels), in tasks of one row of cells or ``SITES_PER_TASK`` active pixels.
 ``refine_kernel(npdt)``: the colour-weighted window mean of the pixels ``idx``, in tasks of
-``PIXELS_PER_TASK`` pixels, each output row written once in a fixed summation order
-(deterministic), float32 or float64 (``npdt``: ``np.float32`` / ``np.float64``).
-``margins_kernel(npdt)``: the top-2 margins of the rows ``idx``. ``energy_kernel(npdt)``: the
-``residual`` mask policy's energy. All three are ``runtime.TeamKernel`` s (PyTorch's OpenMP
-threads; numba's pool where PyTorch has no OpenMP runtime), run with ``runtime.launch``.
+``PIXELS_PER_TASK`` pixels. ``margins_kernel(npdt)``: the top-2 margins of the rows ``idx``.
+``energy_kernel(npdt)``: the ``residual`` mask policy's energy. Float32 or float64 (``npdt``:
+``np.float32`` / ``np.float64``); each output row written by one task, once or accumulated in
+a fixed order (deterministic: the same bits on any number of threads). All are
+``runtime.TeamKernel`` s (PyTorch's OpenMP threads; numba's pool where PyTorch has no OpenMP
+runtime), run with ``runtime.launch``.
+
+Loops over the classes (19 logits) are written with their taps spelled out (four, eight or
+nine rows per loop), which LLVM vectorises; ``fast_exp`` is an ``exp`` it can vectorise too.
 """
 import functools
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic, overload
 
 from spconv2d.backends.numba_kernels.runtime import (TEAM_ARGS, TEAM_TASKS, TeamKernel, array_arg1, array_arg2,
                                                      array_arg3, array_arg4, next_task, team_words)
@@ -19,29 +28,122 @@ from spconv2d.backends.numba_kernels.runtime import (TEAM_ARGS, TEAM_TASKS, Team
 PIXELS_PER_TASK = 64
 
 
+# --------------------------------------------------------------------------------------------
+# exp that vectorises
+# --------------------------------------------------------------------------------------------
+# LLVM has no vector form of ``exp`` without a vector math library (numba uses Intel's SVML
+# when the ``icc_rt`` package is installed; the ``cpu`` extra does not install it), so a loop
+# of ``math.exp`` runs one element at a time. ``fast_exp`` in float32 is arithmetic only (and a
+# bit cast), which the loop vectoriser turns into 8-wide AVX2 code: Cody-Waite range reduction
+# ``x = n ln2 + r``, ``|r| <= ln2 / 2``, Cephes' ``expf`` polynomial for ``exp(r)`` (relative
+# error ~1e-7, float32's own rounding), ``2^n`` built in the exponent bits. In float64 it is
+# ``math.exp``.
+_LOG2E = np.float32(1.4426950408889634)
+_HALF = np.float32(0.5)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_MIN = np.float32(-87.0)  # exp(-87) ~ 1.6e-38: 2^n stays a normal float32
+_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+_ONE = np.float32(1.0)
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the integer ``bits``."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if bits.bitwidth != 32:
+            v = builder.trunc(v, ir.IntType(32)) if bits.bitwidth > 32 else builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+def fast_exp(x):
+    """``exp(x)`` for ``x <= 0`` (a softmax's shifted scores; below -87 it returns ~1.6e-38
+    instead of a smaller number or 0): vectorisable in float32, ``math.exp`` in float64."""
+    return math.exp(x)
+
+
+@overload(fast_exp, inline="always")
+def _fast_exp_overload(x):
+    if x == types.float32:
+        def impl(x):
+            x = max(x, _EXP_MIN)
+            n = np.floor(x * _LOG2E + _HALF)
+            r = x - n * _LN2_HI - n * _LN2_LO
+            p = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * r * r + r + _ONE
+            return p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+        return impl
+    if isinstance(x, types.Float):
+        return lambda x: math.exp(x)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# refinement, margins, mask energy
+# --------------------------------------------------------------------------------------------
+TAP_GROUP = 8  # window taps per pass over a refined pixel's logits
+
+
 @njit(inline="always")
 def _refine_pixels(t, rows, images, idx, r, inv2sr2, res):
+    """Pixels ``idx[t * PIXELS_PER_TASK ...]``: the window's colour weights (``fast_exp``, one
+    vectorised loop; taps outside the image get weight 0 and the pixel's own row), normalised,
+    then ``res[i] = sum_q w_q rows[q]`` in passes of ``TAP_GROUP`` taps over the logits (each
+    pass one vectorised loop over the classes; taps in window order)."""
     B, C, H, W = images.shape
     K = rows.shape[1]
+    side = 2 * r + 1
+    n = -(-(side * side) // TAP_GROUP) * TAP_GROUP  # taps, padded with weight-0 ones
+    wts = np.empty(n, images.dtype)
+    trow = np.empty(n, np.int64)
+    a = inv2sr2[0]
     for i in range(t * PIXELS_PER_TASK, min(idx.shape[0], (t + 1) * PIXELS_PER_TASK)):
         p = idx[i]
         b, y, x = p // (H * W), (p // W) % H, p % W
-        for k in range(K):
-            res[i, k] = 0.0
-        total = 0.0
-        for qy in range(max(0, y - r), min(H, y + r + 1)):
-            for qx in range(max(0, x - r), min(W, x + r + 1)):
+        for q in range(n):
+            trow[q] = p
+            wts[q] = -np.inf
+        for dy in range(-r, r + 1):
+            qy = y + dy
+            if qy < 0 or qy >= H:
+                continue
+            for dx in range(-r, r + 1):
+                qx = x + dx
+                if qx < 0 or qx >= W:
+                    continue
                 d2 = 0.0
                 for c in range(C):
                     diff = images[b, c, y, x] - images[b, c, qy, qx]
                     d2 += diff * diff
-                wq = math.exp(-d2 * inv2sr2[0])
-                total += wq
-                q = (b * H + qy) * W + qx
+                q = (dy + r) * side + dx + r
+                trow[q] = (b * H + qy) * W + qx
+                wts[q] = -d2 * a
+        for q in range(n):
+            wts[q] = fast_exp(wts[q]) if wts[q] > -np.inf else 0.0
+        total = wts[0]
+        for q in range(1, n):
+            total += wts[q]
+        for q in range(n):
+            wts[q] /= total
+        dst = res[i]
+        for g in range(0, n, TAP_GROUP):
+            r0, r1, r2, r3 = rows[trow[g]], rows[trow[g + 1]], rows[trow[g + 2]], rows[trow[g + 3]]
+            r4, r5, r6, r7 = rows[trow[g + 4]], rows[trow[g + 5]], rows[trow[g + 6]], rows[trow[g + 7]]
+            w0, w1, w2, w3 = wts[g], wts[g + 1], wts[g + 2], wts[g + 3]
+            w4, w5, w6, w7 = wts[g + 4], wts[g + 5], wts[g + 6], wts[g + 7]
+            if g == 0:
                 for k in range(K):
-                    res[i, k] += wq * rows[q, k]
-        for k in range(K):
-            res[i, k] /= total
+                    dst[k] = (w0 * r0[k] + w1 * r1[k] + w2 * r2[k] + w3 * r3[k]
+                              + w4 * r4[k] + w5 * r5[k] + w6 * r6[k] + w7 * r7[k])
+            else:
+                for k in range(K):
+                    dst[k] += (w0 * r0[k] + w1 * r1[k] + w2 * r2[k] + w3 * r3[k]
+                               + w4 * r4[k] + w5 * r5[k] + w6 * r6[k] + w7 * r7[k])
 
 
 def _tasks(n: int) -> int:
@@ -81,12 +183,10 @@ def _margin_pixels(t, rows, idx, out):
     for i in range(t * PIXELS_PER_TASK, min(idx.shape[0], (t + 1) * PIXELS_PER_TASK)):
         p = idx[i]
         top1, top2 = rows[p, 0], -math.inf
-        for k in range(1, K):
+        for k in range(1, K):  # branch-free: 3x faster than with branches (measured)
             v = rows[p, k]
-            if v > top1:
-                top2, top1 = top1, v
-            elif v > top2:
-                top2 = v
+            top2 = max(top2, min(top1, v))
+            top1 = max(top1, v)
         out[i] = top1 - top2
 
 
@@ -173,3 +273,179 @@ def energy_kernel(npdt) -> TeamKernel:
 
     return TeamKernel(_energy_tasks, team,
                       lambda phase, images, up, out: -(-(images.shape[0] * images.shape[2]) // ROWS_PER_TASK))
+
+
+# --------------------------------------------------------------------------------------------
+# the sparse U-Net's output assembly
+# --------------------------------------------------------------------------------------------
+SITES_PER_TASK = 256
+
+
+@njit(inline="always")
+def _bilinear_row(dst, rows, b, y, x, h, w, iy, wy, ix, wx):
+    """``dst[:] (+)=`` the coarse logits ``rows`` (``[B*h*w, K]``) bilinearly interpolated at
+    pixel ``(y, x)`` of image ``b``: source rows ``iy[y]`` / columns ``ix[x]`` with weights
+    ``wy[y]`` / ``wx[x]`` (``F.interpolate``'s ``align_corners=False`` taps). One loop over
+    the classes with the four taps written out: LLVM vectorises it."""
+    r00, r01 = rows[(b * h + iy[y, 0]) * w + ix[x, 0]], rows[(b * h + iy[y, 0]) * w + ix[x, 1]]
+    r10, r11 = rows[(b * h + iy[y, 1]) * w + ix[x, 0]], rows[(b * h + iy[y, 1]) * w + ix[x, 1]]
+    w00, w01, w10, w11 = wy[y, 0] * wx[x, 0], wy[y, 0] * wx[x, 1], wy[y, 1] * wx[x, 0], wy[y, 1] * wx[x, 1]
+    for k in range(dst.shape[0]):
+        dst[k] = w00 * r00[k] + w01 * r01[k] + w10 * r10[k] + w11 * r11[k]
+
+
+@njit(inline="always")
+def _guided_row_weights(b, cy, images, means, spatial, a, colour, mean_of, score, top):
+    """Guided upsampling's softmax weights for every pixel of the ``cy``-th row of cells of image
+    ``b``: ``score[j, py, x] = softmax_j(-|images[p] - means[n_j]|^2 a - spatial[j, py, x])``
+    for the pixel ``p = (cy * cell + py, x)`` and its cell's 3x3 neighbour cells ``n_j``
+    (clamped at the borders). The whole row at once so that every loop runs along the image
+    row (unit stride, ``W`` long: vectorised): ``colour [C, cell, W]`` the pixels' colours,
+    ``mean_of [C, 9, W]`` each pixel's neighbour cell means, ``spatial [9, cell, W]`` the
+    distance term per pixel, ``top [cell, W]`` scratch."""
+    C, H, W = images.shape[1], images.shape[2], images.shape[3]
+    h, w = means.shape[2], means.shape[3]
+    cell = H // h
+    for c in range(C):
+        for py in range(cell):
+            src, dst = images[b, c, cy * cell + py], colour[c, py]
+            for x in range(W):
+                dst[x] = src[x]
+        for j in range(9):
+            m, dst = means[b, c, min(max(cy + j // 3 - 1, 0), h - 1)], mean_of[c, j]
+            for cx in range(w):  # (no division per pixel: a runtime divisor costs ~25 cycles)
+                v = m[min(max(cx + j % 3 - 1, 0), w - 1)]
+                for px in range(cell):
+                    dst[cx * cell + px] = v
+    for j in range(9):
+        for py in range(cell):
+            sj = score[j, py]
+            for x in range(W):
+                sj[x] = 0.0
+            for c in range(C):
+                col, m = colour[c, py], mean_of[c, j]
+                for x in range(W):
+                    d = col[x] - m[x]
+                    sj[x] += d * d
+            sp = spatial[j, py]
+            for x in range(W):
+                sj[x] = -sj[x] * a - sp[x]
+    for py in range(cell):
+        tp = top[py]
+        for x in range(W):
+            tp[x] = score[0, py, x]
+        for j in range(1, 9):
+            sj = score[j, py]
+            for x in range(W):
+                tp[x] = max(tp[x], sj[x])
+        for j in range(9):
+            sj = score[j, py]
+            for x in range(W):
+                sj[x] = fast_exp(sj[x] - tp[x])
+        for x in range(W):  # the denominators (top reused)
+            tp[x] = score[0, py, x]
+        for j in range(1, 9):
+            sj = score[j, py]
+            for x in range(W):
+                tp[x] += sj[x]
+        for j in range(9):
+            sj = score[j, py]
+            for x in range(W):
+                sj[x] /= tp[x]
+
+
+@njit(inline="always")
+def _compose_task(t, images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out):
+    """Task ``t`` of ``compose_kernel``: ``t < B*h``: the inactive pixels of the ``t``-th row of
+    cells (guided upsampling in the cells ``guided``, bilinear elsewhere); then blocks of
+    ``SITES_PER_TASK`` active sites ``coords [N, 3]`` (rows ``(b, y, x)``): ``out[site i] =
+    bilinear + fine[i]``. ``rows`` are the
+    coarse logits ``[B*h*w, K]``; ``spatial [9, cell, W]`` the guided upsampling's distance term
+    per pixel of a row of cells. Every output row is written by one task, in a fixed order of
+    operations."""
+    B, C, H, W = images.shape
+    h, w = means.shape[2], means.shape[3]
+    cell = H // h
+    K = rows.shape[1]
+    nbr = np.empty(9, np.int64)
+    if t < B * h:
+        b, cy = t // h, t % h
+        any_guided = False
+        for cx in range(w):
+            any_guided |= guided[b, cy, cx] != 0
+        if any_guided:
+            score = np.empty((9, cell, W), images.dtype)
+            top = np.empty((cell, W), images.dtype)
+            colour = np.empty((C, cell, W), images.dtype)
+            mean_of = np.empty((C, 9, W), images.dtype)
+            _guided_row_weights(b, cy, images, means, spatial, params[0], colour, mean_of, score, top)
+        for cx in range(w):
+            if guided[b, cy, cx]:
+                for j in range(9):
+                    nbr[j] = (b * h + min(max(cy + j // 3 - 1, 0), h - 1)) * w + min(max(cx + j % 3 - 1, 0), w - 1)
+                r0, r1, r2 = rows[nbr[0]], rows[nbr[1]], rows[nbr[2]]
+                r3, r4, r5 = rows[nbr[3]], rows[nbr[4]], rows[nbr[5]]
+                r6, r7, r8 = rows[nbr[6]], rows[nbr[7]], rows[nbr[8]]
+            for py in range(cell):
+                y = cy * cell + py
+                for px in range(cell):
+                    x = cx * cell + px
+                    if mask[b, y, x]:
+                        continue
+                    dst = out[(b * H + y) * W + x]
+                    if guided[b, cy, cx]:
+                        w0, w1, w2 = score[0, py, x], score[1, py, x], score[2, py, x]
+                        w3, w4, w5 = score[3, py, x], score[4, py, x], score[5, py, x]
+                        w6, w7, w8 = score[6, py, x], score[7, py, x], score[8, py, x]
+                        for k in range(K):
+                            dst[k] = (w0 * r0[k] + w1 * r1[k] + w2 * r2[k] + w3 * r3[k] + w4 * r4[k]
+                                      + w5 * r5[k] + w6 * r6[k] + w7 * r7[k] + w8 * r8[k])
+                    else:
+                        _bilinear_row(dst, rows, b, y, x, h, w, iy, wy, ix, wx)
+    else:
+        t -= B * h
+        for i in range(t * SITES_PER_TASK, min(coords.shape[0], (t + 1) * SITES_PER_TASK)):
+            b, y, x = coords[i, 0], coords[i, 1], coords[i, 2]
+            dst = out[(b * H + y) * W + x]
+            _bilinear_row(dst, rows, b, y, x, h, w, iy, wy, ix, wx)
+            f = fine[i]
+            for k in range(K):
+                dst[k] += f[k]
+
+
+def _compose_count(images, means, coords):
+    return images.shape[0] * means.shape[2] + (coords.shape[0] + SITES_PER_TASK - 1) // SITES_PER_TASK
+
+
+def _compose_tasks(images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out):
+    for t in prange(images.shape[0] * means.shape[2] + (coords.shape[0] + SITES_PER_TASK - 1) // SITES_PER_TASK):
+        _compose_task(t, images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out)
+
+
+@functools.lru_cache(maxsize=None)
+def compose_kernel(npdt) -> TeamKernel:
+    """The sparse U-Net's logits at every pixel before refinement (see ``_compose_task``)."""
+    def team(data):
+        words = team_words(data)
+        images, i = array_arg4(words, TEAM_ARGS, npdt)
+        mask, i = array_arg3(words, i, np.uint8)
+        guided, i = array_arg3(words, i, np.uint8)
+        means, i = array_arg4(words, i, npdt)
+        rows, i = array_arg2(words, i, npdt)
+        spatial, i = array_arg3(words, i, npdt)
+        params, i = array_arg1(words, i, npdt)
+        iy, i = array_arg2(words, i, np.int64)
+        wy, i = array_arg2(words, i, npdt)
+        ix, i = array_arg2(words, i, np.int64)
+        wx, i = array_arg2(words, i, npdt)
+        fine, i = array_arg2(words, i, npdt)
+        coords, i = array_arg2(words, i, np.int64)
+        out, i = array_arg2(words, i, npdt)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            _compose_task(t, images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out)
+            t = next_task(words)
+
+    return TeamKernel(_compose_tasks, team,
+                      lambda phase, images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out:
+                      _compose_count(images, means, coords))

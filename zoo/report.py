@@ -245,9 +245,10 @@ def fig_density_sweep(data, b, out) -> Tuple[str, str]:
 def fig_time_breakdown(data, b, out) -> Tuple[str, str]:
     plt = _plt()
     steps = b["steps"]
-    from .measure import UNET_STAGES
+    from .measure import NESTED_STAGES, UNET_STAGES
 
     present = {k for st in steps.values() for mod in st["models"].values() for k in mod["stages_ms"]}
+    present -= set(NESTED_STAGES)  # part of the stage they run in
     order = [n for n, _, _ in UNET_STAGES if n in present] + sorted(present - {n for n, _, _ in UNET_STAGES})
     order.append("other")
     cmap = plt.get_cmap("tab20")
@@ -286,7 +287,7 @@ def fig_time_breakdown(data, b, out) -> Tuple[str, str]:
     sp_ = st["models"]["sparse_unet"]
     top = sorted(sp_["stages_ms"].items(), key=lambda kv: -kv[1]["median"])[:3]
     overhead = sum(sp_["stages_ms"].get(k, {}).get("median", 0.0)
-                   for k in ("mask", "cell states", "guided upsampling", "refinement"))
+                   for k in ("mask", "cell states", "output assembly", "refinement"))
     dense_ctx = sp_["stages_ms"].get("dense context head", {}).get("median", 0.0)
     reading = (f"at {s_main}: unet {st['models']['unet']['total_ms']['median']:.1f} ms, sparse_unet "
                f"{sp_['total_ms']['median']:.1f} ms per batch; sparse_unet's largest stages "

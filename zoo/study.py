@@ -659,7 +659,7 @@ class Study:
         for name in calls:
             stages = {k: measure.spread(v[skip:], 1e3) for k, v in stage_times[name].items() if v[skip:]}
             total = measure.spread(totals[name], 1e3)
-            other = total["median"] - sum(s["median"] for s in stages.values())
+            other = total["median"] - sum(s["median"] for k, s in stages.items() if k not in measure.NESTED_STAGES)
             out["models"][name] = {"point": pts[name].id, "stages_ms": stages, "total_ms": total, "other_ms": other}
         return out
 

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 import spconv2d as sp
 
 from .blocks import bilinear_up, conv_bn_relu, dense_ops, init_weights, sparse_ops
-from .inactive import cell_states, guided_upsample, put_pixel_rows, refine_uncertain
+from . import fused
+from .inactive import (GUIDED_SIGMA_R, cell_states, guided_spatial_term, guided_upsample, put_pixel_rows,
+                       refine_uncertain)
 from .masks import DEFAULT_DENSITY, MaskedModel
 from .registry import ModelDefaults, register_model
 
@@ -161,20 +163,40 @@ class SparseUNet(MaskedModel, UNetBase):
         e2 = e2.replace(e2.features + sp.at_sites(ctx, e2.coords))
         d1 = self.dec1(sp.cat([self.up2(e2, output=e1), e1]))
         d0 = self.dec0(sp.cat([self.up1(d1, output=e0), e0]))
-        bil = bilinear_up(coarse, images.shape[-2:])
-        fine = self.head(d0).features + sp.at_sites(bil, d0.coords)  # as in unet: a correction
-        out = bil  # written in place from here on (at_sites and interpolate keep no copy of it)
+        head = self.head(d0).features
         mixed, unsure = self.cell_states(coarse) if (self.upsample == "guided" or self.refine) else (None, None)
-        if self.upsample == "guided":
-            # (a cell whose pixels are all active gets the fine prediction everywhere; the aux
-            # output, a training target, keeps the guided coarse prediction there too)
-            self.upsample_guided(coarse, images, out, mixed if return_aux else mixed & (occ[:, 0] < 1))
-        aux = out.clone() if return_aux else None  # the coarse prediction everywhere
-        c = d0.coords.long()
-        put_pixel_rows(out, (c[:, 0] * out.shape[2] + c[:, 1]) * out.shape[3] + c[:, 2], fine)
+        out, aux = self.assemble(coarse, images, occ, head, d0.coords, mixed, return_aux)
         if self.refine:
             self.refine_uncertain(out, images, mask, unsure)
         return (out, aux) if return_aux else out
+
+    def assemble(self, coarse, images, occ, head, coords, mixed, return_aux: bool = False):
+        """Every pixel's logits before the refinement: ``(out [B, K, H, W], aux)`` (``aux`` None
+        unless ``return_aux``). The bilinearly upsampled coarse logits, in ``mixed`` cells
+        (``upsample="guided"``) the guided upsampling, and at the active pixels (``coords``,
+        the head's rows ``head``) the head's correction plus the bilinear logits (as in
+        ``unet``). At inference on a CPU with numba in one pass that writes each pixel once
+        (``fused.compose``); otherwise tensor ops, with the step ``upsample_guided``."""
+        H, W = images.shape[-2:]
+        guided = self.upsample == "guided"
+        # (a cell whose pixels are all active gets the fine prediction everywhere; the aux
+        # output, a training target, keeps the guided coarse prediction there too)
+        cells = (mixed if return_aux else mixed & (occ[:, 0] < 1)) if guided else None
+        if not return_aux and fused.usable(coarse, images, head, grad=True):
+            if cells is None:
+                cells = torch.zeros(coarse.shape[0], *coarse.shape[2:], dtype=torch.bool)
+            spatial = guided_spatial_term(H // coarse.shape[2], coarse.dtype)
+            return fused.compose(coarse, images, cells, head, coords, GUIDED_SIGMA_R, spatial), None
+        c = coords.long()
+        pix = (c[:, 0] * H + c[:, 1]) * W + c[:, 2]
+        bil = bilinear_up(coarse, (H, W))
+        fine = head + sp.at_sites(bil, coords)  # as in unet: a correction
+        out = bil  # written in place from here on (at_sites and interpolate keep no copy of it)
+        if guided:
+            self.upsample_guided(coarse, images, out, cells)
+        aux = out.clone() if return_aux else None  # the coarse prediction everywhere
+        put_pixel_rows(out, pix, fine)
+        return out, aux
 
     def cell_states(self, coarse):
         """``inactive.cell_states(coarse, self.margin)``: ``(mixed, unsure)``, bool ``[B, h, w]``."""

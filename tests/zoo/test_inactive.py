@@ -150,3 +150,142 @@ def test_fused_row_margins_equal_logit_margin():
     assert fused.row_margins(rows, idx)[1] == 0
     one = torch.randn(4, 1, generator=g)
     assert torch.isinf(fused.row_margins(one, torch.arange(4))).all()
+
+
+@pytest.mark.numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [1, 7, 8, 16, 19, 33])
+@pytest.mark.parametrize("radius", [1, 3])
+def test_fused_refinement_equals_the_tensor_formulation_for_any_width(dtype, K, radius):
+    """Logit widths below, at and between the kernel's vector width (8): whole vectors, the
+    scalar tail, both; windows clipped at every border."""
+    from spconv2d.zoo.inactive import refine_at
+
+    g = torch.Generator().manual_seed(K + radius)
+    logits = torch.randn(2, K, 12, 20, generator=g, dtype=dtype)
+    images = torch.rand(2, 3, 12, 20, generator=g, dtype=dtype)
+    idx = torch.tensor([0, 1, 19, 20, 130, 239, 240, 259, 460, 479])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(refine_at(logits, images, idx, radius),
+                               refine_at(logits.clone().requires_grad_(), images, idx, radius).detach(), **tol)
+
+
+def _tensor_assembly(coarse, images, cells, fine, pix):
+    """What ``SparseUNet.assemble`` computes with tensor ops (its path for training)."""
+    from spconv2d.zoo.blocks import bilinear_up
+    from spconv2d.zoo.inactive import guided_upsample, pixel_rows, put_pixel_rows
+
+    out = bilinear_up(coarse, images.shape[-2:])
+    fine = fine + pixel_rows(out).index_select(0, pix)
+    guided_upsample(coarse, images, out=out, cells=cells)
+    put_pixel_rows(out, pix, fine)
+    return out
+
+
+@pytest.mark.numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [7, 19])
+def test_fused_compose_equals_the_tensor_assembly(dtype, K):
+    """``fused.compose`` (one pass, each pixel written once) = bilinear upsampling, guided
+    upsampling in the chosen cells, the head's rows plus the bilinear logits at the active
+    pixels; one image without active pixels, cells at every border."""
+    from spconv2d.zoo import fused
+    from spconv2d.zoo.inactive import guided_spatial_term
+
+    g = torch.Generator().manual_seed(K)
+    B, h, w = 3, 3, 5
+    coarse = 3 * torch.randn(B, K, h, w, generator=g, dtype=dtype)
+    images = torch.rand(B, 3, 4 * h, 4 * w, generator=g, dtype=dtype)
+    mask = torch.rand(B, 4 * h, 4 * w, generator=g) < 0.3
+    mask[1] = False
+    cells = torch.rand(B, h, w, generator=g) < 0.5
+    pix = mask.view(-1).nonzero().squeeze(1)
+    fine = torch.randn(pix.numel(), K, generator=g, dtype=dtype)
+    out = fused.compose(coarse, images, cells, fine, mask.nonzero(), 0.05, guided_spatial_term(4, dtype))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, _tensor_assembly(coarse, images, cells, fine, pix), **tol)
+
+
+@pytest.mark.numba
+def test_sparse_unet_numba_assembly_equals_the_tensor_path(monkeypatch):
+    """Inference on a CPU with numba assembles the output in one kernel; the same logits (up to
+    rounding) and labels as the tensor path training uses."""
+    import types
+
+    import spconv2d.zoo as zoo
+    from spconv2d.zoo import unets
+    from spconv2d.zoo.masks import make_mask
+
+    torch.manual_seed(0)
+    s = zoo.create_model("sparse_unet", density=0.3).eval()
+    x = torch.rand(2, 3, 32, 64)
+    mask = make_mask(x, "residual", 0.3)
+    with torch.no_grad():
+        fast = s(x, mask)
+        monkeypatch.setattr(unets, "fused", types.SimpleNamespace(usable=lambda *a, **k: False))
+        ref = s(x, mask)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.argmax(1), ref.argmax(1))
+
+
+@pytest.mark.numba
+def test_fast_exp_is_exp():
+    """float32: within float32 rounding of exp on [-87, 0] (vectorised polynomial); float64:
+    ``math.exp`` itself."""
+    import math
+
+    import numpy as np
+    from numba import njit
+
+    from spconv2d.zoo.pixel_kernels import fast_exp
+
+    @njit
+    def run(x, out):
+        for i in range(x.shape[0]):
+            out[i] = fast_exp(x[i])
+
+    x = np.concatenate([-np.linspace(0, 87, 100001), [-1e-30, -0.5 * math.log(2)]])
+    out32 = np.empty(x.shape, np.float32)
+    run(x.astype(np.float32), out32)
+    ref = np.exp(x.astype(np.float32).astype(np.float64))
+    assert np.max(np.abs(out32 - ref) / ref) < 2e-7
+    out64 = np.empty(x.shape)
+    run(x, out64)
+    assert np.array_equal(out64, np.exp(x))
+
+
+@pytest.mark.numba
+def test_fused_kernels_bit_identical_on_one_and_two_threads():
+    """The output assembly, margins and refinement at a size that runs two threads (PyTorch's
+    OpenMP team): the same bits as on one thread, and across runs (each output row written by
+    one task, in a fixed order)."""
+    from spconv2d.backends.numba_kernels.runtime import PARALLEL_MIN_WORK
+    from spconv2d.zoo import fused
+    from spconv2d.zoo.inactive import guided_spatial_term, pixel_rows
+
+    g = torch.Generator().manual_seed(0)
+    B, K, h, w = 4, 19, 16, 32
+    coarse = 3 * torch.randn(B, K, h, w, generator=g)
+    images = torch.rand(B, 3, 4 * h, 4 * w, generator=g)
+    coords = (torch.rand(B, 4 * h, 4 * w, generator=g) < 0.3).nonzero()
+    fine = torch.randn(len(coords), K, generator=g)
+    cells = torch.rand(B, h, w, generator=g) < 0.5
+    every, idx = torch.arange(B * 16 * h * w), torch.arange(0, B * 16 * h * w, 7)
+    assert every.numel() * K // 16 >= PARALLEL_MIN_WORK and idx.numel() * 49 * 22 // 64 >= PARALLEL_MIN_WORK
+
+    def run():
+        out = fused.compose(coarse, images, cells, fine, coords, 0.05, guided_spatial_term(4))
+        return out, fused.row_margins(pixel_rows(out), every), fused.refine_at(out, images, idx, 3, 0.05)
+
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
