@@ -13,6 +13,7 @@ INT32_MAX = 2**31 - 1  # coordinates are stored as int32: every coordinate and g
 _COORD_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 # below this many rows the torch-op checks cost microseconds: no backend dispatch
 _FUSED_CHECK_MIN_ROWS = 4096
+_FUSED_SITES_MIN_PIXELS = 4096
 
 
 def _check_features(features) -> None:
@@ -53,6 +54,18 @@ def _check_grid(spatial_shape, batch_size, inferred: bool = False) -> Tuple[Tupl
 
 def _infer_batch_size(coords: torch.Tensor) -> int:
     return int(coords[:, 0].max()) + 1 if coords.shape[0] else 1
+
+
+def _fused_sites(images: torch.Tensor, mask: torch.Tensor):
+    """The backend in force's one-pass ``from_dense`` (``Backend.sites_from_dense``), or None:
+    on a CPU, from ``_FUSED_SITES_MIN_PIXELS`` pixels on, when no gradient to ``images`` is
+    needed (the torch ops are differentiable)."""
+    if images.device.type != "cpu" or mask.numel() < _FUSED_SITES_MIN_PIXELS \
+            or (images.requires_grad and torch.is_grad_enabled()):
+        return None
+    from .backends import resolve  # the backends sit above the tensor type
+
+    return resolve(images.device).sites_from_dense(images, mask)
 
 
 def _fused_check(coords: torch.Tensor, batch_size: int, spatial_shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -163,9 +176,18 @@ class SparseTensor:
                 raise ValueError(f"mask must have shape {(B, H, W)}, got {tuple(mask.shape)}")
             if mask.device != images.device:
                 raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
-        coords = mask.nonzero().to(torch.int32)  # raster order: sorted by key
-        features = at_sites(images.contiguous(memory_format=torch.channels_last), coords)
-        return cls(features, coords, (H, W), B, check=False)
+        _check_grid((H, W), B)
+        sites = _fused_sites(images, mask)
+        if sites is None:
+            coords = mask.nonzero().to(torch.int32)  # raster order: sorted by key
+            features, keys = at_sites(images.contiguous(memory_format=torch.channels_last), coords), None
+        else:
+            coords, features, keys = sites
+        obj = cls.__new__(cls)
+        obj.features = features
+        obj._manager = CoordinateManager()
+        obj._cs = obj._manager.add(CoordSet(coords, (H, W), B, (1, 1), keys=keys))
+        return obj
 
     @classmethod
     def coalesce(
@@ -291,10 +313,15 @@ class SparseTensor:
         """``[B, C, H, W]`` with zeros at inactive sites. Differentiable. ``memory_format=
         torch.channels_last`` returns the pixel-row layout the scatter writes (no copy)."""
         B, (H, W), C = self.batch_size, self.spatial_shape, self.num_channels
-        dense = self.features.new_zeros(B * H * W, C)
-        dense = dense.index_copy(0, self._cs.keys.long(), self.features)
-        dense = dense.view(B, H, W, C).permute(0, 3, 1, 2)
-        return dense if memory_format == torch.channels_last else dense.contiguous(memory_format=memory_format)
+        if memory_format == torch.channels_last:
+            dense = self.features.new_zeros(B * H * W, C).index_copy_(0, self._cs.keys.long(), self.features)
+            return dense.view(B, H, W, C).permute(0, 3, 1, 2)
+        # written in place into a zeroed [B, C, H*W] (no pixel-row copy to transpose afterwards)
+        dense = self.features.new_zeros(B, C, H * W)
+        c = self.coords.long()
+        dense.transpose(1, 2).index_put_((c[:, 0], c[:, 1] * W + c[:, 2]), self.features)
+        dense = dense.view(B, C, H, W)
+        return dense if memory_format == torch.contiguous_format else dense.contiguous(memory_format=memory_format)
 
     def same_sites(self, other: "SparseTensor") -> bool:
         """True when ``other`` has exactly these coordinates in the same row order."""

@@ -85,6 +85,14 @@ class Backend(abc.ABC):
         (then those run)."""
         return None
 
+    def sites_from_dense(self, images: torch.Tensor,
+                         mask: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``SparseTensor.from_dense``'s sites in one fused pass: ``(coords int32 [N, 3],
+        features [N, C], keys)`` where ``mask [B, H, W]`` (bool) is true, raster order, keys as
+        ``pack_keys`` gives them; or None (then the torch ops run). Called without autograd
+        only (no gradient to ``images`` is needed)."""
+        return None
+
     # -- coordinate index and neighbour tables ------------------------------------------------
     def default_index_strategy(self, key_space: int, n_keys: Optional[int] = None) -> str:
         """The strategy ``auto`` resolves to for a set of ``n_keys`` keys in ``[0, key_space)``."""

@@ -116,6 +116,11 @@ class NumbaBackend(TorchBackend):
         return self._fused(lambda: nm.check_coords(coords, batch_size, spatial_shape,
                                                    **self._grid_options("auto")), lambda: None)
 
+    def sites_from_dense(self, images, mask):
+        if images.device.type != "cpu" or images.dtype not in (torch.float32, torch.float64):
+            return None
+        return self._fused(lambda: nm.sites_from_dense(images, mask), lambda: None)
+
     # -- index: ``auto`` lets the fused builders choose grid or sorted keys -------------------
     def _grid_options(self, strategy: str) -> Dict[str, int]:
         if strategy == "grid":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
+import functools
 import threading
 
 import numba
@@ -38,8 +39,8 @@ from numba import njit, prange
 
 from ...coords import check_in_grid, check_unique
 from ...geometry import pair
-from .runtime import (TEAM_ARGS, TEAM_PHASE, TEAM_TASKS, TeamKernel, array_arg1, array_arg2, cached_njit, launch,
-                      next_task, parallel_kernel, request_threads, team_words, threads_for)
+from .runtime import (TEAM_ARGS, TEAM_PHASE, TEAM_TASKS, TeamKernel, array_arg1, array_arg2, array_arg3, array_arg4,
+                      cached_njit, launch, next_task, parallel_kernel, request_threads, team_words, threads_for)
 
 Pair = Tuple[int, int]
 
@@ -247,6 +248,112 @@ def check_coords(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[
         check_unique(torch.from_numpy(keys), out)  # raises naming the duplicate rows
         raise AssertionError("unreachable: duplicate coordinates")
     return out, torch.from_numpy(keys)
+
+
+# -----------------------------------------------------------------------------------------
+# kernels: the active sites of a dense tensor (``SparseTensor.from_dense``)
+# -----------------------------------------------------------------------------------------
+#: Image rows per task of ``sites_from_dense``.
+DENSE_ROWS_PER_TASK = 16
+
+
+@njit(inline="always")
+def _count_row_sites(t, mask, counts):
+    """``counts[row + 1]`` = the active pixels of image rows ``t * DENSE_ROWS_PER_TASK ...``."""
+    B, H, W = mask.shape
+    for row in range(t * DENSE_ROWS_PER_TASK, min(B * H, (t + 1) * DENSE_ROWS_PER_TASK)):
+        m = mask[row // H, row % H]
+        n = 0
+        for x in range(W):
+            n += m[x] != 0
+        counts[row + 1] = n
+
+
+def _count_row_sites_tasks(mask, counts):
+    for t in prange((mask.shape[0] * mask.shape[1] + DENSE_ROWS_PER_TASK - 1) // DENSE_ROWS_PER_TASK):
+        _count_row_sites(t, mask, counts)
+
+
+def _count_row_sites_team(data):
+    words = team_words(data)
+    mask, i = array_arg3(words, TEAM_ARGS, np.uint8)
+    counts, i = array_arg1(words, i, np.int64)
+    t = next_task(words)
+    while t < words[TEAM_TASKS]:
+        _count_row_sites(t, mask, counts)
+        t = next_task(words)
+
+
+def _row_tasks(mask, *rest):
+    return -(-(mask.shape[0] * mask.shape[1]) // DENSE_ROWS_PER_TASK)
+
+
+_count_sites = TeamKernel(_count_row_sites_tasks, _count_row_sites_team, lambda phase, mask, counts: _row_tasks(mask))
+
+
+@njit(inline="always")
+def _fill_row_sites(t, mask, images, start, coords, keys, features):
+    """The active pixels of image rows ``t * DENSE_ROWS_PER_TASK ...`` in raster order from row
+    ``start[row]`` on: ``coords`` ``(b, y, x)``, ``keys`` ``(b*H + y)*W + x``, ``features``
+    the pixel's channels."""
+    B, C, H, W = images.shape
+    for row in range(t * DENSE_ROWS_PER_TASK, min(B * H, (t + 1) * DENSE_ROWS_PER_TASK)):
+        b, y = row // H, row % H
+        m = mask[b, y]
+        i = start[row]
+        for x in range(W):
+            if m[x]:
+                coords[i, 0], coords[i, 1], coords[i, 2] = b, y, x
+                keys[i] = row * W + x
+                for c in range(C):
+                    features[i, c] = images[b, c, y, x]
+                i += 1
+
+
+def _fill_row_sites_tasks(mask, images, start, coords, keys, features):
+    for t in prange((mask.shape[0] * mask.shape[1] + DENSE_ROWS_PER_TASK - 1) // DENSE_ROWS_PER_TASK):
+        _fill_row_sites(t, mask, images, start, coords, keys, features)
+
+
+@functools.lru_cache(maxsize=None)
+def _fill_sites(feature_type, key_type) -> TeamKernel:
+    """``_fill_row_sites`` for ``feature_type`` images (``np.float32`` / ``np.float64``) and
+    ``key_type`` keys (``np.int32`` / ``np.int64``)."""
+    def team(data):
+        words = team_words(data)
+        mask, i = array_arg3(words, TEAM_ARGS, np.uint8)
+        images, i = array_arg4(words, i, feature_type)
+        start, i = array_arg1(words, i, np.int64)
+        coords, i = array_arg2(words, i, np.int32)
+        keys, i = array_arg1(words, i, key_type)
+        features, i = array_arg2(words, i, feature_type)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            _fill_row_sites(t, mask, images, start, coords, keys, features)
+            t = next_task(words)
+
+    return TeamKernel(_fill_row_sites_tasks, team, lambda phase, mask, *rest: _row_tasks(mask))
+
+
+def sites_from_dense(images: torch.Tensor, mask: torch.Tensor):
+    """``SparseTensor.from_dense``'s sites: ``(coords int32 [N, 3], features [N, C], keys)`` of
+    ``images [B, C, H, W]`` (float32 / float64, CPU) where ``mask [B, H, W]`` (bool) is true, in
+    raster order (what ``mask.nonzero()`` and a gather give), keys as ``pack_keys`` gives them.
+    Two passes over the mask: count per image row, then fill each row's slice."""
+    B, C, H, W = images.shape
+    m = mask.contiguous().view(torch.uint8).numpy()
+    im = images.contiguous().numpy()
+    counts = np.zeros(B * H + 1, np.int64)
+    launch(_count_sites, m, counts, work=B * H * W // 8)
+    start = np.cumsum(counts)
+    n = int(start[-1])
+    coords = np.empty((n, 3), np.int32)
+    keys = np.empty(n, key_dtype(B, (H, W)))
+    features = np.empty((n, C), im.dtype)
+    if n:
+        launch(_fill_sites(im.dtype.type, keys.dtype.type), m, im, start, coords, keys, features,
+               work=B * H * W // 8 + n * C)
+    return torch.from_numpy(coords), torch.from_numpy(features), torch.from_numpy(keys)
 
 
 # -----------------------------------------------------------------------------------------

@@ -321,3 +321,55 @@ def test_one_thread_never_starts_numba_threads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1 not started"
+
+
+# -- the sites of a dense tensor (SparseTensor.from_dense) ----------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 130), (64, 128)])
+def test_sites_from_dense_matches_nonzero_and_gather(gen, dtype, shape):
+    """Raster-order coordinates, keys and features as ``mask.nonzero()`` and a gather give them;
+    an image without active pixels, all-active rows, a lone pixel."""
+    B, C = 3, 5
+    images = torch.rand(B, C, *shape, generator=gen, dtype=dtype)
+    mask = torch.rand(B, *shape, generator=gen) < 0.3
+    mask[1] = False
+    mask[2, 0] = True
+    coords, features, keys = nm.sites_from_dense(images, mask)
+    ref = mask.nonzero()
+    assert coords.dtype == torch.int32 and torch.equal(coords, ref.to(torch.int32))
+    assert features.dtype == dtype and torch.equal(features, images.permute(0, 2, 3, 1)[mask])
+    assert torch.equal(keys.long(), (ref[:, 0] * shape[0] + ref[:, 1]) * shape[1] + ref[:, 2])
+
+
+def test_from_dense_runs_the_fused_pass_without_autograd_only(gen, monkeypatch):
+    """``SparseTensor.from_dense`` on a CPU: the one-pass kernel (same tensor as the torch ops)
+    when no gradient is needed; the torch ops, which carry the gradient, otherwise."""
+    images = torch.rand(2, 3, 64, 96, generator=gen)
+    mask = torch.rand(2, 64, 96, generator=gen) < 0.4
+    calls = []
+    real = nm.sites_from_dense
+    monkeypatch.setattr(nm, "sites_from_dense", lambda *a: calls.append(1) or real(*a))
+    with sp.backend("numba"):
+        x = sp.SparseTensor.from_dense(images, mask)
+        assert calls and torch.equal(x.coords, mask.nonzero().to(torch.int32))
+        assert torch.equal(x.features, images.permute(0, 2, 3, 1)[mask])
+        calls.clear()
+        g = images.clone().requires_grad_()
+        y = sp.SparseTensor.from_dense(g, mask)
+        assert not calls and torch.equal(y.features.detach(), x.features)
+        y.features.sum().backward()
+        assert torch.equal(g.grad, mask[:, None].expand_as(g).to(g.dtype))
+
+
+def test_sites_from_dense_same_on_one_and_two_threads(gen):
+    images = torch.rand(16, 3, 128, 128, generator=gen)
+    mask = torch.rand(16, 128, 128, generator=gen) < 0.3
+    assert 16 * 128 * 128 // 8 >= PARALLEL_MIN_WORK  # (two threads do run)
+    old, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(nm.sites_from_dense(images, mask))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
