@@ -9,7 +9,8 @@ step can change a label, so both are computed only there. Everything here is par
 Conventions: logits ``[B, K, H, W]``, images ``[B, C, H, W]``; a *pixel index* is a flat index
 into ``B*H*W`` (raster order per image, images one after another); a *cell* is a
 ``cell x cell`` block of pixels, one pixel of the ``[B, K, H/cell, W/cell]`` coarse logits.
-``pixel_rows`` / ``put_pixel_rows`` read and write logits by pixel index.
+``pixel_rows`` / ``put_pixel_rows`` / ``with_pixel_rows`` / ``set_pixel_rows`` read and write
+logits by pixel index.
 """
 from __future__ import annotations
 
@@ -75,13 +76,22 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     one batched GEMM ``[n, pixels, 9] x [n, 9, K]`` with the cells' neighbour logits. (At
     inference on a CPU with numba the sparse U-Net computes it inside ``fused.compose``.)"""
     B, K, h, w = logits.shape
-    C = images.shape[1]
     if cells is not None and out is None:
         raise ValueError("guided_upsample: cells= needs out= (the pixels outside those cells are not computed)")
-    sel = torch.arange(B * h * w, device=logits.device) if cells is None else cells.reshape(-1).nonzero().squeeze(1)
     if out is None:
         out = torch.empty(B, K, h * cell, w * cell, dtype=logits.dtype, device=logits.device,
                           memory_format=torch.channels_last)
+    put_pixel_rows(out, *guided_rows(logits, images, cells, cell, sigma_r, sigma_s))
+    return out
+
+
+def guided_rows(logits: torch.Tensor, images: torch.Tensor, cells: Optional[torch.Tensor] = None, cell: int = 4,
+                sigma_r: float = GUIDED_SIGMA_R, sigma_s: float = GUIDED_SIGMA_S) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``guided_upsample`` of the pixels of the cells ``cells`` (bool ``[B, H/cell, W/cell]``;
+    None: every cell) as ``(pixel indices into B*H*W, rows [n, K])``, written nowhere."""
+    B, K, h, w = logits.shape
+    C = images.shape[1]
+    sel = torch.arange(B * h * w, device=logits.device) if cells is None else cells.reshape(-1).nonzero().squeeze(1)
     spatial = guided_spatial_term(cell, images.dtype, images.device, sigma_s)
     nbr, pixel = _cell_sites(sel, h, w, cell)
     pixel = pixel.view(-1)  # [n * cell * cell]
@@ -97,9 +107,7 @@ def guided_upsample(logits: torch.Tensor, images: torch.Tensor, cell: int = 4,
     score.mul_(-1 / (2 * sigma_r ** 2)).sub_(spatial)
     wgt = torch.softmax(score, 1)  # over the 9 cells: a middle dim (docs/ARCHITECTURE.md)
     nl = _padded_rows(logits).index_select(0, nbr.view(-1)).view(n, 9, K)
-    res = torch.bmm(wgt.transpose(1, 2), nl).view(n * P, K)
-    put_pixel_rows(out, pixel, res)
-    return out
+    return pixel, torch.bmm(wgt.transpose(1, 2), nl).view(n * P, K)
 
 
 def logit_margin(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -131,6 +139,24 @@ def put_pixel_rows(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> No
         pixels.view(-1, K).index_copy_(0, idx, rows.to(x.dtype))
     else:
         pixels.index_put_((idx // (H * W), (idx // W) % H, idx % W), rows.to(x.dtype))
+
+
+def with_pixel_rows(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``put_pixel_rows`` out of place: a new ``[B, K, H, W]`` (channels-last) equal to ``x``
+    with ``rows`` at the flat pixel indices ``idx``. For training: its backward copies the
+    gradient once, where an in-place write's backward (clone, fill, copy back) copied the full
+    logits several times (the largest cost of a sparse training step, measured)."""
+    B, K, H, W = x.shape
+    return pixel_rows(x).index_copy(0, idx, rows.to(x.dtype)).view(B, H, W, K).permute(0, 3, 1, 2)
+
+
+def set_pixel_rows(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+    """``x`` with ``rows`` at the flat pixel indices ``idx``: ``put_pixel_rows`` (in place,
+    returns ``x``) or, with ``inplace=False``, ``with_pixel_rows`` (a new tensor)."""
+    if not inplace:
+        return with_pixel_rows(x, idx, rows)
+    put_pixel_rows(x, idx, rows)
+    return x
 
 
 def _weighted_rows(weights: torch.Tensor, cols: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -201,10 +227,13 @@ def cell_states(coarse: torch.Tensor, margin: float) -> Tuple[torch.Tensor, torc
 
 
 def refine_uncertain(out: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, unsure: torch.Tensor,
-                     margin: float, radius: int = 3, sigma_r: float = 0.05, fraction: float = 0.03) -> None:
-    """Refine the *uncertain* inactive pixels of ``out`` ``[B, K, H, W]`` in place with
-    ``refine_at`` (the colour-weighted mean of their ``(2 radius + 1)^2`` window, which carries
-    the full-resolution predictions of nearby active pixels of the same colour into them).
+                     margin: float, radius: int = 3, sigma_r: float = 0.05, fraction: float = 0.03,
+                     inplace: bool = True) -> torch.Tensor:
+    """Refine the *uncertain* inactive pixels of ``out`` ``[B, K, H, W]`` with ``refine_at``
+    (the colour-weighted mean of their ``(2 radius + 1)^2`` window, which carries the
+    full-resolution predictions of nearby active pixels of the same colour into them): in
+    place (returns ``out``), or with ``inplace=False`` into a new tensor (``with_pixel_rows``:
+    what training wants).
 
     Uncertain: inactive (``~mask``, ``[B, H, W]``), in an ``unsure`` cell (``cell_states``) and
     with a top-2 logit margin below ``margin``; the least certain first, at most ``fraction`` of
@@ -223,5 +252,6 @@ def refine_uncertain(out: torch.Tensor, images: torch.Tensor, mask: torch.Tensor
     cap = int(fraction * B * H * W)
     if idx.numel() > cap:
         idx = idx[marg.topk(cap, largest=False).indices].sort().values
-    if idx.numel():
-        put_pixel_rows(out, idx, refine_at(out, images, idx, radius, sigma_r))
+    if not idx.numel():
+        return out
+    return set_pixel_rows(out, idx, refine_at(out, images, idx, radius, sigma_r), inplace)

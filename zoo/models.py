@@ -6,8 +6,8 @@ Where things live:
     blocks.py       ops tables (dense / sparse twins from one class), ConvBNReLU, init, bilinear_up
     classifiers.py  MLP, CNN, SparseCNN and the entry points mlp, cnn, sparse_cnn
     unets.py        UNet, SparseUNet and the entry points unet, sparse_unet
-    inactive.py     the sparse U-Net's inactive pixels: guided_upsample, logit_margin, refine_at,
-                    cell_states, refine_uncertain
+    inactive.py     the sparse U-Net's inactive pixels: guided_upsample, guided_rows,
+                    logit_margin, refine_at, cell_states, refine_uncertain, pixel-row writes
     masks.py        activity-mask policies and MaskedModel (a sparse model's mask owner)
     registry.py     register_model, create_model, list_models, ModelDefaults, count_parameters
 
@@ -20,7 +20,7 @@ used as an auxiliary loss).
 """
 from .blocks import ConvBNReLU, bilinear_up, conv_bn_relu, dense_ops, init_weights, sparse_ops  # noqa: F401
 from .classifiers import CNN, MLP, CNNBase, SparseCNN, cnn, mlp, sparse_cnn  # noqa: F401
-from .inactive import (cell_states, guided_upsample, logit_margin, pixel_rows, put_pixel_rows,  # noqa: F401
-                       refine_at, refine_uncertain)
+from .inactive import (cell_states, guided_rows, guided_upsample, logit_margin, pixel_rows,  # noqa: F401
+                       put_pixel_rows, refine_at, refine_uncertain, set_pixel_rows, with_pixel_rows)
 from .registry import count_parameters  # noqa: F401
 from .unets import SparseUNet, UNet, UNetBase, sparse_unet, unet  # noqa: F401

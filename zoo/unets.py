@@ -20,8 +20,7 @@ import spconv2d as sp
 
 from .blocks import bilinear_up, conv_bn_relu, dense_ops, init_weights, sparse_ops
 from . import fused
-from .inactive import (GUIDED_SIGMA_R, cell_states, guided_spatial_term, guided_upsample, put_pixel_rows,
-                       refine_uncertain)
+from .inactive import GUIDED_SIGMA_R, cell_states, guided_rows, guided_spatial_term, refine_uncertain, set_pixel_rows
 from .masks import DEFAULT_DENSITY, MaskedModel
 from .registry import ModelDefaults, register_model
 
@@ -167,7 +166,7 @@ class SparseUNet(MaskedModel, UNetBase):
         mixed, unsure = self.cell_states(coarse) if (self.upsample == "guided" or self.refine) else (None, None)
         out, aux = self.assemble(coarse, images, occ, head, d0.coords, mixed, return_aux)
         if self.refine:
-            self.refine_uncertain(out, images, mask, unsure)
+            out = self.refine_uncertain(out, images, mask, unsure)
         return (out, aux) if return_aux else out
 
     def assemble(self, coarse, images, occ, head, coords, mixed, return_aux: bool = False):
@@ -176,7 +175,8 @@ class SparseUNet(MaskedModel, UNetBase):
         (``upsample="guided"``) the guided upsampling, and at the active pixels (``coords``,
         the head's rows ``head``) the head's correction plus the bilinear logits (as in
         ``unet``). At inference on a CPU with numba in one pass that writes each pixel once
-        (``fused.compose``); otherwise tensor ops, with the step ``upsample_guided``."""
+        (``fused.compose``); otherwise tensor ops, with the step ``upsample_guided``, written
+        out of place where autograd records (``_records``)."""
         H, W = images.shape[-2:]
         guided = self.upsample == "guided"
         # (a cell whose pixels are all active gets the fine prediction everywhere; the aux
@@ -191,28 +191,34 @@ class SparseUNet(MaskedModel, UNetBase):
         pix = (c[:, 0] * H + c[:, 1]) * W + c[:, 2]
         bil = bilinear_up(coarse, (H, W))
         fine = head + sp.at_sites(bil, coords)  # as in unet: a correction
-        out = bil  # written in place from here on (at_sites and interpolate keep no copy of it)
+        inplace = not _records(bil, head)
+        pred = bil  # the coarse prediction
         if guided:
-            self.upsample_guided(coarse, images, out, cells)
-        aux = out.clone() if return_aux else None  # the coarse prediction everywhere
-        put_pixel_rows(out, pix, fine)
-        return out, aux
+            pred = set_pixel_rows(pred, *self.upsample_guided(coarse, images, cells), inplace=inplace)
+        aux = (pred.clone() if inplace else pred) if return_aux else None
+        return set_pixel_rows(pred, pix, fine, inplace=inplace), aux
 
     def cell_states(self, coarse):
         """``inactive.cell_states(coarse, self.margin)``: ``(mixed, unsure)``, bool ``[B, h, w]``."""
         return cell_states(coarse, self.margin)
 
-    def upsample_guided(self, coarse, images, out, cells) -> None:
-        """Write ``guided_upsample(coarse, images)`` into ``out`` ``[B, K, H, W]`` in place, in the
-        cells ``cells`` (bool ``[B, h, w]``) only."""
-        guided_upsample(coarse, images, out=out, cells=cells)
+    def upsample_guided(self, coarse, images, cells):
+        """``guided_upsample(coarse, images)`` in the cells ``cells`` (bool ``[B, h, w]``) only:
+        ``(pixel indices into B*H*W, logit rows)`` (``inactive.guided_rows``)."""
+        return guided_rows(coarse, images, cells)
 
-    def refine_uncertain(self, out, images, mask, unsure) -> None:
+    def refine_uncertain(self, out, images, mask, unsure):
         """``inactive.refine_uncertain`` with this model's ``margin``, ``refine_radius``,
-        ``refine_sigma_r`` and ``refine_fraction``: the uncertain inactive pixels of ``out``,
-        refined in place."""
-        refine_uncertain(out, images, mask, unsure, self.margin, self.refine_radius, self.refine_sigma_r,
-                         self.refine_fraction)
+        ``refine_sigma_r`` and ``refine_fraction``: ``out`` with its uncertain inactive pixels
+        refined (in place unless autograd records)."""
+        return refine_uncertain(out, images, mask, unsure, self.margin, self.refine_radius, self.refine_sigma_r,
+                                self.refine_fraction, inplace=not _records(out))
+
+
+def _records(*tensors) -> bool:
+    """True when autograd records an op on ``tensors`` (then the logits are written out of place:
+    the backward of an in-place write copies the full gradient several times)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------

@@ -289,3 +289,48 @@ def test_fused_kernels_bit_identical_on_one_and_two_threads():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_with_pixel_rows_writes_out_of_place_and_carries_both_gradients():
+    from spconv2d.zoo.inactive import put_pixel_rows, with_pixel_rows
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 4, 6, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    rows = torch.randn(3, 5, generator=g, requires_grad=True)
+    idx = torch.tensor([0, 13, 47])
+    y = with_pixel_rows(x, idx, rows)
+    ref = x.detach().clone()
+    put_pixel_rows(ref, idx, rows.detach())
+    assert torch.equal(y, ref) and y.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(x.detach(), ref)  # x itself unchanged
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    gx = grad.clone()
+    put_pixel_rows(gx, idx, torch.zeros(3, 5))
+    assert torch.equal(x.grad, gx)
+    assert torch.equal(rows.grad, grad.permute(0, 2, 3, 1).reshape(-1, 5)[idx])
+
+
+def test_sparse_unet_recording_autograd_computes_what_inference_does(monkeypatch):
+    """With autograd recording, the tensor path writes the logits out of place (cheaper
+    backward); the values are those of the in-place inference path, aux included (up to the
+    refinement's rounding: at inference it runs the numba kernel)."""
+    import types
+
+    import spconv2d.zoo as zoo
+    from spconv2d.zoo import unets
+    from spconv2d.zoo.masks import make_mask
+
+    torch.manual_seed(0)
+    s = zoo.create_model("sparse_unet", density=0.3).eval()
+    x = torch.rand(2, 3, 32, 64)
+    mask = make_mask(x, "residual", 0.3)
+    monkeypatch.setattr(unets, "fused", types.SimpleNamespace(usable=lambda *a, **k: False))
+    out, aux = s(x, mask, return_aux=True)  # parameters require grad: out of place
+    assert out.requires_grad
+    with torch.no_grad():
+        ref_out, ref_aux = s(x, mask, return_aux=True)
+    torch.testing.assert_close(out.detach(), ref_out, rtol=1e-5, atol=1e-6)
+    assert torch.equal(aux.detach(), ref_aux)
+    (out.sum() + aux.sum()).backward()
+    assert all(p.grad is not None for n, p in s.named_parameters() if n.startswith(("head", "coarse")))
