@@ -12,8 +12,8 @@ test_masks.py compare them):
   every pixel, gathers them at the active ones, computes the guided values and writes the
   fine rows over them (measured side by side: docs/ZOO.md, "Inference speed").
 * ``refine_at``: one pass per refined pixel, without the ``[pixels, 49]`` weight and CSR
-  buffers; ``row_margins``: the top-2 margins of the refinement candidates straight from the
-  logit rows (used in training too: it selects pixels only).
+  buffers; ``uncertain_pixels``: the refinement's candidates and their top-2 margins straight
+  from the logit rows (used in training too: it selects pixels only).
 * ``residual_ridge_energy``: the ``residual`` mask policy's energy in one pass (bit-identical).
 
 The kernels run through the core's numba runtime (``spconv2d.backends.numba_kernels.runtime``:
@@ -38,21 +38,36 @@ def usable(*tensors: torch.Tensor, grad: bool = False) -> bool:
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
 
 
-def row_margins(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``inactive.logit_margin`` of the rows ``rows[idx]`` (``rows`` ``[N, K]``), without
-    gathering them: ``[len(idx)]``."""
+def uncertain_pixels(rows: torch.Tensor, mask: torch.Tensor, unsure: torch.Tensor, margin: float):
+    """The refinement's candidates: ``(idx, margins)`` of the pixels (flat indices into
+    ``B*H*W``, raster order) that are inactive (``~mask [B, H, W]``), in an ``unsure`` cell
+    (bool ``[B, h, w]``) and have a top-2 margin of their logit row (``rows [B*H*W, K]``,
+    contiguous) below ``margin``: what ``inactive.refine_uncertain``'s tensor ops select, in two
+    passes over the image rows (margins and counts, then the selection) instead of upsampling
+    the cell states, a ``nonzero`` over every pixel, gathered margins and a filter."""
+    import numpy as np
+
     from spconv2d.backends.numba_kernels.runtime import launch
 
     from . import pixel_kernels
 
-    r = rows.detach()
-    if not r.is_contiguous():
-        r = r.contiguous()
-    out = torch.empty(idx.numel(), dtype=r.dtype)
+    r = rows.detach().contiguous()
+    B, H, W = mask.shape
     r_np = r.numpy()
-    launch(pixel_kernels.margins_kernel(r_np.dtype.type), r_np, idx.to(torch.int64).contiguous().numpy(),
-           out.numpy(), work=idx.numel() * rows.shape[1] // 16)
-    return out
+    kernel = pixel_kernels.uncertain_kernel(r_np.dtype.type)
+    m = mask.contiguous().view(torch.uint8).numpy()
+    u = unsure.contiguous().view(torch.uint8).numpy()
+    thresh = np.array([margin], r_np.dtype)
+    marg = np.empty(B * H * W, r_np.dtype)
+    start = np.zeros(B * H + 1, np.int64)
+    none_i, none_m = np.empty(0, np.int64), np.empty(0, r_np.dtype)
+    work = B * H * W * r.shape[1] // 32
+    launch(kernel, 0, r_np, m, u, thresh, marg, start, none_i, none_m, work=work)
+    np.cumsum(start, out=start)
+    idx, out = torch.empty(int(start[-1]), dtype=torch.int64), torch.empty(int(start[-1]), dtype=r.dtype)
+    if idx.numel():
+        launch(kernel, 1, r_np, m, u, thresh, marg, start, idx.numpy(), out.numpy(), work=B * H * W // 8)
+    return idx, out
 
 
 def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, radius: int,

@@ -240,15 +240,15 @@ def refine_uncertain(out: torch.Tensor, images: torch.Tensor, mask: torch.Tensor
     all ``B*H*W`` pixels. The refined values are computed from ``out`` as it was before the call
     (every window reads unrefined logits)."""
     B, K, H, W = out.shape
-    cell = W // unsure.shape[-1]
-    cand = unsure.repeat_interleave(cell, 1).repeat_interleave(cell, 2) & ~mask
-    idx = cand.view(-1).nonzero().squeeze(1)
     rows = pixel_rows(out)
     if fused.usable(out) and rows.is_contiguous():  # (a selection: no gradient flows through it)
-        marg = fused.row_margins(rows, idx)
+        idx, marg = fused.uncertain_pixels(rows, mask, unsure, margin)
     else:
+        cell = W // unsure.shape[-1]
+        cand = unsure.repeat_interleave(cell, 1).repeat_interleave(cell, 2) & ~mask
+        idx = cand.view(-1).nonzero().squeeze(1)
         marg = logit_margin(rows.detach().index_select(0, idx), 1)
-    idx, marg = idx[marg < margin], marg[marg < margin]
+        idx, marg = idx[marg < margin], marg[marg < margin]
     cap = int(fraction * B * H * W)
     if idx.numel() > cap:
         idx = idx[marg.topk(cap, largest=False).indices].sort().values

@@ -3,7 +3,8 @@
 ``compose_kernel(npdt)``: the sparse U-Net's output assembly (bilinear, guided upsampling,
 active pixels), in tasks of one row of cells or ``SITES_PER_TASK`` active pixels.
 ``refine_kernel(npdt)``: the colour-weighted window mean of the pixels ``idx``, in tasks of
-``PIXELS_PER_TASK`` pixels. ``margins_kernel(npdt)``: the top-2 margins of the rows ``idx``.
+``PIXELS_PER_TASK`` pixels. ``uncertain_kernel(npdt)``: the refinement's candidates (top-2
+margins of the inactive pixels of unsure cells).
 ``energy_kernel(npdt)``: the ``residual`` mask policy's energy. Float32 or float64 (``npdt``:
 ``np.float32`` / ``np.float64``); each output row written by one task, once or accumulated in
 a fixed order (deterministic: the same bits on any number of threads). All are
@@ -175,40 +176,80 @@ def refine_kernel(npdt) -> TeamKernel:
     return TeamKernel(_refine_tasks, team, lambda phase, rows, images, idx, *rest: _tasks(idx.shape[0]))
 
 
+IMAGE_ROWS_PER_TASK = 8
+
+
 @njit(inline="always")
-def _margin_pixels(t, rows, idx, out):
-    """``out[i]``: top-1 minus top-2 of ``rows[idx[i]]`` (0 on a tie at the top; +inf with one
-    column), one pass over the row."""
+def _row_margin(rows, p):
+    """Top-1 minus top-2 of ``rows[p]`` (0 on a tie at the top; +inf with one column)."""
     K = rows.shape[1]
-    for i in range(t * PIXELS_PER_TASK, min(idx.shape[0], (t + 1) * PIXELS_PER_TASK)):
-        p = idx[i]
-        top1, top2 = rows[p, 0], -math.inf
-        for k in range(1, K):  # branch-free: 3x faster than with branches (measured)
-            v = rows[p, k]
-            top2 = max(top2, min(top1, v))
-            top1 = max(top1, v)
-        out[i] = top1 - top2
+    top1, top2 = rows[p, 0], -math.inf
+    for k in range(1, K):  # branch-free: 3x faster than with branches (measured)
+        v = rows[p, k]
+        top2 = max(top2, min(top1, v))
+        top1 = max(top1, v)
+    return top1 - top2
 
 
-def _margin_tasks(rows, idx, out):
-    for t in prange((idx.shape[0] + PIXELS_PER_TASK - 1) // PIXELS_PER_TASK):
-        _margin_pixels(t, rows, idx, out)
+@njit(inline="always")
+def _uncertain_rows(phase, t, rows, mask, unsure, margin, marg, start, idx, out_marg):
+    """Image rows ``t * IMAGE_ROWS_PER_TASK ...``. Phase 0: ``marg[p]`` = the margin of each
+    inactive pixel ``p`` of an ``unsure`` cell (+inf elsewhere), ``start[row + 1]`` = how many
+    are below ``margin``. Phase 1: those pixels (raster order) into ``idx`` / ``out_marg`` from
+    ``start[row]`` on."""
+    B, H, W = mask.shape
+    h, w = unsure.shape[1], unsure.shape[2]
+    cell = H // h
+    for row in range(t * IMAGE_ROWS_PER_TASK, min(B * H, (t + 1) * IMAGE_ROWS_PER_TASK)):
+        b, y = row // H, row % H
+        m, u = mask[b, y], unsure[b, y // cell]
+        base = row * W
+        if phase == 0:
+            n = 0
+            for cx in range(w):
+                for x in range(cx * cell, (cx + 1) * cell):
+                    v = math.inf
+                    if u[cx] and not m[x]:
+                        v = _row_margin(rows, base + x)
+                    marg[base + x] = v
+                    n += v < margin
+            start[row + 1] = n
+        else:
+            i = start[row]
+            for x in range(W):
+                if marg[base + x] < margin:
+                    idx[i] = base + x
+                    out_marg[i] = marg[base + x]
+                    i += 1
+
+
+def _uncertain_tasks(phase, rows, mask, unsure, margin, marg, start, idx, out_marg):
+    for t in prange((mask.shape[0] * mask.shape[1] + IMAGE_ROWS_PER_TASK - 1) // IMAGE_ROWS_PER_TASK):
+        _uncertain_rows(phase, t, rows, mask, unsure, margin[0], marg, start, idx, out_marg)
 
 
 @functools.lru_cache(maxsize=None)
-def margins_kernel(npdt) -> TeamKernel:
-    """``out[i]`` = the top-2 margin of ``rows[idx[i]]``."""
+def uncertain_kernel(npdt) -> TeamKernel:
+    """The refinement's candidates: ``_uncertain_rows`` (launched once per phase, the prefix sum
+    of the counts between the two)."""
     def team(data):
         words = team_words(data)
-        rows, i = array_arg2(words, TEAM_ARGS, npdt)
+        phase = words[TEAM_ARGS]
+        rows, i = array_arg2(words, TEAM_ARGS + 1, npdt)
+        mask, i = array_arg3(words, i, np.uint8)
+        unsure, i = array_arg3(words, i, np.uint8)
+        margin, i = array_arg1(words, i, npdt)
+        marg, i = array_arg1(words, i, npdt)
+        start, i = array_arg1(words, i, np.int64)
         idx, i = array_arg1(words, i, np.int64)
-        out, i = array_arg1(words, i, npdt)
+        out_marg, i = array_arg1(words, i, npdt)
         t = next_task(words)
         while t < words[TEAM_TASKS]:
-            _margin_pixels(t, rows, idx, out)
+            _uncertain_rows(phase, t, rows, mask, unsure, margin[0], marg, start, idx, out_marg)
             t = next_task(words)
 
-    return TeamKernel(_margin_tasks, team, lambda phase, rows, idx, out: _tasks(idx.shape[0]))
+    return TeamKernel(_uncertain_tasks, team, lambda _, phase, rows, mask, *rest:
+                      -(-(mask.shape[0] * mask.shape[1]) // IMAGE_ROWS_PER_TASK))
 
 
 ROWS_PER_TASK = 16

@@ -138,18 +138,27 @@ def test_fused_kernels_equal_the_tensor_formulation(dtype):
 
 
 @pytest.mark.numba
-def test_fused_row_margins_equal_logit_margin():
+@pytest.mark.parametrize("K", [1, 2, 19])
+def test_fused_uncertain_pixels_equal_the_tensor_selection(K):
+    """The refinement's candidates: inactive pixels of unsure cells with a top-2 margin below
+    the threshold, raster order, the margins themselves; ties at the top (margin 0)."""
     from spconv2d.zoo import fused
-    from spconv2d.zoo.inactive import logit_margin
+    from spconv2d.zoo.inactive import logit_margin, pixel_rows
 
-    g = torch.Generator().manual_seed(5)
-    rows = torch.randn(300, 19, generator=g)
-    rows[7, 3] = rows[7, 11] = 9.0  # a tie at the top: margin 0
-    idx = torch.tensor([0, 7, 8, 150, 299, 7])
-    torch.testing.assert_close(fused.row_margins(rows, idx), logit_margin(rows[idx], 1))
-    assert fused.row_margins(rows, idx)[1] == 0
-    one = torch.randn(4, 1, generator=g)
-    assert torch.isinf(fused.row_margins(one, torch.arange(4))).all()
+    g = torch.Generator().manual_seed(K)
+    B, h, w = 3, 4, 6
+    out = torch.randn(B, K, 4 * h, 4 * w, generator=g).contiguous(memory_format=torch.channels_last)
+    out[0, :, 3, 5] = 2.0  # every class ties
+    mask = torch.rand(B, 4 * h, 4 * w, generator=g) < 0.3
+    unsure = torch.rand(B, h, w, generator=g) < 0.6
+    unsure[0, 0, 1] = True
+    mask[0, 3, 5] = False
+    idx, marg = fused.uncertain_pixels(pixel_rows(out), mask, unsure, 0.5)
+    cand = unsure.repeat_interleave(4, 1).repeat_interleave(4, 2) & ~mask
+    ref = cand.view(-1).nonzero().squeeze(1)
+    ref_m = logit_margin(pixel_rows(out)[ref], 1)
+    assert torch.equal(idx, ref[ref_m < 0.5]) and torch.equal(marg, ref_m[ref_m < 0.5])
+    assert K == 1 or (3 * 4 * w + 5) in idx.tolist()
 
 
 @pytest.mark.numba
@@ -257,7 +266,7 @@ def test_fast_exp_is_exp():
 
 @pytest.mark.numba
 def test_fused_kernels_bit_identical_on_one_and_two_threads():
-    """The output assembly, margins and refinement at a size that runs two threads (PyTorch's
+    """The output assembly, the refinement's candidates and the refinement at a size that runs two threads (PyTorch's
     OpenMP team): the same bits as on one thread, and across runs (each output row written by
     one task, in a fixed order)."""
     from spconv2d.backends.numba_kernels.runtime import PARALLEL_MIN_WORK
@@ -265,18 +274,20 @@ def test_fused_kernels_bit_identical_on_one_and_two_threads():
     from spconv2d.zoo.inactive import guided_spatial_term, pixel_rows
 
     g = torch.Generator().manual_seed(0)
-    B, K, h, w = 4, 19, 16, 32
+    B, K, h, w = 8, 19, 16, 32
     coarse = 3 * torch.randn(B, K, h, w, generator=g)
     images = torch.rand(B, 3, 4 * h, 4 * w, generator=g)
     coords = (torch.rand(B, 4 * h, 4 * w, generator=g) < 0.3).nonzero()
     fine = torch.randn(len(coords), K, generator=g)
     cells = torch.rand(B, h, w, generator=g) < 0.5
-    every, idx = torch.arange(B * 16 * h * w), torch.arange(0, B * 16 * h * w, 7)
-    assert every.numel() * K // 16 >= PARALLEL_MIN_WORK and idx.numel() * 49 * 22 // 64 >= PARALLEL_MIN_WORK
+    idx = torch.arange(0, B * 16 * h * w, 7)
+    assert B * 16 * h * w * K // 32 >= PARALLEL_MIN_WORK and idx.numel() * 49 * 22 // 64 >= PARALLEL_MIN_WORK
 
     def run():
         out = fused.compose(coarse, images, cells, fine, coords, 0.05, guided_spatial_term(4))
-        return out, fused.row_margins(pixel_rows(out), every), fused.refine_at(out, images, idx, 3, 0.05)
+        unsure = torch.ones(B, h, w, dtype=torch.bool)
+        return (out, *fused.uncertain_pixels(pixel_rows(out), torch.zeros(B, 4 * h, 4 * w, dtype=torch.bool),
+                                              unsure, 2.0), fused.refine_at(out, images, idx, 3, 0.05))
 
     old = torch.get_num_threads()
     try:
