@@ -5,7 +5,7 @@ alternating round by round (so that a drifting machine slows both alike).
 
 A diagnostic, not a benchmark (``bench_zoo.py`` is the benchmark): steps are timed by wrapping
 the public steps of ``SparseUNet.forward`` (its docstring lists them: ``make_mask``, the
-submodules, ``context``, ``cell_states``, ``upsample_guided``, ``refine_uncertain``) on the
+submodules, ``context``, ``cell_states``, ``assemble``, ``refine_uncertain``) on the
 instance (``spconv2d.zoo.measure.instrument_stages``, also used by ``spconv2d study``), so the
 total includes a little overhead.
 ``--ops`` also times every sparse op of one forward with ``sp.profile(timing=True)`` (median over

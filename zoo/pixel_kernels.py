@@ -85,7 +85,7 @@ def _fast_exp_overload(x):
 
 
 # --------------------------------------------------------------------------------------------
-# refinement, margins, mask energy
+# refinement, its candidates, mask energy
 # --------------------------------------------------------------------------------------------
 TAP_GROUP = 8  # window taps per pass over a refined pixel's logits
 

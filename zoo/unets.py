@@ -131,8 +131,8 @@ class SparseUNet(MaskedModel, UNetBase):
     The steps of ``forward``, in order, are public so that they can be timed one by one
     (``bench/steps_zoo.py`` wraps them): ``make_mask`` (without a given mask), the modules
     ``enc0 down1 enc1 down2 enc2``, ``context``, the modules ``up2 dec1 up1 dec0 head``, then
-    ``cell_states``, ``upsample_guided`` (``upsample="guided"``) and ``refine_uncertain``
-    (``refine``).
+    ``cell_states``, ``assemble`` (every pixel's logits; on its tensor path it calls
+    ``upsample_guided`` with ``upsample="guided"``) and ``refine_uncertain`` (``refine``).
     """
 
     # inactive pixels: refinement settings (chosen on held-out streets scenes, docs/ZOO.md)

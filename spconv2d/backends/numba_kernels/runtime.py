@@ -20,7 +20,8 @@
 * **PyTorch's own OpenMP team** (:class:`TeamKernel`, :func:`torch_team`): the kernels on the
   hot path of a model (the convolutions' forward, input and weight gradient and their plans,
   the submanifold map build, the strided map build with kernel = stride, max / average pooling
-  forward and backward, the reverse table, the zoo's refinement, margins and mask energy) also
+  forward and backward, the reverse table, `from_dense`'s sites, the zoo's output assembly,
+  refinement, refinement candidates and mask energy) also
   have a *team* form: a ``cfunc`` that
   reads its arguments from a block of words (:func:`pack_args`) and takes tasks from a shared
   atomic counter (:func:`next_task`), the same task code as the ``prange`` form. With several
