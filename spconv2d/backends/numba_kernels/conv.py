@@ -97,7 +97,6 @@ directory where that is not writable).
 from __future__ import annotations
 
 import functools
-import threading
 from typing import NamedTuple, Optional
 
 import numpy as np

@@ -27,12 +27,10 @@ Contract
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
-
 import functools
 import threading
+from typing import Optional, Sequence, Tuple
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
