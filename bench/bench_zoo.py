@@ -331,3 +331,46 @@ def test_choice_assembly(benchmark, coarse, form):
             put_pixel_rows(out, pix, fine)
             return out
     _run(benchmark, fn, rounds=30)
+
+
+@pytest.mark.benchmark(group="choice-refinement-candidates")
+@pytest.mark.parametrize("form", ["numba kernel (fused.uncertain_pixels)", "tensor ops"])
+def test_choice_candidates(benchmark, form):
+    """The refinement's candidates: inactive pixels (70 %) of unsure cells (65 %) with a top-2
+    margin below 2, and their margins; one kernel vs upsampled cell states, a nonzero over every
+    pixel, gathered margins and a filter."""
+    pytest.importorskip("numba")
+    from spconv2d.zoo import fused
+    from spconv2d.zoo.inactive import pixel_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows = pixel_rows(torch.randn(B, K, 4 * h, 4 * w, generator=g).contiguous(memory_format=torch.channels_last))
+    mask = torch.rand(B, 4 * h, 4 * w, generator=g) < 0.3
+    unsure = torch.rand(B, h, w, generator=g) < 0.65
+    if form.startswith("numba"):
+        fn = lambda: fused.uncertain_pixels(rows, mask, unsure, 2.0)  # noqa: E731
+    else:
+        def fn():
+            cand = unsure.repeat_interleave(4, 1).repeat_interleave(4, 2) & ~mask
+            idx = cand.view(-1).nonzero().squeeze(1)
+            marg = logit_margin(rows.index_select(0, idx), 1)
+            return idx[marg < 2.0], marg[marg < 2.0]
+    _run(benchmark, fn, rounds=30)
+
+
+@pytest.mark.benchmark(group="choice-from-dense")
+@pytest.mark.parametrize("form", ["fused pass (numba backend)", "torch ops"])
+def test_choice_from_dense(benchmark, streets_batch, form):
+    """``SparseTensor.from_dense`` of a streets batch at 30 % (the residual policy's mask): the
+    numba backend's one pass (coords, keys, features) vs nonzero + gather."""
+    pytest.importorskip("numba")
+    import spconv2d as sp
+    from spconv2d.zoo.masks import make_mask
+
+    mask = make_mask(streets_batch, "residual", 0.3)
+    name = "numba" if form.startswith("fused") else "torch"
+
+    def fn():
+        with sp.backend(name):
+            return sp.SparseTensor.from_dense(streets_batch, mask)
+    _run(benchmark, fn, rounds=30)

@@ -139,10 +139,13 @@ class SparseTensor:
             if check:
                 keys = pack_keys(coords, spatial_shape, key_dtype(batch_size, spatial_shape))
                 check_unique(keys, coords)
-        cs = CoordSet(coords, spatial_shape, batch_size, stride, keys=keys)
+        self._attach(features, CoordSet(coords, spatial_shape, batch_size, stride, keys=keys))
+
+    def _attach(self, features: torch.Tensor, coord_set: CoordSet) -> None:
+        """Hold ``features`` on ``coord_set``, the first set of a new coordinate manager."""
         self.features = features
         self._manager = CoordinateManager()
-        self._cs = self._manager.add(cs)
+        self._cs = self._manager.add(coord_set)
 
     # -- construction ------------------------------------------------------------------
     def derive(self, features: torch.Tensor, coord_set: CoordSet) -> "SparseTensor":
@@ -183,10 +186,8 @@ class SparseTensor:
             features, keys = at_sites(images.contiguous(memory_format=torch.channels_last), coords), None
         else:
             coords, features, keys = sites
-        obj = cls.__new__(cls)
-        obj.features = features
-        obj._manager = CoordinateManager()
-        obj._cs = obj._manager.add(CoordSet(coords, (H, W), B, (1, 1), keys=keys))
+        obj = cls.__new__(cls)  # (validated above: the constructor's checks would repeat them)
+        obj._attach(features, CoordSet(coords, (H, W), B, (1, 1), keys=keys))
         return obj
 
     @classmethod

@@ -10,7 +10,7 @@ test_masks.py compare them):
   once: bilinear coarse logits, the guided upsampling in the mixed cells, the head's rows plus
   the bilinear logits at the active pixels. The tensor path computes the bilinear logits at
   every pixel, gathers them at the active ones, computes the guided values and writes the
-  fine rows over them (measured side by side: docs/ZOO.md, "Inference speed").
+  fine rows over them (``bench/bench_zoo.py -k choice_assembly``; docs/ZOO.md, "Results").
 * ``refine_at``: one pass per refined pixel, without the ``[pixels, 49]`` weight and CSR
   buffers; ``uncertain_pixels``: the refinement's candidates and their top-2 margins straight
   from the logit rows (used in training too: it selects pixels only).
@@ -105,10 +105,9 @@ def compose(coarse: torch.Tensor, images: torch.Tensor, guided: torch.Tensor, fi
     """The sparse U-Net's logits ``[B, K, H, W]`` (channels-last) before refinement, each pixel
     written once: at the active pixels ``coords`` (``[N, 3]`` rows ``(b, y, x)``, distinct and
     inside the images, as a ``SparseTensor``'s) ``fine`` (the head's rows) plus the bilinearly
-    upsampled ``coarse`` logits; at the
-    inactive pixels of the cells ``guided`` (bool ``[B, h, w]``) ``inactive.guided_upsample``
-    (``sigma_r``; ``spatial``: its distance term ``[9, cell*cell]``); elsewhere the bilinear
-    logits. What ``bilinear_up``, ``guided_upsample(out=, cells=)`` and ``put_pixel_rows``
+    upsampled ``coarse`` logits; at the inactive pixels of the cells ``guided`` (bool
+    ``[B, h, w]``) ``inactive.guided_upsample`` (``sigma_r``; ``spatial``: its distance term
+    ``[9, cell*cell]``); elsewhere the bilinear logits. What ``bilinear_up``, ``guided_upsample(out=, cells=)`` and ``put_pixel_rows``
     compute one after another, in one pass."""
     import numpy as np
     import torch.nn.functional as F

@@ -324,7 +324,7 @@ SITES_PER_TASK = 256
 
 @njit(inline="always")
 def _bilinear_row(dst, rows, b, y, x, h, w, iy, wy, ix, wx):
-    """``dst[:] (+)=`` the coarse logits ``rows`` (``[B*h*w, K]``) bilinearly interpolated at
+    """``dst[:] =`` the coarse logits ``rows`` (``[B*h*w, K]``) bilinearly interpolated at
     pixel ``(y, x)`` of image ``b``: source rows ``iy[y]`` / columns ``ix[x]`` with weights
     ``wy[y]`` / ``wx[x]`` (``F.interpolate``'s ``align_corners=False`` taps). One loop over
     the classes with the four taps written out: LLVM vectorises it."""
@@ -400,10 +400,9 @@ def _compose_task(t, images, mask, guided, means, rows, spatial, params, iy, wy,
     """Task ``t`` of ``compose_kernel``: ``t < B*h``: the inactive pixels of the ``t``-th row of
     cells (guided upsampling in the cells ``guided``, bilinear elsewhere); then blocks of
     ``SITES_PER_TASK`` active sites ``coords [N, 3]`` (rows ``(b, y, x)``): ``out[site i] =
-    bilinear + fine[i]``. ``rows`` are the
-    coarse logits ``[B*h*w, K]``; ``spatial [9, cell, W]`` the guided upsampling's distance term
-    per pixel of a row of cells. Every output row is written by one task, in a fixed order of
-    operations."""
+    bilinear + fine[i]``. ``rows`` are the coarse logits ``[B*h*w, K]``; ``spatial [9, cell, W]``
+    the guided upsampling's distance term per pixel of a row of cells. Every output row is
+    written by one task, in a fixed order of operations."""
     B, C, H, W = images.shape
     h, w = means.shape[2], means.shape[3]
     cell = H // h
@@ -454,12 +453,14 @@ def _compose_task(t, images, mask, guided, means, rows, spatial, params, iy, wy,
                 dst[k] += f[k]
 
 
+@njit(inline="always")
 def _compose_count(images, means, coords):
+    """Tasks of ``compose_kernel``: the rows of cells, then the blocks of active sites."""
     return images.shape[0] * means.shape[2] + (coords.shape[0] + SITES_PER_TASK - 1) // SITES_PER_TASK
 
 
 def _compose_tasks(images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out):
-    for t in prange(images.shape[0] * means.shape[2] + (coords.shape[0] + SITES_PER_TASK - 1) // SITES_PER_TASK):
+    for t in prange(_compose_count(images, means, coords)):
         _compose_task(t, images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out)
 
 
