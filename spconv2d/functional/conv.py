@@ -85,8 +85,15 @@ def _run(features, weight_kio, bias, kmap, be):
         features, weight_kio = features.to(dt), weight_kio.to(dt)
         bias = bias.to(dt) if bias is not None else None
         with torch.autocast(dev, enabled=False):
-            return SparseConvFunction.apply(features, weight_kio, bias, kmap, be)
-    return SparseConvFunction.apply(features, weight_kio, bias, kmap, be)
+            return _apply(features, weight_kio, bias, kmap, be)
+    return _apply(features, weight_kio, bias, kmap, be)
+
+
+def _apply(features, weight_kio, bias, kmap, be):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, weight_kio, bias)):
+        return SparseConvFunction.apply(features, weight_kio, bias, kmap, be)
+    # nothing to record (inference): the backend directly, without the autograd.Function's cost
+    return be.conv_forward(features.contiguous(), weight_kio.contiguous(), bias, kmap)
 
 
 def check_output_padding(op: str, output_padding, stride, dilation):

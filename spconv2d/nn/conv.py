@@ -60,7 +60,12 @@ class SubMConv2d(_SparseConvNd):
                          False, device, dtype)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return SF.subm_conv2d(x, self.weight, self.bias, self.dilation)
+        return self.forward_with(x, self.weight, self.bias)
+
+    def forward_with(self, x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> SparseTensor:
+        """This layer's op with ``weight`` and ``bias`` (same layouts) in place of its own
+        parameters (e.g. weights with a batch norm folded in)."""
+        return SF.subm_conv2d(x, weight, bias, self.dilation)
 
 
 class SparseConv2d(_SparseConvNd):
@@ -72,7 +77,11 @@ class SparseConv2d(_SparseConvNd):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, False, device, dtype)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return SF.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return self.forward_with(x, self.weight, self.bias)
+
+    def forward_with(self, x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> SparseTensor:
+        """This layer's op with ``weight`` and ``bias`` in place of its own parameters."""
+        return SF.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
 
 class SparseConvTranspose2d(_SparseConvNd):
@@ -85,5 +94,10 @@ class SparseConvTranspose2d(_SparseConvNd):
         self.output_padding = check_output_padding("SparseConvTranspose2d", output_padding, self.stride, self.dilation)
 
     def forward(self, x: SparseTensor, output: Optional[SparseTensor] = None) -> SparseTensor:
-        return SF.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                   self.output_padding, output=output)
+        return self.forward_with(x, self.weight, self.bias, output)
+
+    def forward_with(self, x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     output: Optional[SparseTensor] = None) -> SparseTensor:
+        """This layer's op with ``weight`` and ``bias`` in place of its own parameters."""
+        return SF.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.dilation, self.output_padding,
+                                   output=output)
