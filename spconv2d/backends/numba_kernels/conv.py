@@ -152,18 +152,19 @@ PAD = 4
 
 
 class ConvPlan(NamedTuple):
-    """A map's pairs grouped by (row block of ``block_rows`` output rows, offset). The entries
-    of block ``b``, offset ``k`` are ``bptr[s] : bptr[s + 1]``, ``s = b * K + k``, ordered by
-    output row: the first ``cnt[s]`` are pairs (input row ``src``, output row
-    ``b * block_rows + loc``), the rest (fewer than ``pad``) are padding with
-    ``loc = block_rows`` (the scratch row) and ``src`` = the segment's last input row. The
-    identity offset of a submanifold map is an ordinary offset here (its segments are the
-    block's own rows)."""
+    """A map's pairs grouped by (row block of ``block_rows`` output rows, offset). Segment ``s =
+    b * K + k`` (block ``b``, offset ``k``) starts at ``bptr[s]`` (room for ``block_rows``
+    entries: ``bptr[s] = s * block_rows``) and holds ``cnt[s]`` pairs (input row ``src``, output
+    row ``b * block_rows + loc``) in output-row order, then padding up to a multiple of ``pad``
+    (``loc = block_rows``, the scratch row; ``src`` = the segment's last input row): its
+    entries end at ``bptr[s] + ceil(cnt[s] / pad) * pad`` (:func:`segment_end`); the rest of
+    its room is unused. The identity offset of a submanifold map is an ordinary offset here
+    (its segments are the block's own rows)."""
 
-    bptr: np.ndarray  # int64 [n_blocks * K + 1]
+    bptr: np.ndarray  # int64 [n_blocks * K + 1] (the last: the room of all segments)
     cnt: np.ndarray   # int32 [n_blocks * K]
-    src: np.ndarray   # int32 [entries]
-    loc: np.ndarray   # int32 [entries]
+    src: np.ndarray   # int32 [n_blocks * K * block_rows]
+    loc: np.ndarray   # int32 [n_blocks * K * block_rows]
     n_out: int
     n_in: int
     kernel_volume: int
@@ -172,112 +173,78 @@ class ConvPlan(NamedTuple):
 
 
 @njit(inline="always")
-def _count_segment(s, nbr, block, cnt):
-    """``cnt[s]``, ``s = b * K + k``: valid entries of offset ``k`` among the rows of block ``b``."""
-    K, n_out = nbr.shape
-    b, k = s // K, s % K
-    c = 0
-    for j in range(b * block, min((b + 1) * block, n_out)):
-        if nbr[k, j] >= 0:
-            c += 1
-    cnt[s] = c
-
-
-def _plan_counts_tasks(nbr, block, cnt):
-    for s in prange(cnt.shape[0]):
-        _count_segment(s, nbr, block, cnt)
-
-
-def _plan_counts_team(data):
-    words = team_words(data)
-    nbr, i = array_arg2(words, TEAM_ARGS, np.int32)
-    block = words[i]
-    cnt, i = array_arg1(words, i + 1, np.int32)
-    s = next_task(words)
-    while s < words[TEAM_TASKS]:
-        _count_segment(s, nbr, block, cnt)
-        s = next_task(words)
-
-
-_plan_counts = TeamKernel(_plan_counts_tasks, _plan_counts_team, lambda phase, nbr, block, cnt: cnt.shape[0])
+def segment_end(bptr, cnt, s, pad):
+    """End of segment ``s``'s entries (its pairs and padding)."""
+    return bptr[s] + (cnt[s] + pad - 1) // pad * pad
 
 
 @njit(inline="always")
-def _fill_segment(s, nbr, block, bptr, src, loc):
-    """Segment ``s``'s pairs in row order, then its padding (the last pair's input row, written
-    to the scratch row ``block``). Branch-free over the table (every entry is written at the
-    cursor, which advances on a pair only; the segment's end bounds the writes): a random
-    table's branches mispredicted and took 2x as long."""
+def _fill_segment(s, nbr, block, pad, cnt, src, loc):
+    """Segment ``s``'s pairs in row order, then its padding, in one pass over the table: every
+    entry is written at the cursor, which advances on a pair only (branch-free: a random
+    table's branches mispredicted and took 2x as long; the segment's room of ``block`` entries
+    holds the cursor's last write)."""
     K, n_out = nbr.shape
     b, k = s // K, s % K
-    p, end = bptr[s], bptr[s + 1]
+    p0 = s * block
     base = b * block
+    c = 0
     for j in range(base, min(base + block, n_out)):
         i = nbr[k, j]
-        if p < end:
-            src[p] = i
-            loc[p] = j - base
-        p += i >= 0
-    last = src[p - 1] if p > bptr[s] else 0
-    while p < end:
-        src[p] = last
-        loc[p] = block
-        p += 1
+        src[p0 + c] = i
+        loc[p0 + c] = j - base
+        c += i >= 0
+    cnt[s] = c
+    last = src[p0 + c - 1] if c > 0 else 0
+    for q in range(p0 + c, p0 + (c + pad - 1) // pad * pad):
+        src[q] = last
+        loc[q] = block
 
 
-def _plan_fill_tasks(nbr, block, bptr, src, loc):
-    for s in prange(bptr.shape[0] - 1):
-        _fill_segment(s, nbr, block, bptr, src, loc)
+def _plan_fill_tasks(nbr, block, pad, cnt, src, loc):
+    for s in prange(cnt.shape[0]):
+        _fill_segment(s, nbr, block, pad, cnt, src, loc)
 
 
 def _plan_fill_team(data):
     words = team_words(data)
     nbr, i = array_arg2(words, TEAM_ARGS, np.int32)
-    block = words[i]
-    bptr, i = array_arg1(words, i + 1, np.int64)
+    block, pad = words[i], words[i + 1]
+    cnt, i = array_arg1(words, i + 2, np.int32)
     src, i = array_arg1(words, i, np.int32)
     loc, i = array_arg1(words, i, np.int32)
     s = next_task(words)
     while s < words[TEAM_TASKS]:
-        _fill_segment(s, nbr, block, bptr, src, loc)
+        _fill_segment(s, nbr, block, pad, cnt, src, loc)
         s = next_task(words)
 
 
-_plan_fill = TeamKernel(_plan_fill_tasks, _plan_fill_team, lambda phase, nbr, block, bptr, src, loc: bptr.shape[0] - 1)
+_plan_fill = TeamKernel(_plan_fill_tasks, _plan_fill_team, lambda phase, nbr, block, pad, cnt, src, loc: cnt.shape[0])
 
 
 def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
     """The :class:`ConvPlan` of ``nbr [K, N_out]`` (int32, -1 = missing) for ``n_in`` input
     rows. Cache it on the map (``kmap.cached("numba_plan@nbr", ...)``): every layer on the map
-    and the input gradient of a symmetric map reuse it. Two parallel passes over the table
-    (count per segment, then fill), deterministic."""
+    and the input gradient of a symmetric map reuse it. The block size from the offsets' pair
+    counts (one vectorised count), then one parallel pass over the table; deterministic."""
     K, n_out = nbr.shape
     t = nbr.to(torch.int32).contiguous().numpy()
-    nb = -(-n_out // MIN_BLOCK_ROWS)
-    cnt = np.zeros(nb * K, np.int32)  # first per block of MIN_BLOCK_ROWS rows
-    if cnt.size:
-        launch(_plan_counts, t, MIN_BLOCK_ROWS, cnt, work=K * n_out)
-    counts = cnt.reshape(nb, K).sum(0)
     # the pairs of an offset per output row, the fullest offset (a submanifold map's identity)
     # left out: blocks of about SEGMENT_PAIRS / fill rows
+    counts = np.count_nonzero(t >= 0, axis=1) if n_out else np.zeros(K, np.int64)
     fill = float(counts.sum() - counts.max()) / max(1, (K - 1) * n_out) if K > 1 else 1.0
     block = MIN_BLOCK_ROWS
     while block < MAX_BLOCK_ROWS and block * fill < SEGMENT_PAIRS:
         block *= 2
-    if block != MIN_BLOCK_ROWS:  # whole groups of the small blocks (the last one shorter)
-        group = block // MIN_BLOCK_ROWS
-        nb2 = -(-n_out // block)
-        full = np.zeros((nb2 * group, K), np.int64)
-        full[:nb] = cnt.reshape(nb, K)
-        cnt = full.reshape(nb2, group, K).sum(1).astype(np.int32).reshape(-1)
-        nb = nb2
-    padded = (cnt.astype(np.int64) + (pad - 1)) // pad * pad
-    bptr = np.zeros(nb * K + 1, np.int64)
-    np.cumsum(padded, out=bptr[1:])
-    src = np.empty(int(bptr[-1]), np.int32)
-    loc = np.empty(int(bptr[-1]), np.int32)
-    if src.size:
-        launch(_plan_fill, t, block, bptr, src, loc, work=K * n_out)
+    if block % pad:
+        raise ValueError(f"pad {pad} must divide the block rows {block}")
+    nb = -(-n_out // block)
+    bptr = np.arange(nb * K + 1, dtype=np.int64) * block
+    cnt = np.zeros(nb * K, np.int32)
+    src = np.empty(nb * K * block, np.int32)
+    loc = np.empty(nb * K * block, np.int32)
+    if cnt.size:
+        launch(_plan_fill, t, block, pad, cnt, src, loc, work=K * n_out)
     return ConvPlan(bptr, cnt, src, loc, n_out, int(n_in), K, pad, block)
 
 
@@ -470,7 +437,7 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
 
 
 @njit(inline="always")
-def _conv_task(t, x, w, bias, has_bias, block, bptr, src, loc, out, NR, NV, VW, MR, P, A):
+def _conv_task(t, x, w, bias, has_bias, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A):
     """Task ``t`` of the forward kernel: row block ``t // ncb`` x channel block ``t % ncb``.
     (Module level, its tile shape in arguments that the callers pass as constants: a closure
     capturing a jitted function would change numba's disk-cache key in every process.)"""
@@ -489,7 +456,7 @@ def _conv_task(t, x, w, bias, has_bias, block, bptr, src, loc, out, NR, NV, VW, 
         for c in range(NR):
             acc[r, c] = bias[cb, c] if has_bias else 0.0
     for k in range(K):
-        e = bptr[b * K + k + 1]
+        e = segment_end(bptr, cnt, b * K + k, P)
         wo = k * C_in * Cp + cb * NR
         p = bptr[b * K + k]
         while e - p >= MR:
@@ -520,10 +487,10 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     NV = NR // VW
     A = (MAX_BLOCK_ROWS + 1) * NR
 
-    def kernel(x, w, bias, has_bias, block, bptr, src, loc, out):
+    def kernel(x, w, bias, has_bias, block, bptr, cnt, src, loc, out):
         n_tasks = (out.shape[0] + block - 1) // block * (w.shape[2] // NR)
         for t in prange(n_tasks):
-            _conv_task(t, x, w, bias, has_bias, block, bptr, src, loc, out, NR, NV, VW, MR, P, A)
+            _conv_task(t, x, w, bias, has_bias, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A)
 
     def team(data):
         words = team_words(data)
@@ -532,15 +499,16 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
         bias, i = array_arg2(words, i, npdt)
         has_bias, block = words[i] != 0, words[i + 1]
         bptr, i = array_arg1(words, i + 2, np.int64)
+        cnt, i = array_arg1(words, i, np.int32)
         src, i = array_arg1(words, i, np.int32)
         loc, i = array_arg1(words, i, np.int32)
         out, i = array_arg2(words, i, npdt)
         t = next_task(words)
         while t < words[TEAM_TASKS]:
-            _conv_task(t, x, w, bias, has_bias, block, bptr, src, loc, out, NR, NV, VW, MR, P, A)
+            _conv_task(t, x, w, bias, has_bias, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A)
             t = next_task(words)
 
-    def tasks(phase, x, w, bias, has_bias, block, bptr, src, loc, out):
+    def tasks(phase, x, w, bias, has_bias, block, bptr, cnt, src, loc, out):
         return -(-out.shape[0] // block) * (w.shape[2] // NR)
 
     return TeamKernel(kernel, team, tasks)
@@ -781,7 +749,7 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         b[:c_out] = bias
     out = torch.empty(n_dst, c_out, dtype=cdt)
     launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(),
-           b.view(ncb, NR).numpy(), bias is not None, plan.block_rows, plan.bptr, plan.src,
+           b.view(ncb, NR).numpy(), bias is not None, plan.block_rows, plan.bptr, plan.cnt, plan.src,
            plan.loc, out.numpy(), dynamic=True)
     return out if cdt == dtype else out.to(dtype)
 

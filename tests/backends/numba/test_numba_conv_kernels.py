@@ -10,6 +10,7 @@ on PyTorch's OpenMP team and on numba's pool (every output element is summed in 
 by the plan and the tile shape; no atomics).
 The first run of this file compiles the kernels (cached on disk by numba for the next runs).
 """
+import numpy as np
 import pytest
 import torch
 
@@ -141,11 +142,14 @@ def test_plan_layout(gen, fill):
     assert nk.MIN_BLOCK_ROWS <= R <= nk.MAX_BLOCK_ROWS
     nb = -(-1333 // R)
     assert plan.bptr.shape == (nb * K + 1,) and plan.bptr[0] == 0
-    seg_len = plan.bptr[1:] - plan.bptr[:-1]
+    room = plan.bptr[1:] - plan.bptr[:-1]
+    ends = np.array([nk.segment_end(plan.bptr, plan.cnt, s, plan.pad) for s in range(nb * K)])
+    seg_len = ends - plan.bptr[:-1]
     assert (seg_len % plan.pad == 0).all() and (seg_len >= plan.cnt).all() and (seg_len - plan.cnt < plan.pad).all()
+    assert (seg_len <= room).all() and plan.src.size >= plan.bptr[-1]
     for b in range(nb):
         for k in range(K):
-            s, c, e = plan.bptr[b * K + k], plan.cnt[b * K + k], plan.bptr[b * K + k + 1]
+            s, c, e = plan.bptr[b * K + k], plan.cnt[b * K + k], ends[b * K + k]
             rows = torch.from_numpy(plan.loc[s:s + c]).long() + b * R
             expect = (nbr[k, b * R:(b + 1) * R] >= 0).nonzero().squeeze(1) + b * R
             assert torch.equal(rows, expect)
