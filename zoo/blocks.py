@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _module
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import spconv2d as sp  # the core library; the zoo depends on it, never the other way
@@ -63,9 +64,10 @@ class ConvBNReLU(nn.Module):
     is folded into the conv: one conv with ``weight * s`` and ``(bias - mean) * s + beta``,
     ``s = gamma / sqrt(var + eps)`` (``torch.nn.utils.fusion.fuse_conv_bn_weights``), the
     same function up to rounding, without the batch norm's pass over the features (on the
-    sparse twin a pass of PyTorch's ``[N, C]`` batch norm per layer; the dense twin measured
-    no change, ``bench_zoo.py -k choice_fold``). Both twins fold alike. The folded weights are
-    cached until a parameter or running statistic changes (``_version``) or moves."""
+    sparse twin a pass of PyTorch's ``[N, C]`` batch norm per layer). Both twins fold alike;
+    not while a forward hook is registered on the conv or the batch norm (or globally), so that
+    hooks see the modules' calls. The folded weights are cached until a parameter or running
+    statistic changes (``_version``) or moves."""
 
     def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module):
         super().__init__()
@@ -90,7 +92,8 @@ class ConvBNReLU(nn.Module):
         bn = self.bn
         return (isinstance(self.conv, _FOLDABLE) and isinstance(bn, nn.modules.batchnorm._BatchNorm)
                 and bn.running_mean is not None and bn.running_var is not None
-                and (not isinstance(self.conv, nn.ConvTranspose2d) or self.conv.groups == 1))
+                and (not isinstance(self.conv, nn.ConvTranspose2d) or self.conv.groups == 1)
+                and not _hooked(self.conv) and not _hooked(bn))
 
     def folded_weights(self):
         """``(weight, bias)`` of the conv with the batch norm's running statistics folded in
@@ -109,6 +112,13 @@ class ConvBNReLU(nn.Module):
         if key is not None:
             self._fold_key, self._fold = key, fold
         return fold
+
+
+def _hooked(module: nn.Module) -> bool:
+    """True when forward hooks would see ``module``'s call (its own or global ones): then it is
+    called as a module (e.g. ``zoo.measure.MacCounter`` counts the dense convs with hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks)
 
 
 def conv_bn_relu(ops: SimpleNamespace, conv: nn.Module, co: int) -> ConvBNReLU:

@@ -23,6 +23,7 @@ on disk. ``usable(*tensors)`` says whether a call may use them.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -90,9 +91,11 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
     return res
 
 
+@functools.lru_cache(maxsize=64)
 def _bilinear_taps(n_in: int, n_out: int, dtype: torch.dtype):
     """``F.interpolate(mode="bilinear", align_corners=False)``'s source indices ``[n_out, 2]``
-    and weights ``[n_out, 2]`` along one axis (same formula, same float type)."""
+    and weights ``[n_out, 2]`` along one axis (same formula, same float type); cached (read
+    only: a handful of small tensors per image size)."""
     src = ((torch.arange(n_out, dtype=dtype) + 0.5) * (n_in / n_out) - 0.5).clamp_min_(0)
     i0 = src.long()  # floor: src >= 0
     i1 = i0 + (i0 < n_in - 1).long()
@@ -129,15 +132,14 @@ def compose(coarse: torch.Tensor, images: torch.Tensor, guided: torch.Tensor, fi
     # the distance term per pixel of a row of cells: [9, cell, W]
     spatial_rows = spatial.to(dt).view(9, cell, 1, cell).expand(9, cell, w, cell).reshape(9, cell, W).contiguous()
     im_np = im.numpy()
-    coords = coords.to(torch.int64).contiguous()
-    active = torch.zeros(B, H, W, dtype=torch.uint8)
-    active[coords[:, 0], coords[:, 1], coords[:, 2]] = 1
-    args = (im_np, active.numpy(), guided.contiguous().view(torch.uint8).numpy(),
-            means.numpy(), rows.numpy(), spatial_rows.numpy(),
+    coords = coords.long()
+    site = torch.full((B, H, W), -1, dtype=torch.int32)  # the active pixels' rows of ``fine``
+    site[coords[:, 0], coords[:, 1], coords[:, 2]] = torch.arange(coords.shape[0], dtype=torch.int32)
+    args = (im_np, site.numpy(), guided.contiguous().view(torch.uint8).numpy(),
+            means.numpy(), rows.view(-1).numpy(), spatial_rows.numpy(),
             np.array([1.0 / (2 * sigma_r ** 2)], dtype=im_np.dtype), iy.numpy(), wy.numpy(), ix.numpy(), wx.numpy(),
-            fine.detach().to(dt).contiguous().numpy(), coords.numpy(),
-            out.permute(0, 2, 3, 1).view(-1, K).numpy())
-    launch(pixel_kernels.compose_kernel(im_np.dtype.type), *args, work=B * H * W * K // 8)
+            fine.detach().to(dt).contiguous().numpy(), out.permute(0, 2, 3, 1).view(-1, K).numpy())
+    launch(pixel_kernels.compose_kernel(im_np.dtype.type, K), *args, work=B * H * W * K // 8)
     return out
 
 

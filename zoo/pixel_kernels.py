@@ -1,7 +1,7 @@
 """The numba kernels behind ``zoo.fused`` (imported on first use: importing it imports numba).
 
-``compose_kernel(npdt)``: the sparse U-Net's output assembly (bilinear, guided upsampling,
-active pixels), in tasks of one row of cells or ``SITES_PER_TASK`` active pixels.
+``compose_kernel(npdt, K)``: the sparse U-Net's output assembly (bilinear, guided upsampling,
+active pixels), in tasks of one row of cells, compiled per class count ``K``.
 ``refine_kernel(npdt)``: the colour-weighted window mean of the pixels ``idx``, in tasks of
 ``PIXELS_PER_TASK`` pixels. ``uncertain_kernel(npdt)``: the refinement's candidates (top-2
 margins of the inactive pixels of unsure cells).
@@ -319,22 +319,6 @@ def energy_kernel(npdt) -> TeamKernel:
 # --------------------------------------------------------------------------------------------
 # the sparse U-Net's output assembly
 # --------------------------------------------------------------------------------------------
-SITES_PER_TASK = 256
-
-
-@njit(inline="always")
-def _bilinear_row(dst, rows, b, y, x, h, w, iy, wy, ix, wx):
-    """``dst[:] =`` the coarse logits ``rows`` (``[B*h*w, K]``) bilinearly interpolated at
-    pixel ``(y, x)`` of image ``b``: source rows ``iy[y]`` / columns ``ix[x]`` with weights
-    ``wy[y]`` / ``wx[x]`` (``F.interpolate``'s ``align_corners=False`` taps). One loop over
-    the classes with the four taps written out: LLVM vectorises it."""
-    r00, r01 = rows[(b * h + iy[y, 0]) * w + ix[x, 0]], rows[(b * h + iy[y, 0]) * w + ix[x, 1]]
-    r10, r11 = rows[(b * h + iy[y, 1]) * w + ix[x, 0]], rows[(b * h + iy[y, 1]) * w + ix[x, 1]]
-    w00, w01, w10, w11 = wy[y, 0] * wx[x, 0], wy[y, 0] * wx[x, 1], wy[y, 1] * wx[x, 0], wy[y, 1] * wx[x, 1]
-    for k in range(dst.shape[0]):
-        dst[k] = w00 * r00[k] + w01 * r01[k] + w10 * r10[k] + w11 * r11[k]
-
-
 @njit(inline="always")
 def _guided_row_weights(b, cy, images, means, spatial, a, colour, mean_of, score, top):
     """Guided upsampling's softmax weights for every pixel of the ``cy``-th row of cells of image
@@ -396,84 +380,99 @@ def _guided_row_weights(b, cy, images, means, spatial, a, colour, mean_of, score
 
 
 @njit(inline="always")
-def _compose_task(t, images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out):
-    """Task ``t`` of ``compose_kernel``: ``t < B*h``: the inactive pixels of the ``t``-th row of
-    cells (guided upsampling in the cells ``guided``, bilinear elsewhere); then blocks of
-    ``SITES_PER_TASK`` active sites ``coords [N, 3]`` (rows ``(b, y, x)``): ``out[site i] =
-    bilinear + fine[i]``. ``rows`` are the coarse logits ``[B*h*w, K]``; ``spatial [9, cell, W]``
-    the guided upsampling's distance term per pixel of a row of cells. Every output row is
-    written by one task, in a fixed order of operations."""
+def _compose_task(t, images, site, guided, means, rows1, spatial, params, iy, wy, ix, wx, fine, out, K):
+    """Task ``t`` of ``compose_kernel``: the pixels of the ``t``-th row of cells (image ``t //
+    h``), each written once: an active pixel (``site[b, y, x] = i >= 0``) ``fine[i]`` plus the
+    bilinear logits; an inactive one the guided upsampling in the cells ``guided``, the
+    bilinear logits elsewhere. ``rows1`` are the coarse logits ``[B*h*w, K]`` flattened;
+    bilinear: per image row the two source rows of cells blended once (``vrow [w*K]``), then
+    two taps per pixel (``iy/wy``, ``ix/wx``: ``F.interpolate``'s ``align_corners=False`` taps);
+    ``spatial [9, cell, W]`` the guided upsampling's distance term per pixel of a row of cells.
+    A fixed order of operations per pixel (deterministic). ``K`` (the logits per pixel) is a
+    compile-time constant of the kernel: the loops over the classes then vectorise without a
+    runtime trip count (measured: a runtime ``K`` made the bilinear pass 1.6x slower)."""
     B, C, H, W = images.shape
     h, w = means.shape[2], means.shape[3]
     cell = H // h
-    K = rows.shape[1]
-    nbr = np.empty(9, np.int64)
-    if t < B * h:
-        b, cy = t // h, t % h
-        any_guided = False
-        for cx in range(w):
-            any_guided |= guided[b, cy, cx] != 0
-        if any_guided:
-            score = np.empty((9, cell, W), images.dtype)
-            top = np.empty((cell, W), images.dtype)
-            colour = np.empty((C, cell, W), images.dtype)
-            mean_of = np.empty((C, 9, W), images.dtype)
-            _guided_row_weights(b, cy, images, means, spatial, params[0], colour, mean_of, score, top)
+    rows = rows1.reshape((B * h * w, K))
+    b, cy = t // h, t % h
+    any_guided = False
+    for cx in range(w):
+        any_guided |= guided[b, cy, cx] != 0
+    if any_guided:
+        score = np.empty((9, cell, W), images.dtype)
+        top = np.empty((cell, W), images.dtype)
+        colour = np.empty((C, cell, W), images.dtype)
+        mean_of = np.empty((C, 9, W), images.dtype)
+        _guided_row_weights(b, cy, images, means, spatial, params[0], colour, mean_of, score, top)
+    vrow = np.empty(w * K, images.dtype)
+    for py in range(cell):
+        y = cy * cell + py
+        o0, o1 = (b * h + iy[y, 0]) * w * K, (b * h + iy[y, 1]) * w * K
+        a0, a1 = wy[y, 0], wy[y, 1]
+        for q in range(w * K):
+            vrow[q] = a0 * rows1[o0 + q] + a1 * rows1[o1 + q]
         for cx in range(w):
             if guided[b, cy, cx]:
-                for j in range(9):
-                    nbr[j] = (b * h + min(max(cy + j // 3 - 1, 0), h - 1)) * w + min(max(cx + j % 3 - 1, 0), w - 1)
-                r0, r1, r2 = rows[nbr[0]], rows[nbr[1]], rows[nbr[2]]
-                r3, r4, r5 = rows[nbr[3]], rows[nbr[4]], rows[nbr[5]]
-                r6, r7, r8 = rows[nbr[6]], rows[nbr[7]], rows[nbr[8]]
-            for py in range(cell):
-                y = cy * cell + py
-                for px in range(cell):
-                    x = cx * cell + px
-                    if mask[b, y, x]:
-                        continue
-                    dst = out[(b * H + y) * W + x]
-                    if guided[b, cy, cx]:
-                        w0, w1, w2 = score[0, py, x], score[1, py, x], score[2, py, x]
-                        w3, w4, w5 = score[3, py, x], score[4, py, x], score[5, py, x]
-                        w6, w7, w8 = score[6, py, x], score[7, py, x], score[8, py, x]
-                        for k in range(K):
-                            dst[k] = (w0 * r0[k] + w1 * r1[k] + w2 * r2[k] + w3 * r3[k] + w4 * r4[k]
-                                      + w5 * r5[k] + w6 * r6[k] + w7 * r7[k] + w8 * r8[k])
-                    else:
-                        _bilinear_row(dst, rows, b, y, x, h, w, iy, wy, ix, wx)
-    else:
-        t -= B * h
-        for i in range(t * SITES_PER_TASK, min(coords.shape[0], (t + 1) * SITES_PER_TASK)):
-            b, y, x = coords[i, 0], coords[i, 1], coords[i, 2]
-            dst = out[(b * H + y) * W + x]
-            _bilinear_row(dst, rows, b, y, x, h, w, iy, wy, ix, wx)
-            f = fine[i]
-            for k in range(K):
-                dst[k] += f[k]
+                _guided_cell(b, cy, cx, py, y, h, w, H, W, K, cell, site, rows, score, vrow, ix, wx, fine, out)
+            else:
+                for x in range(cx * cell, cx * cell + cell):
+                    _bilinear_pixel(out[(b * H + y) * W + x], site[b, y, x], vrow, K, ix, wx, x, fine)
 
 
 @njit(inline="always")
-def _compose_count(images, means, coords):
-    """Tasks of ``compose_kernel``: the rows of cells, then the blocks of active sites."""
-    return images.shape[0] * means.shape[2] + (coords.shape[0] + SITES_PER_TASK - 1) // SITES_PER_TASK
+def _bilinear_pixel(dst, i, vrow, K, ix, wx, x, fine):
+    """``dst[:] =`` the bilinear logits of pixel column ``x`` from the blended row ``vrow``
+    (two taps), plus ``fine[i]`` at an active pixel (``i >= 0``)."""
+    u0, u1 = wx[x, 0], wx[x, 1]
+    p0, p1 = ix[x, 0] * K, ix[x, 1] * K
+    if i >= 0:
+        f = fine[i]
+        for k in range(K):
+            dst[k] = (u0 * vrow[p0 + k] + u1 * vrow[p1 + k]) + f[k]
+    else:
+        for k in range(K):
+            dst[k] = u0 * vrow[p0 + k] + u1 * vrow[p1 + k]
 
 
-def _compose_tasks(images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out):
-    for t in prange(_compose_count(images, means, coords)):
-        _compose_task(t, images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out)
+@njit(inline="always")
+def _guided_cell(b, cy, cx, py, y, h, w, H, W, K, cell, site, rows, score, vrow, ix, wx, fine, out):
+    """The pixels of row ``py`` of cell ``(cy, cx)`` (guided): the inactive ones the softmax
+    (``score``) blend of the 3x3 neighbour cells' logits, the active ones as elsewhere."""
+    y0, y1, y2 = max(cy - 1, 0), cy, min(cy + 1, h - 1)
+    x0, x1, x2 = max(cx - 1, 0), cx, min(cx + 1, w - 1)
+    r0, r1, r2 = rows[(b * h + y0) * w + x0], rows[(b * h + y0) * w + x1], rows[(b * h + y0) * w + x2]
+    r3, r4, r5 = rows[(b * h + y1) * w + x0], rows[(b * h + y1) * w + x1], rows[(b * h + y1) * w + x2]
+    r6, r7, r8 = rows[(b * h + y2) * w + x0], rows[(b * h + y2) * w + x1], rows[(b * h + y2) * w + x2]
+    for x in range(cx * cell, cx * cell + cell):
+        dst = out[(b * H + y) * W + x]
+        i = site[b, y, x]
+        if i >= 0:
+            _bilinear_pixel(dst, i, vrow, K, ix, wx, x, fine)
+            continue
+        w0, w1, w2 = score[0, py, x], score[1, py, x], score[2, py, x]
+        w3, w4, w5 = score[3, py, x], score[4, py, x], score[5, py, x]
+        w6, w7, w8 = score[6, py, x], score[7, py, x], score[8, py, x]
+        for k in range(K):
+            dst[k] = (w0 * r0[k] + w1 * r1[k] + w2 * r2[k] + w3 * r3[k] + w4 * r4[k]
+                      + w5 * r5[k] + w6 * r6[k] + w7 * r7[k] + w8 * r8[k])
 
 
 @functools.lru_cache(maxsize=None)
-def compose_kernel(npdt) -> TeamKernel:
-    """The sparse U-Net's logits at every pixel before refinement (see ``_compose_task``)."""
+def compose_kernel(npdt, K: int) -> TeamKernel:
+    """The sparse U-Net's logits at every pixel before refinement (see ``_compose_task``), for
+    ``K`` logits per pixel (compiled per class count)."""
+    def kernel(images, site, guided, means, rows1, spatial, params, iy, wy, ix, wx, fine, out):
+        for t in prange(images.shape[0] * means.shape[2]):
+            _compose_task(t, images, site, guided, means, rows1, spatial, params, iy, wy, ix, wx, fine, out, K)
+
     def team(data):
         words = team_words(data)
         images, i = array_arg4(words, TEAM_ARGS, npdt)
-        mask, i = array_arg3(words, i, np.uint8)
+        site, i = array_arg3(words, i, np.int32)
         guided, i = array_arg3(words, i, np.uint8)
         means, i = array_arg4(words, i, npdt)
-        rows, i = array_arg2(words, i, npdt)
+        rows1, i = array_arg1(words, i, npdt)
         spatial, i = array_arg3(words, i, npdt)
         params, i = array_arg1(words, i, npdt)
         iy, i = array_arg2(words, i, np.int64)
@@ -481,13 +480,12 @@ def compose_kernel(npdt) -> TeamKernel:
         ix, i = array_arg2(words, i, np.int64)
         wx, i = array_arg2(words, i, npdt)
         fine, i = array_arg2(words, i, npdt)
-        coords, i = array_arg2(words, i, np.int64)
         out, i = array_arg2(words, i, npdt)
         t = next_task(words)
         while t < words[TEAM_TASKS]:
-            _compose_task(t, images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out)
+            _compose_task(t, images, site, guided, means, rows1, spatial, params, iy, wy, ix, wx, fine, out, K)
             t = next_task(words)
 
-    return TeamKernel(_compose_tasks, team,
-                      lambda phase, images, mask, guided, means, rows, spatial, params, iy, wy, ix, wx, fine, coords, out:
-                      _compose_count(images, means, coords))
+    return TeamKernel(kernel, team,
+                      lambda phase, images, site, guided, means, rows1, spatial, params, iy, wy, ix, wx, fine, out:
+                      images.shape[0] * means.shape[2])

@@ -98,3 +98,16 @@ def test_conv_bn_relu_does_not_fold_in_training_or_without_running_stats():
         y = free(x)  # no running statistics: batch statistics even in eval, never folded
     assert free._fold_key is None
     torch.testing.assert_close(y, torch.relu(free.bn(free.conv(x))))
+
+
+def test_conv_bn_relu_calls_its_modules_while_hooks_watch_them():
+    """A forward hook on the conv (e.g. ``zoo.measure.MacCounter``) sees its call: no fold."""
+    from spconv2d.zoo.blocks import dense_ops
+
+    blk = _trained_block(dense_ops(), "conv", (3, 4, 3), 4, torch.Generator().manual_seed(5))
+    seen = []
+    handle = blk.conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        blk(torch.randn(1, 3, 6, 6))
+    handle.remove()
+    assert seen == [torch.Size([1, 4, 6, 6])] and blk._fold_key is None
