@@ -64,7 +64,9 @@ class ConvBNReLU(nn.Module):
     is folded into the conv: one conv with ``weight * s`` and ``(bias - mean) * s + beta``,
     ``s = gamma / sqrt(var + eps)`` (``torch.nn.utils.fusion.fuse_conv_bn_weights``), the
     same function up to rounding, without the batch norm's pass over the features (on the
-    sparse twin a pass of PyTorch's ``[N, C]`` batch norm per layer). Both twins fold alike;
+    sparse twin a pass of PyTorch's ``[N, C]`` batch norm per layer); a sparse conv then
+    applies a ``SparseReLU`` in its epilogue too (``relu=True``: the numba backend clamps the
+    outputs as it writes them, no pass of its own). Both twins fold alike;
     not while a forward hook is registered on the conv or the batch norm (or globally), so that
     hooks see the modules' calls. The folded weights are cached until a parameter or running
     statistic changes (``_version``) or moves."""
@@ -84,6 +86,8 @@ class ConvBNReLU(nn.Module):
                                    conv.dilation)
         elif isinstance(conv, nn.Conv2d):
             y = conv._conv_forward(x, weight, bias)
+        elif isinstance(self.act, sp.nn.SparseReLU) and not _hooked(self.act):
+            return conv.forward_with(x, weight, bias, relu=True, **kw)  # the ReLU in the conv's epilogue
         else:
             y = conv.forward_with(x, weight, bias, **kw)
         return self.act(y)

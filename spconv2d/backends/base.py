@@ -164,6 +164,12 @@ class Backend(abc.ABC):
                      kmap) -> torch.Tensor:
         """``[N_out, C_out]`` = ``bias + sum_k features[nbr[k]] @ weight[k]``."""
 
+    def conv_forward_relu(self, features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          kmap) -> torch.Tensor:
+        """``max(conv_forward(...), 0)`` (inference: no autograd). A backend with an epilogue
+        overrides it to clamp the outputs as it writes them; by default a pass after."""
+        return self.conv_forward(features, weight, bias, kmap).relu_()
+
     @abc.abstractmethod
     def conv_backward_input(self, grad_out: torch.Tensor, weight: torch.Tensor, kmap) -> torch.Tensor:
         """``[N_in, C_in]``: ``grad_in[i] = sum_{k, j: nbr[k, j] = i} grad_out[j] @ weight[k].T``."""

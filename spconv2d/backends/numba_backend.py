@@ -184,13 +184,19 @@ class NumbaBackend(TorchBackend):
             return kmap.cached("numba_plan@rev", lambda: nk.build_plan(_rev(kmap), kmap.n_out))
         return kmap.cached("numba_plan@nbr", lambda: nk.build_plan(kmap.nbr, kmap.n_in))
 
-    def conv_forward(self, features, weight, bias, kmap) -> torch.Tensor:
-        fallback = lambda: super(NumbaBackend, self).conv_forward(features, weight, bias, kmap)  # noqa: E731
+    def conv_forward(self, features, weight, bias, kmap, relu: bool = False) -> torch.Tensor:
+        def fallback():
+            out = super(NumbaBackend, self).conv_forward(features, weight, bias, kmap)
+            return out.relu_() if relu else out
+
         if features.device.type != "cpu" or self._on_torch(kmap, weight.shape[1], weight.shape[2], kmap.n_out):
             return fallback()
         return self._fused(lambda: nk.conv_forward(features.detach(), weight.detach(),
                                                    None if bias is None else bias.detach(), kmap.nbr,
-                                                   self._plan(kmap, reverse=False)), fallback)
+                                                   self._plan(kmap, reverse=False), relu=relu), fallback)
+
+    def conv_forward_relu(self, features, weight, bias, kmap) -> torch.Tensor:
+        return self.conv_forward(features, weight, bias, kmap, relu=True)  # clamped as written
 
     def conv_backward_input(self, grad_out, weight, kmap) -> torch.Tensor:
         fallback = lambda: super(NumbaBackend, self).conv_backward_input(grad_out, weight, kmap)  # noqa: E731

@@ -77,23 +77,36 @@ def _check_weight(x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Te
                                 f"they must match (or run under torch.autocast)")
 
 
-def _run(features, weight_kio, bias, kmap, be):
-    """Apply the conv under ``torch.autocast`` rules of ``nn.Conv2d`` (lower-precision op)."""
+def _run(features, weight_kio, bias, kmap, be, relu: bool = False):
+    """Apply the conv (``relu``: then ``max(., 0)``) under ``torch.autocast`` rules of
+    ``nn.Conv2d`` (lower-precision op)."""
     dev = features.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         features, weight_kio = features.to(dt), weight_kio.to(dt)
         bias = bias.to(dt) if bias is not None else None
         with torch.autocast(dev, enabled=False):
-            return _apply(features, weight_kio, bias, kmap, be)
-    return _apply(features, weight_kio, bias, kmap, be)
+            return _apply(features, weight_kio, bias, kmap, be, relu)
+    return _apply(features, weight_kio, bias, kmap, be, relu)
 
 
-def _apply(features, weight_kio, bias, kmap, be):
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, weight_kio, bias)):
-        return SparseConvFunction.apply(features, weight_kio, bias, kmap, be)
-    # nothing to record (inference): the backend directly, without the autograd.Function's cost
-    return be.conv_forward(features.contiguous(), weight_kio.contiguous(), bias, kmap)
+def _apply(features, weight_kio, bias, kmap, be, relu: bool):
+    if _records(features, weight_kio, bias):
+        out = SparseConvFunction.apply(features, weight_kio, bias, kmap, be)
+        return torch.relu(out) if relu else out
+    # nothing to record (inference): the backend directly, without the autograd.Function's
+    # cost; the ReLU in the backend's epilogue where it has one
+    f, w = features.contiguous(), weight_kio.contiguous()
+    return be.conv_forward_relu(f, w, bias, kmap) if relu else be.conv_forward(f, w, bias, kmap)
+
+
+def _records(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _relu(t: torch.Tensor) -> torch.Tensor:
+    """``max(t, 0)`` of a fresh result: in place unless autograd records it."""
+    return torch.relu(t) if _records(t) else t.relu_()
 
 
 def check_output_padding(op: str, output_padding, stride, dilation):
@@ -114,12 +127,14 @@ def _as_kio(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.permute(*perm).reshape(kh * kw, *((a, b) if transposed else (b, a)))
 
 
-def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Optional[BackendSpec] = None,
-                index: Optional[str] = None) -> SparseTensor:
+def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, relu: bool = False,
+                backend: Optional[BackendSpec] = None, index: Optional[str] = None) -> SparseTensor:
     """Submanifold conv: output sites = input sites, values = ``F.conv2d(dense, w, b,
-    padding=dilation*(k//2), dilation=dilation)`` there. Odd kernel sizes only. ``backend``: a
-    name or instance (default: the one in force, see ``sp.backend``); ``index``: the
-    coordinate index strategy for the map build."""
+    padding=dilation*(k//2), dilation=dilation)`` there. Odd kernel sizes only. ``relu``: the
+    values are ``max(., 0)`` (without autograd, in the backend's epilogue where it has one: the
+    numba backend clamps the outputs as it writes them). ``backend``: a name or instance
+    (default: the one in force, see ``sp.backend``); ``index``: the coordinate index strategy
+    for the map build."""
     _check_weight(x, weight, bias, 1, "subm_conv2d")
     backends.check_index_strategy(index)
     ksize, dilation = tuple(weight.shape[2:]), pair(dilation, "subm_conv2d: dilation", 1)
@@ -134,33 +149,35 @@ def subm_conv2d(x: SparseTensor, weight, bias=None, dilation=1, *, backend: Opti
         pad = (dilation[0] * (ksize[0] // 2), dilation[1] * (ksize[1] // 2))
         dense = torch.nn.functional.conv2d(x.to_dense(torch.channels_last), weight, bias, padding=pad,
                                            dilation=dilation)
-        y = x.replace(at_sites(dense, x.coords))
+        y = x.replace(_relu(at_sites(dense, x.coords)) if relu else at_sites(dense, x.coords))
         rec.done("subm_conv2d", "dense", x, y, c_in, c_out, K, None, grid)
         return y
     if K == 1:
         # a 1x1 conv maps every site to itself: one GEMM on the features, no map (the zoo's
         # heads; faster than building the map and running the gathered kernel, measured in
         # docs/ARCHITECTURE.md, "Measured choices")
-        y = x.replace(torch.nn.functional.linear(x.features, weight[:, :, 0, 0], bias))
+        lin = torch.nn.functional.linear(x.features, weight[:, :, 0, 0], bias)
+        y = x.replace(_relu(lin) if relu else lin)
         rec.done("subm_conv2d", "sparse", x, y, c_in, c_out, K, x.num_active, grid)
         return y
     kmap = maps.subm_map(x, ksize, dilation, be, index).kmap
-    y = x.replace(_run(x.features, _as_kio(weight, False), bias, kmap, be))
+    y = x.replace(_run(x.features, _as_kio(weight, False), bias, kmap, be, relu))
     if rec.prof is not None:
         rec.done("subm_conv2d", "sparse", x, y, c_in, c_out, K, kmap.num_pairs, grid)
     return y
 
 
-def conv2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, *,
+def conv2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, *, relu: bool = False,
            backend: Optional[BackendSpec] = None) -> SparseTensor:
     """Strided sparse conv: output sites = positions of ``F.conv2d(dense, ...)`` whose
-    receptive field holds an active input; values = that dense conv there."""
+    receptive field holds an active input; values = that dense conv there (``relu``: as in
+    ``subm_conv2d``)."""
     _check_weight(x, weight, bias, 1, "conv2d")
     ksize, stride, padding, dilation = conv_geometry("conv2d", tuple(weight.shape[2:]), stride, padding, dilation)
     be = backends.resolve(x.device, backend)
     rec = Recorder.start()
     built = maps.conv_map(x, ksize, stride, padding, dilation, be)
-    y = x.derive(_run(x.features, _as_kio(weight, False), bias, built.kmap, be), built.out)
+    y = x.derive(_run(x.features, _as_kio(weight, False), bias, built.kmap, be, relu), built.out)
     if rec.prof is not None:
         rec.done("conv2d", "sparse", x, y, weight.shape[1], weight.shape[0], built.kmap.kernel_volume,
                  built.kmap.num_pairs, built.out.key_space)
@@ -168,10 +185,11 @@ def conv2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, 
 
 
 def conv_transpose2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, dilation=1, output_padding=0, *,
-                     output: Optional[SparseTensor] = None, backend: Optional[BackendSpec] = None,
-                     index: Optional[str] = None) -> SparseTensor:
+                     output: Optional[SparseTensor] = None, relu: bool = False,
+                     backend: Optional[BackendSpec] = None, index: Optional[str] = None) -> SparseTensor:
     """Sparse transposed conv. Generative by default (every site of ``F.conv_transpose2d`` that
-    receives a contribution); with ``output=skip``, exactly at ``skip``'s sites and shape."""
+    receives a contribution); with ``output=skip``, exactly at ``skip``'s sites and shape
+    (``relu``: as in ``subm_conv2d``)."""
     _check_weight(x, weight, bias, 0, "conv_transpose2d")
     ksize, stride, padding, dilation = conv_geometry("conv_transpose2d", tuple(weight.shape[2:]), stride, padding,
                                                      dilation)
@@ -184,10 +202,10 @@ def conv_transpose2d(x: SparseTensor, weight, bias=None, stride=1, padding=0, di
     w = _as_kio(weight, True)
     if output is not None:
         built = maps.conv_transpose_to_map(x, output, ksize, stride, padding, dilation, be, index)
-        y = output.replace(_run(x.features, w, bias, built.kmap, be))
+        y = output.replace(_run(x.features, w, bias, built.kmap, be, relu))
     else:
         built = maps.conv_transpose_map(x, ksize, stride, padding, dilation, output_padding, be)
-        y = x.derive(_run(x.features, w, bias, built.kmap, be), built.out)
+        y = x.derive(_run(x.features, w, bias, built.kmap, be, relu), built.out)
     if rec.prof is not None:
         rec.done("conv_transpose2d", "sparse", x, y, weight.shape[0], weight.shape[1], built.kmap.kernel_volume,
                  built.kmap.num_pairs, x.coord_set.key_space)

@@ -62,10 +62,12 @@ class SubMConv2d(_SparseConvNd):
     def forward(self, x: SparseTensor) -> SparseTensor:
         return self.forward_with(x, self.weight, self.bias)
 
-    def forward_with(self, x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> SparseTensor:
+    def forward_with(self, x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+                     relu: bool = False) -> SparseTensor:
         """This layer's op with ``weight`` and ``bias`` (same layouts) in place of its own
-        parameters (e.g. weights with a batch norm folded in)."""
-        return SF.subm_conv2d(x, weight, bias, self.dilation)
+        parameters (e.g. weights with a batch norm folded in); ``relu``: followed by a ReLU
+        (fused into the kernel without autograd, see ``sp.functional.subm_conv2d``)."""
+        return SF.subm_conv2d(x, weight, bias, self.dilation, relu=relu)
 
 
 class SparseConv2d(_SparseConvNd):
@@ -79,9 +81,11 @@ class SparseConv2d(_SparseConvNd):
     def forward(self, x: SparseTensor) -> SparseTensor:
         return self.forward_with(x, self.weight, self.bias)
 
-    def forward_with(self, x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> SparseTensor:
-        """This layer's op with ``weight`` and ``bias`` in place of its own parameters."""
-        return SF.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+    def forward_with(self, x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+                     relu: bool = False) -> SparseTensor:
+        """This layer's op with ``weight`` and ``bias`` in place of its own parameters (``relu``:
+        as in ``SubMConv2d.forward_with``)."""
+        return SF.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, relu=relu)
 
 
 class SparseConvTranspose2d(_SparseConvNd):
@@ -97,7 +101,8 @@ class SparseConvTranspose2d(_SparseConvNd):
         return self.forward_with(x, self.weight, self.bias, output)
 
     def forward_with(self, x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     output: Optional[SparseTensor] = None) -> SparseTensor:
-        """This layer's op with ``weight`` and ``bias`` in place of its own parameters."""
+                     output: Optional[SparseTensor] = None, *, relu: bool = False) -> SparseTensor:
+        """This layer's op with ``weight`` and ``bias`` in place of its own parameters (``relu``:
+        as in ``SubMConv2d.forward_with``)."""
         return SF.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.dilation, self.output_padding,
-                                   output=output)
+                                   output=output, relu=relu)

@@ -437,9 +437,9 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
 
 
 @njit(inline="always")
-def _conv_task(t, x, w, bias, has_bias, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A):
-    """Task ``t`` of the forward kernel: row block ``t // ncb`` x channel block ``t % ncb``.
-    (Module level, its tile shape in arguments that the callers pass as constants: a closure
+def _conv_task(t, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A):
+    """Task ``t`` of the forward kernel: row block ``t // ncb`` x channel block ``t % ncb``
+    (``relu``: the outputs clamped at 0 as they are written). (Module level, its tile shape in arguments that the callers pass as constants: a closure
     capturing a jitted function would change numba's disk-cache key in every process.)"""
     # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, C_out]
     n_out, C_out = out.shape
@@ -469,12 +469,16 @@ def _conv_task(t, x, w, bias, has_bias, block, bptr, cnt, src, loc, out, NR, NV,
     if co0 + NR <= C_out:
         for r in range(nr):
             orow = out[r0 + r, co0:co0 + NR]
-            for c in range(NR):
-                orow[c] = acc[r, c]
+            if relu:
+                for c in range(NR):
+                    orow[c] = max(acc[r, c], 0.0)
+            else:
+                for c in range(NR):
+                    orow[c] = acc[r, c]
     else:  # the last block of a channel count that is not a multiple of NR
         for r in range(nr):
             for c in range(C_out - co0):
-                out[r0 + r, co0 + c] = acc[r, c]
+                out[r0 + r, co0 + c] = max(acc[r, c], 0.0) if relu else acc[r, c]
 
 
 @functools.lru_cache(maxsize=None)
@@ -487,28 +491,28 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     NV = NR // VW
     A = (MAX_BLOCK_ROWS + 1) * NR
 
-    def kernel(x, w, bias, has_bias, block, bptr, cnt, src, loc, out):
+    def kernel(x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out):
         n_tasks = (out.shape[0] + block - 1) // block * (w.shape[2] // NR)
         for t in prange(n_tasks):
-            _conv_task(t, x, w, bias, has_bias, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A)
+            _conv_task(t, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A)
 
     def team(data):
         words = team_words(data)
         x, i = array_arg2(words, TEAM_ARGS, npdt)
         w, i = array_arg3(words, i, npdt)
         bias, i = array_arg2(words, i, npdt)
-        has_bias, block = words[i] != 0, words[i + 1]
-        bptr, i = array_arg1(words, i + 2, np.int64)
+        has_bias, relu, block = words[i] != 0, words[i + 1] != 0, words[i + 2]
+        bptr, i = array_arg1(words, i + 3, np.int64)
         cnt, i = array_arg1(words, i, np.int32)
         src, i = array_arg1(words, i, np.int32)
         loc, i = array_arg1(words, i, np.int32)
         out, i = array_arg2(words, i, npdt)
         t = next_task(words)
         while t < words[TEAM_TASKS]:
-            _conv_task(t, x, w, bias, has_bias, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A)
+            _conv_task(t, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A)
             t = next_task(words)
 
-    def tasks(phase, x, w, bias, has_bias, block, bptr, cnt, src, loc, out):
+    def tasks(phase, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out):
         return -(-out.shape[0] // block) * (w.shape[2] // NR)
 
     return TeamKernel(kernel, team, tasks)
@@ -725,7 +729,7 @@ def _padded_weight(weight: torch.Tensor, NR: int, cdt: torch.dtype, flip: bool) 
 
 
 def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-              plan: ConvPlan, flip: bool) -> torch.Tensor:
+              plan: ConvPlan, flip: bool, relu: bool = False) -> torch.Tensor:
     dtype = src.dtype
     cdt = _compute_dtype(dtype)
     K, c_in, c_out = weight.shape
@@ -749,7 +753,7 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         b[:c_out] = bias
     out = torch.empty(n_dst, c_out, dtype=cdt)
     launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(),
-           b.view(ncb, NR).numpy(), bias is not None, plan.block_rows, plan.bptr, plan.cnt, plan.src,
+           b.view(ncb, NR).numpy(), bias is not None, relu, plan.block_rows, plan.bptr, plan.cnt, plan.src,
            plan.loc, out.numpy(), dynamic=True)
     return out if cdt == dtype else out.to(dtype)
 
@@ -774,11 +778,12 @@ def _plan(plan: Optional[ConvPlan], table: torch.Tensor, n_src: int) -> ConvPlan
 
 
 def conv_forward(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 nbr: torch.Tensor, plan: Optional[ConvPlan] = None) -> torch.Tensor:
-    """``out[j] = bias + sum_k features[nbr[k, j]] @ weight[k]`` -> ``[N_out, C_out]``;
-    ``plan`` = ``build_plan(nbr, N_in)`` (built here when not given)."""
+                 nbr: torch.Tensor, plan: Optional[ConvPlan] = None, relu: bool = False) -> torch.Tensor:
+    """``out[j] = bias + sum_k features[nbr[k, j]] @ weight[k]`` -> ``[N_out, C_out]``
+    (``relu``: ``max(out, 0)``, applied as the outputs are written); ``plan`` =
+    ``build_plan(nbr, N_in)`` (built here when not given)."""
     plan = _plan(plan, nbr, features.shape[0])
-    return _run_conv(features, weight, bias, plan, flip=False)
+    return _run_conv(features, weight, bias, plan, flip=False, relu=relu)
 
 
 def conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, rev: torch.Tensor,
