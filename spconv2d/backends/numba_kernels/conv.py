@@ -71,8 +71,9 @@ of 64 / 32, the last one zero-padded); ``MR`` so that the accumulators take at m
 height that divides ``C_in`` preferred. Measured side by side on this machine: 64x4 and 64x6
 within noise, 64x8 spills (-30%), 16x8 -10% vs 16x12..24, ``PAD = 2`` tails -25%, software
 prefetch of the next tile's rows -0..5%, block rows 64/128/256 within 5% at 25% density, 512
-rows 10-20% faster than 128 at 1-10%. Without AVX-512 the 256-bit shapes in ``_TILES`` apply
-(sized by the register rule, not measured). The tile shape is a literal argument of
+rows 10-20% faster than 128 at 1-10%. Without AVX-512 the 256-bit shapes in ``_TILES`` apply:
+forward 8x12, 16x4 and 32x2 (measured on an AMD EPYC VM, see ``_TILES``), weight gradient sized
+by the register rule (not measured). The tile shape is a literal argument of
 module-level intrinsics, so numba's on-disk cache keys stay stable across processes.
 
 Determinism: no atomics; every output element is summed in an order fixed by the plan and the
@@ -659,7 +660,13 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
 # (dtype, NR) the rows per tile of the forward / input-gradient kernel (a multiple of PAD) and
 # the tile heights (input channels) of the weight gradient, tallest first. Accumulators per
 # tile: rows x NR / VW vectors, at most 24 of AVX-512's 32 registers (12 of AVX2's 16).
-# AVX-512 shapes measured (module docstring); AVX2 shapes only sized by that rule, unmeasured.
+# ``conv_widths``: the forward / input gradient's block widths where they differ from the weight
+# gradient's ``widths``. AVX-512 shapes measured (module docstring). AVX2 forward shapes
+# measured on an AMD EPYC (Zen 3) VM, 2026-12-01, on the sparse U-Net's 14 convs (batch 16 of
+# streets): 16 x 4 fastest for 16 output channels (8 x 12, 16 x 8 and 32 x 4 slower: 12-140 %);
+# 32 x 2 for 32 and more (vs 16 x 4: 32-channel outputs 5-15 % faster, 64 within 3 %; the 14
+# convs 62.4 -> 59.3 ms on one thread, 38.6 -> 36.5 ms on two); the weight gradient's AVX2 shapes
+# only sized by the register rule, unmeasured.
 _TILES = {
     "avx512": {
         "widths": {"f4": (8, 16, 32, 64), "f8": (4, 8, 16, 32)},
@@ -673,8 +680,9 @@ _TILES = {
     },
     "avx2": {
         "widths": {"f4": (8, 16), "f8": (4, 8)},
+        "conv_widths": {"f4": (8, 16, 32), "f8": (4, 8)},
         "vw": {"f4": 8, "f8": 4},
-        "conv": {("f4", 8): 12, ("f4", 16): 4, ("f8", 4): 12, ("f8", 8): 4},
+        "conv": {("f4", 8): 12, ("f4", 16): 4, ("f4", 32): 2, ("f8", 4): 12, ("f8", 8): 4},
         "wgrad": {("f4", 8): (12, 8, 4, 2, 1), ("f4", 16): (6, 4, 2, 1),
                   ("f8", 4): (12, 8, 4, 2, 1), ("f8", 8): (6, 4, 2, 1)},
     },
@@ -695,10 +703,12 @@ def _dt(dtype: torch.dtype) -> str:
     return "f8" if dtype == torch.float64 else "f4"
 
 
-def _block_width(dt: str, channels: int) -> int:
+def _block_width(dt: str, channels: int, table: str = "widths") -> int:
     """Channel block ``NR`` for ``channels`` output channels: the smallest of the tile widths
+    (``table``: ``"conv_widths"`` for the forward kernel, where the instruction set has them)
     that holds them, else the widest (blocks of it, the last one padded)."""
-    widths = _TILES[_isa()]["widths"][dt]
+    tiles = _TILES[_isa()]
+    widths = tiles.get(table, tiles["widths"])[dt]
     for w in widths:
         if channels <= w:
             return w
@@ -739,7 +749,7 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if n_dst == 0:
         return src.new_zeros(0, c_out)
     dt = _dt(cdt)
-    NR = _block_width(dt, c_out)
+    NR = _block_width(dt, c_out, "conv_widths")
     MR = _TILES[_isa()]["conv"][(dt, NR)]
     ncb = -(-c_out // NR)
     x = src.to(cdt).contiguous()
