@@ -14,7 +14,9 @@ test_masks.py compare them):
 * ``refine_at``: one pass per refined pixel, without the ``[pixels, 49]`` weight and CSR
   buffers; ``uncertain_pixels``: the refinement's candidates and their top-2 margins straight
   from the logit rows (used in training too: it selects pixels only).
-* ``residual_ridge_energy``: the ``residual`` mask policy's energy in one pass (bit-identical).
+* ``residual_ridge_energy``: the ``residual`` mask policy's energy in one pass (bit-identical);
+  ``top_fraction``: its threshold (each image's k-th largest energy) by a radix select instead
+  of ``kthvalue`` (the same value; the same mask).
 
 The kernels run through the core's numba runtime (``spconv2d.backends.numba_kernels.runtime``:
 PyTorch's thread count and, where PyTorch has an OpenMP runtime, PyTorch's own threads; one
@@ -157,3 +159,22 @@ def residual_ridge_energy(images: torch.Tensor, up: torch.Tensor) -> torch.Tenso
     im_np = im.numpy()
     launch(pixel_kernels.energy_kernel(im_np.dtype.type), im_np, u.numpy(), out.numpy(), work=B * H * W * C)
     return out
+
+
+def top_fraction(energy: torch.Tensor, k: int) -> torch.Tensor:
+    """``masks.threshold_density``'s selection without dilation: bool ``[B, H, W]``, true where
+    ``energy`` (float32 ``[B, H, W]``) is at least its image's ``k``-th largest value, the
+    threshold found by a radix select (one task per image) instead of ``kthvalue``: the same
+    value, the same mask. None when an image has a NaN (then the tensor ops decide)."""
+    from spconv2d.backends.numba_kernels.runtime import launch
+
+    from . import pixel_kernels
+
+    B, H, W = energy.shape
+    e = energy.detach().contiguous().view(B, H * W)
+    out = torch.empty(B, H, W, dtype=torch.uint8)
+    nan = torch.zeros(B, dtype=torch.uint8)
+    launch(pixel_kernels.select_kernel(), e.numpy(), int(k), out.view(B, H * W).numpy(), nan.numpy(),
+           work=B * H * W // 4)
+    return None if bool(nan.any()) else out.view(torch.bool)
+

@@ -5,7 +5,8 @@ active pixels), in tasks of one row of cells, compiled per class count ``K``.
 ``refine_kernel(npdt)``: the colour-weighted window mean of the pixels ``idx``, in tasks of
 ``PIXELS_PER_TASK`` pixels. ``uncertain_kernel(npdt)``: the refinement's candidates (top-2
 margins of the inactive pixels of unsure cells).
-``energy_kernel(npdt)``: the ``residual`` mask policy's energy. Float32 or float64 (``npdt``:
+``energy_kernel(npdt)``: the ``residual`` mask policy's energy; ``select_kernel()``: its threshold
+(radix select, float32). Float32 or float64 (``npdt``:
 ``np.float32`` / ``np.float64``); each output row written by one task, once or accumulated in
 a fixed order (deterministic: the same bits on any number of threads). All are
 ``runtime.TeamKernel`` s (PyTorch's OpenMP threads; numba's pool where PyTorch has no OpenMP
@@ -61,6 +62,18 @@ def _float32_from_bits(typingctx, bits):
         return builder.bitcast(v, ir.FloatType())
 
     return types.float32(bits), codegen
+
+
+@intrinsic
+def _float32_bits(typingctx, value):
+    """The bit pattern of the float32 ``value`` as a non-negative int64 (zero-extended)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+
+    return types.int64(value), codegen
 
 
 def fast_exp(x):
@@ -489,3 +502,78 @@ def compose_kernel(npdt, K: int) -> TeamKernel:
     return TeamKernel(kernel, team,
                       lambda phase, images, site, guided, means, rows1, spatial, params, iy, wy, ix, wx, fine, out:
                       images.shape[0] * means.shape[2])
+
+
+# --------------------------------------------------------------------------------------------
+# the mask's threshold: the k-th largest energy of each image (radix select)
+# --------------------------------------------------------------------------------------------
+SELECT_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of the three passes, top first
+
+
+@njit(inline="always")
+def _order_key(v):
+    """A uint32 whose unsigned order is the float32 order of ``v`` (not NaN): the bits with the
+    sign flipped for non-negative values, all bits flipped for negative ones."""
+    bits = _float32_bits(v)
+    return bits ^ 0xFFFFFFFF if bits >= 0x80000000 else bits ^ 0x80000000
+
+
+@njit(inline="always")
+def _select_image(b, energy, k, out, nan):
+    """``out[b] = energy[b] >= t``, ``t`` the ``k``-th largest value of ``energy[b]`` (float32,
+    flattened): a radix select over ``_order_key`` in three passes of 11, 11 and 10 bits (a
+    histogram of the keys that share the digits found so far, then the digit holding the
+    ``k``-th largest), the exact value ``kthvalue`` gives; ``nan[b] = 1`` (and ``out[b]``
+    untouched) when the image has a NaN."""
+    e = energy[b]
+    n = e.shape[0]
+    for i in range(n):
+        if e[i] != e[i]:
+            nan[b] = 1
+            return
+    hist = np.zeros(2048, np.int64)
+    prefix, known, remaining = np.int64(0), np.int64(0), np.int64(k)
+    for shift, bits in SELECT_DIGITS:
+        for d in range(1 << bits):
+            hist[d] = 0
+        digit_mask = (1 << bits) - 1
+        for i in range(n):
+            key = _order_key(e[i])
+            if key & known == prefix:
+                hist[(key >> shift) & digit_mask] += 1
+        d = digit_mask
+        while hist[d] < remaining:
+            remaining -= hist[d]
+            d -= 1
+        prefix |= np.int64(d) << shift
+        known |= np.int64(digit_mask) << shift
+    t = e[0]  # the value whose key is ``prefix``
+    for i in range(n):
+        if _order_key(e[i]) == prefix:
+            t = e[i]
+            break
+    o = out[b]
+    for i in range(n):
+        o[i] = e[i] >= t
+
+
+def _select_tasks(energy, k, out, nan):
+    for b in prange(energy.shape[0]):
+        _select_image(b, energy, k, out, nan)
+
+
+@functools.lru_cache(maxsize=None)
+def select_kernel() -> TeamKernel:
+    """``threshold_density``'s selection (``_select_image``), one task per image (float32)."""
+    def team(data):
+        words = team_words(data)
+        energy, i = array_arg2(words, TEAM_ARGS, np.float32)
+        k = words[i]
+        out, i = array_arg2(words, i + 1, np.uint8)
+        nan, i = array_arg1(words, i, np.uint8)
+        t = next_task(words)
+        while t < words[TEAM_TASKS]:
+            _select_image(t, energy, k, out, nan)
+            t = next_task(words)
+
+    return TeamKernel(_select_tasks, team, lambda phase, energy, k, out, nan: energy.shape[0])

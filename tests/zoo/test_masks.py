@@ -149,3 +149,41 @@ def test_fused_residual_energy_equals_the_tensor_ops_exactly(dtype, size):
     ref = torch.maximum(residual_energy(images), ridge_energy(images))
     assert torch.equal(fused.residual_ridge_energy(images, coarse_approximation(images)), ref)
     assert torch.equal(make_mask(images, "residual", 0.3), threshold_density(ref, 0.3, 1))
+
+
+def _kth_selection(energy, k):
+    flat = energy.reshape(energy.shape[0], -1)
+    return (flat >= flat.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values).view_as(energy)
+
+
+@pytest.mark.numba
+@pytest.mark.parametrize("values", ["uniform", "ties", "signed"])
+def test_radix_select_threshold_is_kthvalue_exactly(values):
+    """``fused.top_fraction`` (the mask threshold by radix select, used for float32 energies
+    with numba) selects what ``kthvalue`` selects: many ties, negative values, -0.0 next to
+    +0.0, k from 1 to every pixel; 1 and 2 threads alike; an image with a NaN -> None (the
+    tensor ops decide)."""
+    from spconv2d.zoo import fused
+
+    g = torch.Generator().manual_seed(11)
+    e = torch.rand(3, 17, 23, generator=g)
+    if values == "ties":
+        e = (e * 6).floor()
+    elif values == "signed":
+        e = torch.randn(3, 17, 23, generator=g)
+        e[0, 0, :7], e[1, :, 0] = -0.0, 0.0
+    n = 17 * 23
+    old = torch.get_num_threads()
+    try:
+        for k in (1, 2, 37, n // 2, n - 1, n):
+            ref = _kth_selection(e, k)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                assert torch.equal(fused.top_fraction(e, k), ref), (k, threads)
+    finally:
+        torch.set_num_threads(old)
+    from spconv2d.zoo.masks import threshold_density
+
+    e[2, 3, 4] = float("nan")
+    assert fused.top_fraction(e, 5) is None
+    assert torch.equal(threshold_density(e, 0.3, 1), _kth_selection(e, round(0.3 * n)))  # falls back
