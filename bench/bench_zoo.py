@@ -374,3 +374,53 @@ def test_choice_from_dense(benchmark, streets_batch, form):
         with sp.backend(name):
             return sp.SparseTensor.from_dense(streets_batch, mask)
     _run(benchmark, fn, rounds=30)
+
+
+@pytest.mark.benchmark(group="choice-fold-batch-norm")
+def test_choice_fold(benchmark, streets_batch):
+    """ConvBNReLU at inference: the batch norm folded into the conv (and, on the sparse twin,
+    the ReLU in the conv's epilogue) vs conv -> BN -> ReLU as modules; both twins, the four
+    alternating round by round (``extra_info``: medians and ``fold_speedup_<model>``)."""
+    from spconv2d.zoo import blocks
+
+    d, s = _model("unet"), _model("sparse_unet")
+
+    def run(model, fold):
+        def fn():
+            blocks.FOLD_BATCH_NORM = fold
+            try:
+                return model(streets_batch)
+            finally:
+                blocks.FOLD_BATCH_NORM = True
+        return fn
+
+    fns = {f"{name}-{'folded' if fold else 'modules'}": run(m, fold)
+           for name, m in (("unet", d), ("sparse_unet", s)) for fold in (True, False)}
+    with torch.no_grad():
+        med = _alternating(fns, 15)
+    benchmark.extra_info.update(threads=torch.get_num_threads(), alternating_rounds=15,
+                                **{f"{k}_ms": 1e3 * v for k, v in med.items()},
+                                fold_speedup_unet=med["unet-modules"] / med["unet-folded"],
+                                fold_speedup_sparse_unet=med["sparse_unet-modules"] / med["sparse_unet-folded"])
+    with torch.no_grad():
+        benchmark.pedantic(fns["sparse_unet-folded"], rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="choice-mask-threshold")
+@pytest.mark.parametrize("form", ["radix select (fused.top_fraction)", "kthvalue"])
+def test_choice_threshold(benchmark, streets_batch, form):
+    """The residual mask's threshold on a streets batch (each image's k-th largest energy at
+    30 %, and the comparison): the numba radix select vs ``kthvalue`` (the same mask)."""
+    pytest.importorskip("numba")
+    from spconv2d.zoo import fused
+    from spconv2d.zoo.masks import coarse_approximation
+
+    energy = fused.residual_ridge_energy(streets_batch, coarse_approximation(streets_batch))
+    flat = energy.view(energy.shape[0], -1)
+    k = round(0.3 * flat.shape[1])
+    if form.startswith("radix"):
+        fn = lambda: fused.top_fraction(energy, k)  # noqa: E731
+    else:
+        fn = lambda: (flat >= flat.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values).view_as(energy)  # noqa: E731
+    _run(benchmark, fn, rounds=50)
+

@@ -54,6 +54,9 @@ def sparse_ops() -> SimpleNamespace:
     )
 
 
+#: ``ConvBNReLU`` folds its batch norm at inference (switched off only to measure the fold:
+#: ``bench/bench_zoo.py -k choice_fold``).
+FOLD_BATCH_NORM = True
 _FOLDABLE = (nn.Conv2d, nn.ConvTranspose2d, sp.nn.SubMConv2d, sp.nn.SparseConv2d, sp.nn.SparseConvTranspose2d)
 
 
@@ -77,7 +80,7 @@ class ConvBNReLU(nn.Module):
         self._fold_key, self._fold = None, None
 
     def forward(self, x, **kw):  # kw: e.g. output=skip for a sparse transposed conv
-        if self.training or torch.is_grad_enabled() or not self._foldable():
+        if self.training or torch.is_grad_enabled() or not FOLD_BATCH_NORM or not self._foldable():
             return self.act(self.bn(self.conv(x, **kw)))
         weight, bias = self.folded_weights()
         conv = self.conv
