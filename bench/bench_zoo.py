@@ -115,17 +115,20 @@ def test_sparse_unet_without_refinement(benchmark, streets_batch):
 
 
 def _alternating(fns, rounds):
-    """Median seconds of each function over ``rounds`` rounds, the functions alternating."""
+    """Median seconds of each function over ``rounds`` rounds, the functions alternating, their
+    order reversed every other round (what runs right after which model changes its allocator
+    state: page faults on freshly mapped memory are expensive on the VM)."""
     import statistics
     import time
 
     times = {k: [] for k in fns}
     for f in fns.values():
         f()
-    for _ in range(rounds):
-        for k, f in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
