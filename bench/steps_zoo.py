@@ -1,5 +1,6 @@
 """Where a ``sparse_unet`` batch goes: per-step wall times next to ``unet``, the two models
-alternating round by round (so that a drifting machine slows both alike).
+alternating round by round, the order reversed every other round (so that a drifting machine
+slows both alike and neither always runs after the other).
 
     python bench/steps_zoo.py [--threads 2] [--rounds 15] [--density 0.3] [--no-refine] [--ops]
 
@@ -53,8 +54,9 @@ def main():
         for _ in range(2):
             dense(images), sparse(images)
         instrument_stages(sparse, steps)
-        for _ in range(args.rounds):
-            for name, model in (("unet", dense), ("sparse_unet", sparse)):
+        for r in range(args.rounds):  # the order reversed every other round (allocator state)
+            for name, model in ((("unet", dense), ("sparse_unet", sparse)) if r % 2 == 0 else
+                                (("sparse_unet", sparse), ("unet", dense))):
                 t0 = time.perf_counter()
                 model(images)
                 total[name].append(time.perf_counter() - t0)
