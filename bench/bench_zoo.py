@@ -400,8 +400,8 @@ def test_choice_fold(benchmark, streets_batch):
     fns = {f"{name}-{'folded' if fold else 'modules'}": run(m, fold)
            for name, m in (("unet", d), ("sparse_unet", s)) for fold in (True, False)}
     with torch.no_grad():
-        med = _alternating(fns, 15)
-    benchmark.extra_info.update(threads=torch.get_num_threads(), alternating_rounds=15,
+        med = _alternating(fns, 31)
+    benchmark.extra_info.update(threads=torch.get_num_threads(), alternating_rounds=31,
                                 **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                                 fold_speedup_unet=med["unet-modules"] / med["unet-folded"],
                                 fold_speedup_sparse_unet=med["sparse_unet-modules"] / med["sparse_unet-folded"])
