@@ -65,3 +65,19 @@ def test_relu_on_the_dense_fallback(gen):
     ref = SF.subm_conv2d(x, w, None, backend=be).features.relu()
     torch.testing.assert_close(y.features, ref, rtol=0, atol=0)
     assert y.features.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=pytest.mark.numba)])
+def test_relu_keeps_nan_like_torch_relu(backend, gen):
+    """A NaN input row gives NaN outputs where ``relu(conv)`` has them (never a silent 0)."""
+    x = random_sparse(2, 5, (8, 9), 0.4, generator=gen, dtype=torch.float32)
+    f = x.features.clone()
+    f[3] = float("nan")
+    x = x.replace(f)
+    w, b = torch.randn(6, 5, 3, 3, generator=gen), torch.randn(6, generator=gen)
+    with torch.no_grad(), sp.backend(backend):
+        fused = SF.subm_conv2d(x, w, b, relu=True).features
+        ref = SF.subm_conv2d(x, w, b).features.relu()
+    assert torch.isnan(ref).any()
+    torch.testing.assert_close(fused, ref, rtol=0, atol=0, equal_nan=True)
+

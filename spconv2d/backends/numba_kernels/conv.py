@@ -440,8 +440,9 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
 @njit(inline="always")
 def _conv_task(t, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A):
     """Task ``t`` of the forward kernel: row block ``t // ncb`` x channel block ``t % ncb``
-    (``relu``: the outputs clamped at 0 as they are written). (Module level, its tile shape in arguments that the callers pass as constants: a closure
-    capturing a jitted function would change numba's disk-cache key in every process.)"""
+    (``relu``: the outputs clamped at 0 as they are written; NaN stays NaN). (Module level, its
+    tile shape in arguments that the callers pass as constants: a closure capturing a jitted
+    function would change numba's disk-cache key in every process.)"""
     # x [N_in, C_in]; w [K, C_in, ncb * NR]; bias [ncb, NR]; out [N_out, C_out]
     n_out, C_out = out.shape
     C_in = x.shape[1]
