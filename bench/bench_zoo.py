@@ -424,6 +424,7 @@ def test_choice_threshold(benchmark, streets_batch, form):
     if form.startswith("radix"):
         fn = lambda: fused.top_fraction(energy, k)  # noqa: E731
     else:
-        fn = lambda: (flat >= flat.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values).view_as(energy)  # noqa: E731
+        def fn():
+            return (flat >= flat.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values).view_as(energy)
     _run(benchmark, fn, rounds=50)
 
