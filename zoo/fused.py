@@ -162,7 +162,7 @@ def residual_ridge_energy(images: torch.Tensor, up: torch.Tensor) -> torch.Tenso
 
 
 def top_fraction(energy: torch.Tensor, k: int) -> torch.Tensor:
-    """``masks.threshold_density``'s selection without dilation: bool ``[B, H, W]``, true where
+    """``masks.threshold_density``'s selection (after its dilation): bool ``[B, H, W]``, true where
     ``energy`` (float32 ``[B, H, W]``) is at least its image's ``k``-th largest value, the
     threshold found by a radix select (one task per image) instead of ``kthvalue``: the same
     value, the same mask. None when an image has a NaN (then the tensor ops decide)."""
@@ -177,4 +177,3 @@ def top_fraction(energy: torch.Tensor, k: int) -> torch.Tensor:
     launch(pixel_kernels.select_kernel(), e.numpy(), int(k), out.view(B, H * W).numpy(), nan.numpy(),
            work=B * H * W // 4)
     return None if bool(nan.any()) else out.view(torch.bool)
-

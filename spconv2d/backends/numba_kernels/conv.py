@@ -154,15 +154,14 @@ PAD = 4
 
 class ConvPlan(NamedTuple):
     """A map's pairs grouped by (row block of ``block_rows`` output rows, offset). Segment ``s =
-    b * K + k`` (block ``b``, offset ``k``) starts at ``bptr[s]`` (room for ``block_rows``
-    entries: ``bptr[s] = s * block_rows``) and holds ``cnt[s]`` pairs (input row ``src``, output
-    row ``b * block_rows + loc``) in output-row order, then padding up to a multiple of ``pad``
-    (``loc = block_rows``, the scratch row; ``src`` = the segment's last input row): its
-    entries end at ``bptr[s] + ceil(cnt[s] / pad) * pad`` (:func:`segment_end`); the rest of
-    its room is unused. The identity offset of a submanifold map is an ordinary offset here
+    b * K + k`` (block ``b``, offset ``k``) has a room of ``block_rows`` entries starting at
+    ``s * block_rows`` and holds ``cnt[s]`` pairs (input row ``src``, output row ``b *
+    block_rows + loc``) in output-row order, then padding up to a multiple of ``pad`` (``loc =
+    block_rows``, the scratch row; ``src`` = the segment's last input row): its entries end at
+    ``s * block_rows + ceil(cnt[s] / pad) * pad`` (:func:`segment_end`); the rest of its room is
+    unused. The identity offset of a submanifold map is an ordinary offset here
     (its segments are the block's own rows)."""
 
-    bptr: np.ndarray  # int64 [n_blocks * K + 1] (the last: the room of all segments)
     cnt: np.ndarray   # int32 [n_blocks * K]
     src: np.ndarray   # int32 [n_blocks * K * block_rows]
     loc: np.ndarray   # int32 [n_blocks * K * block_rows]
@@ -174,9 +173,9 @@ class ConvPlan(NamedTuple):
 
 
 @njit(inline="always")
-def segment_end(bptr, cnt, s, pad):
-    """End of segment ``s``'s entries (its pairs and padding)."""
-    return bptr[s] + (cnt[s] + pad - 1) // pad * pad
+def segment_end(cnt, s, block, pad):
+    """End of segment ``s``'s entries (its pairs and padding; it starts at ``s * block``)."""
+    return s * block + (cnt[s] + pad - 1) // pad * pad
 
 
 @njit(inline="always")
@@ -240,13 +239,12 @@ def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
     if block % pad:
         raise ValueError(f"pad {pad} must divide the block rows {block}")
     nb = -(-n_out // block)
-    bptr = np.arange(nb * K + 1, dtype=np.int64) * block
     cnt = np.zeros(nb * K, np.int32)
     src = np.empty(nb * K * block, np.int32)
     loc = np.empty(nb * K * block, np.int32)
     if cnt.size:
         launch(_plan_fill, t, block, pad, cnt, src, loc, work=K * n_out)
-    return ConvPlan(bptr, cnt, src, loc, n_out, int(n_in), K, pad, block)
+    return ConvPlan(cnt, src, loc, n_out, int(n_in), K, pad, block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +436,7 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
 
 
 @njit(inline="always")
-def _conv_task(t, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A):
+def _conv_task(t, x, w, bias, has_bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A):
     """Task ``t`` of the forward kernel: row block ``t // ncb`` x channel block ``t % ncb``
     (``relu``: the outputs clamped at 0 as they are written; NaN stays NaN). (Module level, its
     tile shape in arguments that the callers pass as constants: a closure capturing a jitted
@@ -458,9 +456,9 @@ def _conv_task(t, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out, N
         for c in range(NR):
             acc[r, c] = bias[cb, c] if has_bias else 0.0
     for k in range(K):
-        e = segment_end(bptr, cnt, b * K + k, P)
+        e = segment_end(cnt, b * K + k, block, P)
         wo = k * C_in * Cp + cb * NR
-        p = bptr[b * K + k]
+        p = (b * K + k) * block
         while e - p >= MR:
             _conv_tile(x, w, wo, acc, src, loc, p, MR, NV, VW)
             p += MR
@@ -493,10 +491,10 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     NV = NR // VW
     A = (MAX_BLOCK_ROWS + 1) * NR
 
-    def kernel(x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out):
+    def kernel(x, w, bias, has_bias, relu, block, cnt, src, loc, out):
         n_tasks = (out.shape[0] + block - 1) // block * (w.shape[2] // NR)
         for t in prange(n_tasks):
-            _conv_task(t, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A)
+            _conv_task(t, x, w, bias, has_bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A)
 
     def team(data):
         words = team_words(data)
@@ -504,17 +502,16 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
         w, i = array_arg3(words, i, npdt)
         bias, i = array_arg2(words, i, npdt)
         has_bias, relu, block = words[i] != 0, words[i + 1] != 0, words[i + 2]
-        bptr, i = array_arg1(words, i + 3, np.int64)
-        cnt, i = array_arg1(words, i, np.int32)
+        cnt, i = array_arg1(words, i + 3, np.int32)
         src, i = array_arg1(words, i, np.int32)
         loc, i = array_arg1(words, i, np.int32)
         out, i = array_arg2(words, i, npdt)
         t = next_task(words)
         while t < words[TEAM_TASKS]:
-            _conv_task(t, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out, NR, NV, VW, MR, P, A)
+            _conv_task(t, x, w, bias, has_bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A)
             t = next_task(words)
 
-    def tasks(phase, x, w, bias, has_bias, relu, block, bptr, cnt, src, loc, out):
+    def tasks(phase, x, w, bias, has_bias, relu, block, cnt, src, loc, out):
         return -(-out.shape[0] // block) * (w.shape[2] // NR)
 
     return TeamKernel(kernel, team, tasks)
@@ -562,7 +559,7 @@ def _wgrad_reduce_rows(part, out, i0, i1, MR):
 
 
 @njit(inline="always")
-def _wgrad_partial_task(task, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, NR, NV,
+def _wgrad_partial_task(task, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, NR, NV,
                         VW, MR):
     """Task ``task`` of the weight gradient's partial sums: chunk ``task // ncb`` x channel block
     ``task % ncb`` (module level, like ``_conv_task``)."""
@@ -585,7 +582,7 @@ def _wgrad_partial_task(task, x, g, block, bptr, cnt, src, loc, chunk_blocks, pa
         b1 = min(be, b0 + pass_blocks)
         for k in range(K):
             for b in range(b0, b1):
-                s = bptr[b * K + k]
+                s = (b * K + k) * block
                 e = s + cnt[b * K + k]
                 for ps in range(s, e, pair_chunk):
                     pe = min(e, ps + pair_chunk)
@@ -606,10 +603,10 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
     npdt = _NP[dt]
     NV = NR // VW
 
-    def kernel(x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out, reduce):
+    def kernel(x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out, reduce):
         # out [K, C_in, C_out] (not reduce: part is out)
         for task in prange(part.shape[0] * part.shape[2]):
-            _wgrad_partial_task(task, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk,
+            _wgrad_partial_task(task, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk,
                                 part, NR, NV, VW, MR)
         # the ordered sum over chunks: by the calling thread when it is small (a parallel
         # region costs more), else in ranges of (offset, input channel) rows
@@ -628,8 +625,7 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
         x, i = array_arg2(words, TEAM_ARGS, npdt)
         g, i = array_arg3(words, i, npdt)
         block = words[i]
-        bptr, i = array_arg1(words, i + 1, np.int64)
-        cnt, i = array_arg1(words, i, np.int32)
+        cnt, i = array_arg1(words, i + 1, np.int32)
         src, i = array_arg1(words, i, np.int32)
         loc, i = array_arg1(words, i, np.int32)
         chunk_blocks, pass_blocks, pair_chunk = words[i], words[i + 1], words[i + 2]
@@ -640,13 +636,13 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
         t = next_task(words)
         while t < words[TEAM_TASKS]:
             if words[TEAM_PHASE] == 0:
-                _wgrad_partial_task(t, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk,
+                _wgrad_partial_task(t, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk,
                                     part, NR, NV, VW, MR)
             else:
                 _wgrad_reduce_rows(part, out, min(n, t * step), min(n, (t + 1) * step), MR)
             t = next_task(words)
 
-    def tasks(phase, x, g, block, bptr, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out, reduce):
+    def tasks(phase, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out, reduce):
         if phase == 0:
             return part.shape[0] * part.shape[2]
         return WG_REDUCE_TASKS if reduce else 0  # (on threads already running: small sums too)
@@ -764,7 +760,7 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         b[:c_out] = bias
     out = torch.empty(n_dst, c_out, dtype=cdt)
     launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(),
-           b.view(ncb, NR).numpy(), bias is not None, relu, plan.block_rows, plan.bptr, plan.cnt, plan.src,
+           b.view(ncb, NR).numpy(), bias is not None, relu, plan.block_rows, plan.cnt, plan.src,
            plan.loc, out.numpy(), dynamic=True)
     return out if cdt == dtype else out.to(dtype)
 
@@ -860,7 +856,7 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
     # several channel tiles re-read each pair's rows: in chunks that stay in L1 for all of them
     pair_chunk = max(16, WG_CHUNK_BYTES // row_bytes) if n_tiles * ncb > 1 else 1 << 30
     launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(),
-           g.view(plan.n_out, ncb, NR).numpy(), plan.block_rows, plan.bptr, plan.cnt, plan.src,
+           g.view(plan.n_out, ncb, NR).numpy(), plan.block_rows, plan.cnt, plan.src,
            plan.loc, chunk_blocks, pass_blocks, pair_chunk, part.numpy(), out.numpy(), not direct,
            dynamic=True)
     if ci_k != c_in:

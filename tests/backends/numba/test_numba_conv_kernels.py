@@ -141,15 +141,15 @@ def test_plan_layout(gen, fill):
     R = plan.block_rows
     assert nk.MIN_BLOCK_ROWS <= R <= nk.MAX_BLOCK_ROWS
     nb = -(-1333 // R)
-    assert plan.bptr.shape == (nb * K + 1,) and plan.bptr[0] == 0
-    room = plan.bptr[1:] - plan.bptr[:-1]
-    ends = np.array([nk.segment_end(plan.bptr, plan.cnt, s, plan.pad) for s in range(nb * K)])
-    seg_len = ends - plan.bptr[:-1]
+    assert plan.cnt.shape == (nb * K,) and plan.src.size == plan.loc.size == nb * K * R
+    starts = np.arange(nb * K) * R
+    ends = np.array([nk.segment_end(plan.cnt, s, R, plan.pad) for s in range(nb * K)])
+    seg_len = ends - starts
     assert (seg_len % plan.pad == 0).all() and (seg_len >= plan.cnt).all() and (seg_len - plan.cnt < plan.pad).all()
-    assert (seg_len <= room).all() and plan.src.size >= plan.bptr[-1]
+    assert (seg_len <= R).all()  # within the segment's room
     for b in range(nb):
         for k in range(K):
-            s, c, e = plan.bptr[b * K + k], plan.cnt[b * K + k], ends[b * K + k]
+            s, c, e = starts[b * K + k], plan.cnt[b * K + k], ends[b * K + k]
             rows = torch.from_numpy(plan.loc[s:s + c]).long() + b * R
             expect = (nbr[k, b * R:(b + 1) * R] >= 0).nonzero().squeeze(1) + b * R
             assert torch.equal(rows, expect)
