@@ -23,6 +23,11 @@ Groups
                               alternative it replaced, on the shapes of a streets batch of 16
                               (docs/ARCHITECTURE.md, "Measured choices — zoo"):
                               python -m pytest bench/bench_zoo.py -k choice --benchmark-group-by=group
+The goals' ratios depend on the allocator: on the shared VMs ``unet`` paid page faults on freshly
+mapped memory that ``sparse_unet`` mostly did not, and with glibc told to keep what it frees
+(``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment, the
+regime of a process that has run a while) the ratios were lower; ``extra_info["malloc"]``
+records those variables, so measure and quote both regimes (docs/ZOO.md, "Speed").
 Weights come from runs/<model>-<data>/model.safetensors when present, otherwise random init. Use
 trained weights for sparse_unet: how many pixels it refines depends on how certain the model is
 (an untrained one hits the refine_fraction cap and guides every cell). ``extra_info`` records density, threads and parameters.
@@ -143,8 +148,13 @@ def _goal(benchmark, fns, rounds=15, **info):
                                 unet_ms=1e3 * med["unet"], unet_channels_last_ms=1e3 * med["unet-channels_last"],
                                 sparse_unet_ms=1e3 * sparse, speedup=med["unet"] / sparse,
                                 speedup_vs_channels_last=med["unet-channels_last"] / sparse,
-                                trained=_trained("sparse_unet"), **info)
+                                trained=_trained("sparse_unet"), malloc=_malloc_env(), **info)
     benchmark.pedantic(fns["sparse_unet"], rounds=5, iterations=1, warmup_rounds=1)
+
+
+def _malloc_env():
+    """glibc's allocator settings from the environment (empty: its defaults)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 
 
 def _inference(images, rounds, **info):
