@@ -41,7 +41,11 @@ at the bias, and the block's output rows are written once, at the end. Per offse
 segment runs in tiles of ``MR`` gathered rows (then tiles of ``PAD`` rows): a micro-kernel
 loads the tile's ``MR x NR`` accumulators into registers, loops over the input channels
 (``NR / VW`` weight vectors loaded and each row's input value broadcast once per channel, one
-vector FMA per accumulator) and stores them back.
+vector FMA per accumulator) and stores them back. Before each tile the input rows
+``PREFETCH_PAIRS`` pairs further down the segment are prefetched (the hardware prefetchers do
+not follow a gather: maps whose input rows are each read once, the strided and transposed ones,
+stalled on every tile's first loads), and the accumulator is filled from the bias and written
+out (clamped for ``relu``) in vector loads and stores.
 
 Weight gradient, output-stationary on partial sums: the rows are split into at most
 ``WG_MAX_CHUNKS`` chunks (how many depends on the map and the channels only, never on the
@@ -70,7 +74,8 @@ of 64 / 32, the last one zero-padded); ``MR`` so that the accumulators take at m
 16x8, 32x4); weight-gradient heights 16 (NR <= 16), 12 or 8 (NR = 32), 6 or 4 (NR = 64), a
 height that divides ``C_in`` preferred. Measured side by side on this machine: 64x4 and 64x6
 within noise, 64x8 spills (-30%), 16x8 -10% vs 16x12..24, ``PAD = 2`` tails -25%, software
-prefetch of the next tile's rows -0..5%, block rows 64/128/256 within 5% at 25% density, 512
+prefetch of the next tile's rows -0..5% (too near; ``PREFETCH_PAIRS`` has the distance that
+pays), block rows 64/128/256 within 5% at 25% density, 512
 rows 10-20% faster than 128 at 1-10%. Without AVX-512 the 256-bit shapes in ``_TILES`` apply:
 forward 8x12, 16x4 and 32x2 (measured on an AMD EPYC VM, see ``_TILES``), weight gradient sized
 by the register rule (not measured). The tile shape is a literal argument of
@@ -120,6 +125,13 @@ from .runtime import (TEAM_ARGS, TEAM_PHASE, TEAM_TASKS, TeamKernel, array_arg1,
 MIN_BLOCK_ROWS = 128
 MAX_BLOCK_ROWS = 512
 SEGMENT_PAIRS = 32
+#: The forward / input-gradient tiles prefetch the input rows of the pairs this far ahead in
+#: their segment (clamped to its last tile). Measured on the AMD EPYC VM (Zen 3, AVX2), the
+#: sparse U-Net's convolutions at batch 16, one process, alternating with no prefetch: strided
+#: (k2 s2) 16->32 1.6-2.0x and transposed 32->16 1.3-1.5x faster, submanifold 0.9-1.3x (1 / 2
+#: threads); 8 and 32 pairs ahead within noise of 16. The whole model 1.04-1.05x
+#: (``bench/ab_zoo.py``, docs/ARCHITECTURE.md).
+PREFETCH_PAIRS = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +399,90 @@ def _conv_tile(typingctx, x, w, wo, acc, src, loc, p, M_, NV_, VW_):
 
 
 @intrinsic(prefer_literal=True)
+def _prefetch_rows(typingctx, x, src, q, M_):
+    """Prefetch (into every cache level) the rows ``x[src[q + r]]``, ``r < M``: every cache line
+    of each row. (A hint: it never faults, and the result does not depend on it.)"""
+    if not isinstance(M_, types.IntegerLiteral) or not all(isinstance(a, types.Array) for a in (x, src)):
+        return None
+    M = M_.literal_value
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        xa, sa = (context.make_array(t)(context, builder, v) for t, v in ((x, args[0]), (src, args[1])))
+        c_in = builder.extract_value(xa.shape, 1)
+        esize = context.get_abi_sizeof(context.get_value_type(x.dtype))
+        nbytes = builder.mul(c_in, ir.Constant(i64, esize))
+        for r in range(M):
+            qr = builder.add(args[2], ir.Constant(i64, r))
+            srow = builder.sext(builder.load(builder.gep(sa.data, [qr])), i64)
+            base = builder.bitcast(builder.gep(xa.data, [builder.mul(srow, c_in)]), i8p)
+            with cgutils.for_range_slice(builder, ir.Constant(i64, 0), nbytes, ir.Constant(i64, 64)) as (off, _):
+                builder.call(pf, [builder.gep(base, [off]), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                                  ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(x, src, q, M_), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _rows_out(typingctx, acc, out, r0, co0, nr, relu, NV_, VW_):
+    """``out[r0 + r, co0 : co0 + NR] = acc[r, :NR]`` for ``r < nr`` (``relu``: clamped at 0,
+    NaN kept, as Python's ``max(a, 0.0)``) in ``NV`` vector loads and stores per row (``NR =
+    NV * VW``; ``acc`` 2-D ``[rows, NR]``, ``out`` 2-D C-contiguous)."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (NV_, VW_)):
+        return None
+    NV, VW = NV_.literal_value, VW_.literal_value
+
+    def codegen(context, builder, sig, args):
+        tile = _TileIR(context, builder, acc.dtype, VW, 1)
+        vty, al, i64, vptr = tile.vty, tile.al, tile.i64, tile.vptr
+        aa, oa = (context.make_array(t)(context, builder, v) for t, v in ((acc, args[0]), (out, args[1])))
+        r0_v, co0_v, nr_v, relu_v = args[2], args[3], args[4], args[5]
+        o_row = builder.extract_value(oa.shape, 1)
+        a_row = builder.extract_value(aa.shape, 1)
+        zero = ir.Constant(vty, None)
+        with cgutils.for_range(builder, nr_v) as loop:
+            r = loop.index
+            arow = builder.gep(aa.data, [builder.mul(r, a_row)])
+            orow = builder.gep(oa.data, [builder.add(builder.mul(builder.add(r0_v, r), o_row), co0_v)])
+            for v in range(NV):
+                a = builder.load(vptr(arow, v * VW), align=al)
+                neg = builder.fcmp_ordered("<", a, zero)
+                clamped = builder.select(neg, zero, a)
+                builder.store(builder.select(relu_v, clamped, a), vptr(orow, v * VW), align=al)
+        return context.get_dummy_value()
+
+    return types.none(acc, out, r0, co0, nr, relu, NV_, VW_), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _rows_fill(typingctx, acc, bias, cb, nr, NV_, VW_):
+    """``acc[r, :NR] = bias[cb, :NR]`` for ``r < nr`` in ``NV`` vector stores per row."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (NV_, VW_)):
+        return None
+    NV, VW = NV_.literal_value, VW_.literal_value
+
+    def codegen(context, builder, sig, args):
+        tile = _TileIR(context, builder, acc.dtype, VW, 1)
+        vty, al, i64, vptr = tile.vty, tile.al, tile.i64, tile.vptr
+        aa, ba = (context.make_array(t)(context, builder, v) for t, v in ((acc, args[0]), (bias, args[1])))
+        a_row = builder.extract_value(aa.shape, 1)
+        b_row = builder.extract_value(ba.shape, 1)
+        brow = builder.gep(ba.data, [builder.mul(args[2], b_row)])
+        bv = [builder.load(vptr(brow, v * VW), align=al) for v in range(NV)]
+        with cgutils.for_range(builder, args[3]) as loop:
+            arow = builder.gep(aa.data, [builder.mul(loop.index, a_row)])
+            for v in range(NV):
+                builder.store(bv[v], vptr(arow, v * VW), align=al)
+        return context.get_dummy_value()
+
+    return types.none(acc, bias, cb, nr, NV_, VW_), codegen
+
+
+@intrinsic(prefer_literal=True)
 def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_, VW_):
     """``part[ao:] += sum_{ps <= p < pe} x[src[p], c0 : c0 + M].T (outer) g[r0 + loc[p], cb-th
     block]``, the pairs in order, with ``M x NV`` vector accumulators (rows: input channels,
@@ -436,7 +532,7 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
 
 
 @njit(inline="always")
-def _conv_task(t, x, w, bias, has_bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A):
+def _conv_task(t, x, w, bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A, PF):
     """Task ``t`` of the forward kernel: row block ``t // ncb`` x channel block ``t % ncb``
     (``relu``: the outputs clamped at 0 as they are written; NaN stays NaN). (Module level, its
     tile shape in arguments that the callers pass as constants: a closure capturing a jitted
@@ -452,14 +548,14 @@ def _conv_task(t, x, w, bias, has_bias, relu, block, cnt, src, loc, out, NR, NV,
     nr = min(block, n_out - r0)
     # the block's accumulator; row `block` takes the padding entries
     acc = numba.carray(_stack_ptr(out.dtype, A), (MAX_BLOCK_ROWS + 1, NR))
-    for r in range(nr):
-        for c in range(NR):
-            acc[r, c] = bias[cb, c] if has_bias else 0.0
+    _rows_fill(acc, bias, cb, nr, NV, VW)  # (a conv without a bias gets zeros)
     for k in range(K):
         e = segment_end(cnt, b * K + k, block, P)
         wo = k * C_in * Cp + cb * NR
         p = (b * K + k) * block
         while e - p >= MR:
+            if PF > 0:
+                _prefetch_rows(x, src, min(p + PF, e - MR), MR)
             _conv_tile(x, w, wo, acc, src, loc, p, MR, NV, VW)
             p += MR
         while p < e:
@@ -467,14 +563,7 @@ def _conv_task(t, x, w, bias, has_bias, relu, block, cnt, src, loc, out, NR, NV,
             p += P
     co0 = cb * NR
     if co0 + NR <= C_out:
-        for r in range(nr):
-            orow = out[r0 + r, co0:co0 + NR]
-            if relu:
-                for c in range(NR):
-                    orow[c] = max(acc[r, c], 0.0)
-            else:
-                for c in range(NR):
-                    orow[c] = acc[r, c]
+        _rows_out(acc, out, r0, co0, nr, relu, NV, VW)
     else:  # the last block of a channel count that is not a multiple of NR
         for r in range(nr):
             for c in range(C_out - co0):
@@ -482,7 +571,7 @@ def _conv_task(t, x, w, bias, has_bias, relu, block, cnt, src, loc, out, NR, NV,
 
 
 @functools.lru_cache(maxsize=None)
-def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
+def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int, PF: int):
     """``out = bias + sum_k x[map_k] @ w[k]`` for ``NR``-wide channel blocks: per task one row
     block x one channel block, its accumulator on the stack, the plan's segments in tiles of
     ``MR`` rows, then of ``PAD`` rows. Tasks: ``prange`` (numba's pool, or one thread) or the
@@ -491,27 +580,27 @@ def _conv_kernel(dt: str, NR: int, VW: int, MR: int, P: int):
     NV = NR // VW
     A = (MAX_BLOCK_ROWS + 1) * NR
 
-    def kernel(x, w, bias, has_bias, relu, block, cnt, src, loc, out):
+    def kernel(x, w, bias, relu, block, cnt, src, loc, out):
         n_tasks = (out.shape[0] + block - 1) // block * (w.shape[2] // NR)
         for t in prange(n_tasks):
-            _conv_task(t, x, w, bias, has_bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A)
+            _conv_task(t, x, w, bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A, PF)
 
     def team(data):
         words = team_words(data)
         x, i = array_arg2(words, TEAM_ARGS, npdt)
         w, i = array_arg3(words, i, npdt)
         bias, i = array_arg2(words, i, npdt)
-        has_bias, relu, block = words[i] != 0, words[i + 1] != 0, words[i + 2]
-        cnt, i = array_arg1(words, i + 3, np.int32)
+        relu, block = words[i] != 0, words[i + 1]
+        cnt, i = array_arg1(words, i + 2, np.int32)
         src, i = array_arg1(words, i, np.int32)
         loc, i = array_arg1(words, i, np.int32)
         out, i = array_arg2(words, i, npdt)
         t = next_task(words)
         while t < words[TEAM_TASKS]:
-            _conv_task(t, x, w, bias, has_bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A)
+            _conv_task(t, x, w, bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A, PF)
             t = next_task(words)
 
-    def tasks(phase, x, w, bias, has_bias, relu, block, cnt, src, loc, out):
+    def tasks(phase, x, w, bias, relu, block, cnt, src, loc, out):
         return -(-out.shape[0] // block) * (w.shape[2] // NR)
 
     return TeamKernel(kernel, team, tasks)
@@ -759,8 +848,8 @@ def _run_conv(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         b = torch.zeros(ncb * NR, dtype=cdt)
         b[:c_out] = bias
     out = torch.empty(n_dst, c_out, dtype=cdt)
-    launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad), x.numpy(), w.numpy(),
-           b.view(ncb, NR).numpy(), bias is not None, relu, plan.block_rows, plan.cnt, plan.src,
+    launch(_conv_kernel(dt, NR, _vector_width(dt, NR), MR, plan.pad, PREFETCH_PAIRS), x.numpy(), w.numpy(),
+           b.view(ncb, NR).numpy(), relu, plan.block_rows, plan.cnt, plan.src,
            plan.loc, out.numpy(), dynamic=True)
     return out if cdt == dtype else out.to(dtype)
 
