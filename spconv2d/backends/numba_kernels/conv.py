@@ -428,58 +428,33 @@ def _prefetch_rows(typingctx, x, src, q, M_):
 
 
 @intrinsic(prefer_literal=True)
-def _rows_out(typingctx, acc, out, r0, co0, nr, relu, NV_, VW_):
-    """``out[r0 + r, co0 : co0 + NR] = acc[r, :NR]`` for ``r < nr`` (``relu``: clamped at 0,
-    NaN kept, as Python's ``max(a, 0.0)``) in ``NV`` vector loads and stores per row (``NR =
-    NV * VW``; ``acc`` 2-D ``[rows, NR]``, ``out`` 2-D C-contiguous)."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (NV_, VW_)):
+def _copy_rows(typingctx, a, ao, a_step, b, bo, b_step, nr, relu, NV_, VW_):
+    """``b.flat[bo + r * b_step :][:NR] = a.flat[ao + r * a_step :][:NR]`` for ``r < nr`` (``NR
+    = NV * VW`` elements; ``relu``: clamped at 0 with NaN kept, as Python's ``max(v, 0.0)``), in
+    ``NV`` vector loads and stores per row (numba leaves LLVM's SLP vectoriser off: the same
+    loops in numba stayed scalar, and the scalar stores stalled the forward kernel). Fills a
+    block accumulator from the bias (``a_step = 0``) and writes it out."""
+    if not (all(isinstance(t, types.IntegerLiteral) for t in (NV_, VW_))
+            and all(isinstance(t, types.Array) for t in (a, b))):
         return None
     NV, VW = NV_.literal_value, VW_.literal_value
 
     def codegen(context, builder, sig, args):
-        tile = _TileIR(context, builder, acc.dtype, VW, 1)
-        vty, al, i64, vptr = tile.vty, tile.al, tile.i64, tile.vptr
-        aa, oa = (context.make_array(t)(context, builder, v) for t, v in ((acc, args[0]), (out, args[1])))
-        r0_v, co0_v, nr_v, relu_v = args[2], args[3], args[4], args[5]
-        o_row = builder.extract_value(oa.shape, 1)
-        a_row = builder.extract_value(aa.shape, 1)
-        zero = ir.Constant(vty, None)
+        tile = _TileIR(context, builder, a.dtype, VW, 1)
+        aa, ba = (context.make_array(t)(context, builder, v) for t, v in ((a, args[0]), (b, args[3])))
+        ao_v, as_v, bo_v, bs_v, nr_v, relu_v = args[1], args[2], args[4], args[5], args[6], args[7]
+        zero = ir.Constant(tile.vty, None)
         with cgutils.for_range(builder, nr_v) as loop:
             r = loop.index
-            arow = builder.gep(aa.data, [builder.mul(r, a_row)])
-            orow = builder.gep(oa.data, [builder.add(builder.mul(builder.add(r0_v, r), o_row), co0_v)])
+            arow = builder.gep(aa.data, [builder.add(ao_v, builder.mul(r, as_v))])
+            brow = builder.gep(ba.data, [builder.add(bo_v, builder.mul(r, bs_v))])
             for v in range(NV):
-                a = builder.load(vptr(arow, v * VW), align=al)
-                neg = builder.fcmp_ordered("<", a, zero)
-                clamped = builder.select(neg, zero, a)
-                builder.store(builder.select(relu_v, clamped, a), vptr(orow, v * VW), align=al)
+                x = builder.load(tile.vptr(arow, v * VW), align=tile.al)
+                clamped = builder.select(builder.fcmp_ordered("<", x, zero), zero, x)
+                builder.store(builder.select(relu_v, clamped, x), tile.vptr(brow, v * VW), align=tile.al)
         return context.get_dummy_value()
 
-    return types.none(acc, out, r0, co0, nr, relu, NV_, VW_), codegen
-
-
-@intrinsic(prefer_literal=True)
-def _rows_fill(typingctx, acc, bias, cb, nr, NV_, VW_):
-    """``acc[r, :NR] = bias[cb, :NR]`` for ``r < nr`` in ``NV`` vector stores per row."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (NV_, VW_)):
-        return None
-    NV, VW = NV_.literal_value, VW_.literal_value
-
-    def codegen(context, builder, sig, args):
-        tile = _TileIR(context, builder, acc.dtype, VW, 1)
-        vty, al, i64, vptr = tile.vty, tile.al, tile.i64, tile.vptr
-        aa, ba = (context.make_array(t)(context, builder, v) for t, v in ((acc, args[0]), (bias, args[1])))
-        a_row = builder.extract_value(aa.shape, 1)
-        b_row = builder.extract_value(ba.shape, 1)
-        brow = builder.gep(ba.data, [builder.mul(args[2], b_row)])
-        bv = [builder.load(vptr(brow, v * VW), align=al) for v in range(NV)]
-        with cgutils.for_range(builder, args[3]) as loop:
-            arow = builder.gep(aa.data, [builder.mul(loop.index, a_row)])
-            for v in range(NV):
-                builder.store(bv[v], vptr(arow, v * VW), align=al)
-        return context.get_dummy_value()
-
-    return types.none(acc, bias, cb, nr, NV_, VW_), codegen
+    return types.none(a, ao, a_step, b, bo, b_step, nr, relu, NV_, VW_), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -548,7 +523,7 @@ def _conv_task(t, x, w, bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P
     nr = min(block, n_out - r0)
     # the block's accumulator; row `block` takes the padding entries
     acc = numba.carray(_stack_ptr(out.dtype, A), (MAX_BLOCK_ROWS + 1, NR))
-    _rows_fill(acc, bias, cb, nr, NV, VW)  # (a conv without a bias gets zeros)
+    _copy_rows(bias, cb * NR, 0, acc, 0, NR, nr, False, NV, VW)  # (no bias: zeros)
     for k in range(K):
         e = segment_end(cnt, b * K + k, block, P)
         wo = k * C_in * Cp + cb * NR
@@ -563,7 +538,7 @@ def _conv_task(t, x, w, bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P
             p += P
     co0 = cb * NR
     if co0 + NR <= C_out:
-        _rows_out(acc, out, r0, co0, nr, relu, NV, VW)
+        _copy_rows(acc, 0, NR, out, r0 * C_out + co0, C_out, nr, relu, NV, VW)
     else:  # the last block of a channel count that is not a multiple of NR
         for r in range(nr):
             for c in range(C_out - co0):
