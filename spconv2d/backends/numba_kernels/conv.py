@@ -75,8 +75,8 @@ of 64 / 32, the last one zero-padded); ``MR`` so that the accumulators take at m
 height that divides ``C_in`` preferred. Measured side by side on this machine: 64x4 and 64x6
 within noise, 64x8 spills (-30%), 16x8 -10% vs 16x12..24, ``PAD = 2`` tails -25%, software
 prefetch of the next tile's rows -0..5% (too near; ``PREFETCH_PAIRS`` has the distance that
-pays), block rows 64/128/256 within 5% at 25% density, 512
-rows 10-20% faster than 128 at 1-10%. Without AVX-512 the 256-bit shapes in ``_TILES`` apply:
+pays), block rows 64/128/256 within 5% at 25% density, 512 rows 10-20% faster than 128 at
+1-10%. Without AVX-512 the 256-bit shapes in ``_TILES`` apply:
 forward 8x12, 16x4 and 32x2 (measured on an AMD EPYC VM, see ``_TILES``), weight gradient sized
 by the register rule (not measured). The tile shape is a literal argument of
 module-level intrinsics, so numba's on-disk cache keys stay stable across processes.
@@ -126,11 +126,13 @@ MIN_BLOCK_ROWS = 128
 MAX_BLOCK_ROWS = 512
 SEGMENT_PAIRS = 32
 #: The forward / input-gradient tiles prefetch the input rows of the pairs this far ahead in
-#: their segment (clamped to its last tile). Measured on the AMD EPYC VM (Zen 3, AVX2), the
-#: sparse U-Net's convolutions at batch 16, one process, alternating with no prefetch: strided
-#: (k2 s2) 16->32 1.6-2.0x and transposed 32->16 1.3-1.5x faster, submanifold 0.9-1.3x (1 / 2
-#: threads); 8 and 32 pairs ahead within noise of 16. The whole model 1.04-1.05x
-#: (``bench/ab_zoo.py``, docs/ARCHITECTURE.md).
+#: their segment (clamped to its last tile; 0: no prefetch, kept to measure it). Measured on the
+#: AMD EPYC VM (Zen 3, AVX2), the sparse U-Net's convolutions at batch 16, one process,
+#: alternating: prefetch alone strided (k2 s2) 16->32 1.4-1.6x, transposed 32->16 1.05-1.1x
+#: faster (1 thread); with the vector fill / write-out (``_copy_rows``), against neither,
+#: strided 1.6-2.0x, transposed 1.3-1.5x, submanifold 0.9-1.3x (1 / 2 threads); 8 and 32 pairs
+#: ahead within noise of 16. The whole model 1.04-1.05x (``bench/ab_zoo.py``,
+#: docs/ARCHITECTURE.md).
 PREFETCH_PAIRS = 16
 
 
