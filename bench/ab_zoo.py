@@ -9,8 +9,8 @@ same ``unet`` batch took 220-330 ms on one thread within an hour), so a change i
 the other in every round (the order reversed every other round), on the same batch, with the
 trained weights of ``runs/<model>-streets/``; printed: the medians and the medians of the
 round-by-round ratios. ``--mode``: ``infer`` (batch 16 of 64x128, no grad), ``big`` (batch 4 of
-256x512) or ``train`` (a training step: forward with the aux output, loss, backward, AdamW, as
-``bench_zoo.py -k goal``).
+256x512) or ``train`` (a training step: forward with the aux output, the zoo's loss
+(``engine.criterion``, each version its own), backward, AdamW, as ``bench_zoo.py -k goal``).
 
 The base commit's ``spconv2d``, ``zoo`` and ``kernels`` are extracted with ``git archive`` into
 a temporary folder and imported as the package ``spconv2d_base`` (every ``spconv2d`` word of its
@@ -85,11 +85,14 @@ def main():
             data = build_dataset("streets", "train", num_samples=16)
             x, y = data.images, data.targets
             opts = {k: torch.optim.AdamW(m.train().parameters(), lr=1e-4) for k, m in models.items()}
-            F = torch.nn.functional
+            from spconv2d.zoo.engine import criterion
+            import spconv2d_base.zoo.engine as engine_base
+            # each side with its own version's training loss (the zoo's, aux weight 0.4)
+            losses = {"unet": criterion("segmentation", 0.4), "now": criterion("segmentation", 0.4),
+                      "base": engine_base.criterion("segmentation", 0.4)}
 
             def call(k):
-                out, aux = models[k](x, return_aux=True)
-                loss = F.cross_entropy(out, y, ignore_index=255) + 0.4 * F.cross_entropy(aux, y, ignore_index=255)
+                loss = losses[k](models[k](x, return_aux=True), y)
                 opts[k].zero_grad(set_to_none=True)
                 loss.backward()
                 opts[k].step()

@@ -16,8 +16,9 @@ Groups
                               round (medians and the ratios ``speedup`` and
                               ``speedup_vs_channels_last`` in ``extra_info``; the benchmark's own
                               timing is of sparse_unet): inference at batch 16 of 64x128 and at
-                              batch 4 of 256x512, and a training step (forward, backward, AdamW)
-                              at batch 16
+                              batch 4 of 256x512, and a training step (forward with the aux
+                              output, the zoo's loss ``engine.criterion``, backward, AdamW) at
+                              batch 16
     cnn-mnist-b256            cnn | sparse_cnn (active = non-zero pixels)
     choice-*                  the zoo's measured implementation choices, each next to the
                               alternative it replaced, on the shapes of a streets batch of 16
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 import spconv2d.zoo as zoo
 from spconv2d.zoo.blocks import bilinear_up
 from spconv2d.zoo.data import build_dataset
+from spconv2d.zoo.engine import criterion
 from spconv2d.zoo.inactive import logit_margin
 from spconv2d.zoo.masks import measured_density
 from spconv2d.zoo.threads import auto_threads
@@ -182,6 +184,7 @@ def test_goal_inference_256x512(benchmark):
 def test_goal_training_step(benchmark):
     data = build_dataset("streets", "train", num_samples=16)
     targets = data.targets
+    loss_fn = criterion("segmentation", aux_weight=0.4)
     steps = {}
     for name, model, fmt in (("unet", "unet", torch.contiguous_format),
                              ("unet-channels_last", "unet", torch.channels_last),
@@ -191,8 +194,7 @@ def test_goal_training_step(benchmark):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
 
         def step(m=m, opt=opt, images=images):
-            out, aux = m(images, return_aux=True)
-            loss = F.cross_entropy(out, targets, ignore_index=255) + 0.4 * F.cross_entropy(aux, targets, ignore_index=255)
+            loss = loss_fn(m(images, return_aux=True), targets)  # the zoo's training loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -30,6 +30,29 @@ def test_tiny_training_run_loss_goes_down(tmp_path):
     assert on_disk["final"]["accuracy"] == f["accuracy"] and len(on_disk["epochs"]) == 4
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_cross_entropy_matches_torch_in_every_layout(layout):
+    """The criterion's segmentation loss is ``F.cross_entropy(ignore_index=255)`` whatever the
+    logits' memory layout (channels-last logits go through their pixel rows): loss and gradient."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+        assert not logits.is_contiguous()
+    targets = torch.randint(0, 5, (3, 6, 7), generator=g)
+    targets[0, :2] = 255
+    aux = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    xa, xb = aux.clone().requires_grad_(), aux.clone().requires_grad_()
+    got = engine.criterion("segmentation", 0.4)((a, xa), targets)
+    F = torch.nn.functional
+    want = F.cross_entropy(b, targets, ignore_index=255) + 0.4 * F.cross_entropy(xb, targets, ignore_index=255)
+    torch.testing.assert_close(got, want)
+    got.backward(), want.backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
 def test_sparse_segmentation_run_reports_density_and_miou(tmp_path):
     m = zoo.train(model="sparse_unet", epochs=1, density=0.3, out=str(tmp_path), **TINY_STREETS)
     f = m["final"]
