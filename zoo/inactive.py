@@ -182,22 +182,28 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
 
         l'(p) = sum_q w(p, q) l(q) / sum_q w(p, q),   w(p, q) = exp(-|I(p) - I(q)|^2 / 2 sigma_r^2)
 
-    over the window's pixels inside the image, ``p`` itself included.
-
-    The colours are read from the image padded with ``inf`` (weight exactly 0 outside it), so
-    the window's logit columns are plain offsets ``p + dy * W + dx`` (clamped into range; a
-    column that wraps to another row has weight 0): each row's columns stay non-decreasing
-    for the CSR product. At inference on a CPU with numba: ``fused.refine_at``."""
+    over the window's pixels inside the image, ``p`` itself included (``refine_weights``; at
+    inference on a CPU with numba: ``fused.refine_at``)."""
     if fused.usable(logits, images, grad=True):  # inference on a CPU: the numba kernel
         return fused.refine_at(logits, images, idx, radius, sigma_r)
-    B, K, H, W = logits.shape
-    C = images.shape[1]
+    wgt, cols = refine_weights(images, idx, radius, sigma_r)
+    return _weighted_rows(wgt, cols, pixel_rows(logits))
+
+
+def refine_weights(images: torch.Tensor, idx: torch.Tensor, radius: int = 3,
+                   sigma_r: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``refine_at``'s normalised weights and their pixels: ``(wgt, cols)``, both ``[len(idx),
+    (2r+1)^2]``, ``cols`` flat pixel indices into ``B*H*W`` (window order, non-decreasing along
+    each row). The colours are read from the image padded with ``inf`` (weight exactly 0
+    outside it), so the window's columns are plain offsets ``p + dy * W + dx`` (clamped into
+    range; a column that wraps to another row has weight 0)."""
+    B, C, H, W = images.shape
     r, Hp, Wp = radius, H + 2 * radius, W + 2 * radius
     d = torch.arange(-r, r + 1, device=idx.device)
     b, y, x = idx // (H * W), (idx // W) % H, idx % W
     centre = (b * Hp + y + r) * Wp + x + r  # in the padded grid
     window = centre[:, None] + (d[:, None] * Wp + d).view(-1)  # [M, k*k]
-    planes = F.pad(images, (r, r, r, r), value=float("inf")).transpose(0, 1).reshape(C, -1)
+    planes = F.pad(images.detach(), (r, r, r, r), value=float("inf")).transpose(0, 1).reshape(C, -1)
     d2 = None
     for plane in planes:  # colour planes: long rows
         diff = (plane.index_select(0, window.view(-1)).view_as(window) - plane.index_select(0, centre)[:, None]).square_()
@@ -205,7 +211,47 @@ def refine_at(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, rad
     wgt = d2.mul_(-1 / (2 * sigma_r ** 2)).exp_()
     wgt = wgt.div_(wgt.sum(1, keepdim=True))
     cols = (idx[:, None] + (d[:, None] * W + d).view(-1)).clamp_(0, B * H * W - 1)
-    return _weighted_rows(wgt, cols, pixel_rows(logits))
+    return wgt, cols
+
+
+class _RefinedCopy(torch.autograd.Function):
+    """``with_pixel_rows(logits, idx, _weighted_rows(wgt, cols, pixel_rows(logits)))`` as one
+    op: a new channels-last tensor, the rows ``idx`` replaced by the weighted sums of the rows
+    ``cols`` (read before the write). Backward: the gradient copied once, its rows ``idx``
+    zeroed, then ``wgt[:, j] * grad[idx]`` added at ``cols[:, j]`` tap by tap (``index_add_``:
+    sequential, deterministic). The composition of tensor ops it replaces wrote the full
+    gradient four times more per step (the CSR product's transpose makes a dense
+    ``[B*H*W, K]``, then the clone, fill and accumulation of the row write)."""
+
+    @staticmethod
+    def forward(ctx, logits, idx, wgt, cols):
+        out = torch.empty_like(logits, memory_format=torch.channels_last)
+        out.copy_(logits)
+        rows = pixel_rows(out)  # a view
+        rows.index_copy_(0, idx, _weighted_rows(wgt, cols, rows))  # (reads the rows before the write)
+        ctx.save_for_backward(idx, wgt, cols)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, wgt, cols = ctx.saved_tensors
+        g_in = torch.empty_like(grad, memory_format=torch.channels_last)
+        g_in.copy_(grad)
+        rows = pixel_rows(g_in)  # a view
+        g_sel = rows.index_select(0, idx).to(wgt.dtype)
+        rows.index_fill_(0, idx, 0)
+        for j in range(cols.shape[1]):
+            rows.index_add_(0, cols[:, j], (wgt[:, j, None] * g_sel).to(rows.dtype))
+        return g_in, None, None, None
+
+
+def refined_copy(logits: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, radius: int = 3,
+                 sigma_r: float = 0.05) -> torch.Tensor:
+    """``with_pixel_rows(logits, idx, refine_at(logits, images, idx, radius, sigma_r))`` as one
+    differentiable op (``_RefinedCopy``): for training, where the logits are written out of
+    place."""
+    wgt, cols = refine_weights(images, idx, radius, sigma_r)
+    return _RefinedCopy.apply(logits, idx, wgt, cols)
 
 
 def cell_states(coarse: torch.Tensor, margin: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -254,4 +300,6 @@ def refine_uncertain(out: torch.Tensor, images: torch.Tensor, mask: torch.Tensor
         idx = idx[marg.topk(cap, largest=False).indices].sort().values
     if not idx.numel():
         return out
+    if not inplace:
+        return refined_copy(out, images, idx, radius, sigma_r)
     return set_pixel_rows(out, idx, refine_at(out, images, idx, radius, sigma_r), inplace)

@@ -23,6 +23,33 @@ def test_refine_at_equals_its_formula(window_mean):
     assert lg.grad is not None and lg.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_refined_copy_equals_the_row_write_of_refine_at_forward_and_backward(layout):
+    """``refined_copy`` (training's one-op refinement) against the composition it replaces,
+    ``with_pixel_rows(logits, idx, refine_at(logits, ...))``: values, and the gradient of a
+    random upstream gradient, with refined pixels inside each other's windows, at borders and
+    corners, in both images."""
+    from spconv2d.zoo.inactive import refine_at, refined_copy, with_pixel_rows
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    idx = torch.tensor([0, 5, 6, 10, 16, 17, 50, 98, 99, 120, 121, 197])
+    upstream = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = refined_copy(a, images, idx, radius=2, sigma_r=0.3)
+    want = with_pixel_rows(b, idx, refine_at(b, images, idx, radius=2, sigma_r=0.3))
+    torch.testing.assert_close(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.autograd.gradcheck(lambda t: refined_copy(t, images, idx, radius=1, sigma_r=0.3),
+                             (logits[:, :2].clone().requires_grad_(),))
+
+
 def test_guided_upsample_of_some_cells_writes_only_those():
     from spconv2d.zoo.inactive import guided_upsample
 
