@@ -20,7 +20,8 @@ import spconv2d as sp
 
 from .blocks import bilinear_up, conv_bn_relu, dense_ops, init_weights, sparse_ops
 from . import fused
-from .inactive import GUIDED_SIGMA_R, cell_states, guided_rows, guided_spatial_term, refine_uncertain, set_pixel_rows
+from .inactive import (GUIDED_SIGMA_R, cell_states, compose_rows, guided_rows, guided_spatial_term, refine_uncertain,
+                       set_pixel_rows)
 from .masks import DEFAULT_DENSITY, MaskedModel
 from .registry import ModelDefaults, register_model
 
@@ -175,8 +176,9 @@ class SparseUNet(MaskedModel, UNetBase):
         (``upsample="guided"``) the guided upsampling, and at the active pixels (``coords``,
         the head's rows ``head``) the head's correction plus the bilinear logits (as in
         ``unet``). At inference on a CPU with numba in one pass that writes each pixel once
-        (``fused.compose``); otherwise tensor ops, with the step ``upsample_guided``, written
-        out of place where autograd records (``_records``)."""
+        (``fused.compose``); otherwise tensor ops, with the step ``upsample_guided``, written in
+        place, or where autograd records (``_records``: training) by ``inactive.compose_rows``,
+        out of place."""
         H, W = images.shape[-2:]
         guided = self.upsample == "guided"
         # (a cell whose pixels are all active gets the fine prediction everywhere; the aux
@@ -190,13 +192,19 @@ class SparseUNet(MaskedModel, UNetBase):
         c = coords.long()
         pix = (c[:, 0] * H + c[:, 1]) * W + c[:, 2]
         bil = bilinear_up(coarse, (H, W))
+        if _records(bil, head):  # training: one op (compose_rows) for the writes and their gradients
+            if guided:
+                g_idx, g_rows = self.upsample_guided(coarse, images, cells)
+            else:
+                g_idx, g_rows = pix.new_zeros(0), head.new_zeros(0, head.shape[1])
+            out, pred = compose_rows(bil, g_idx, g_rows, pix, head)
+            return out, (pred if return_aux else None)
         fine = head + sp.at_sites(bil, coords)  # as in unet: a correction
-        inplace = not _records(bil, head)
         pred = bil  # the coarse prediction
         if guided:
-            pred = set_pixel_rows(pred, *self.upsample_guided(coarse, images, cells), inplace=inplace)
-        aux = (pred.clone() if inplace else pred) if return_aux else None
-        return set_pixel_rows(pred, pix, fine, inplace=inplace), aux
+            pred = set_pixel_rows(pred, *self.upsample_guided(coarse, images, cells))
+        aux = pred.clone() if return_aux else None
+        return set_pixel_rows(pred, pix, fine), aux
 
     def cell_states(self, coarse):
         """``inactive.cell_states(coarse, self.margin)``: ``(mixed, unsure)``, bool ``[B, h, w]``."""

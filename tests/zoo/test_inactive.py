@@ -50,6 +50,45 @@ def test_refined_copy_equals_the_row_write_of_refine_at_forward_and_backward(lay
                              (logits[:, :2].clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("layout, guided", [("channels_last", True), ("nchw", True), ("channels_last", False)])
+def test_compose_rows_equals_its_row_writes_forward_and_backward(layout, guided):
+    """``compose_rows`` (training's assembly as one op) against the row writes it replaces:
+    ``pred`` = bil with the guided rows, ``out`` = pred with head + bil's rows at the active
+    pixels (some of them also guided): values, and the gradients of random upstream gradients
+    of both outputs w.r.t. bil, the guided rows and the head."""
+    from spconv2d.zoo.inactive import compose_rows, pixel_rows, with_pixel_rows
+
+    g = torch.Generator().manual_seed(4)
+    B, K, H, W = 2, 5, 6, 7
+    bil = torch.randn(B, K, H, W, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        bil = bil.contiguous(memory_format=torch.channels_last)
+    n = B * H * W
+    g_idx = torch.randperm(n, generator=g)[:30] if guided else torch.zeros(0, dtype=torch.long)
+    a_idx = torch.cat([g_idx[:5], torch.randperm(n, generator=g)[:20]]).unique() if guided else torch.randperm(n, generator=g)[:20]
+    g_rows = torch.randn(len(g_idx), K, generator=g, dtype=torch.float64)
+    head = torch.randn(len(a_idx), K, generator=g, dtype=torch.float64)
+    up_out, up_pred = (torch.randn(B, K, H, W, generator=g, dtype=torch.float64) for _ in range(2))
+    leaves = [[t.clone().requires_grad_() for t in (bil, g_rows, head)] for _ in range(2)]
+    out, pred = compose_rows(leaves[0][0], g_idx, leaves[0][1], a_idx, leaves[0][2])
+    b1, r1, h1 = leaves[1]
+    want_pred = with_pixel_rows(b1, g_idx, r1)
+    want_out = with_pixel_rows(want_pred, a_idx, h1 + pixel_rows(b1)[a_idx])
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(pred, want_pred)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ((out * up_out).sum() + (pred * up_pred).sum()).backward()
+    ((want_out * up_out).sum() + (want_pred * up_pred).sum()).backward()
+    for got, want in zip(leaves[0], leaves[1]):
+        torch.testing.assert_close(got.grad, want.grad)
+    # only one output used (the other's gradient is None inside the op)
+    x = bil.clone().requires_grad_()
+    compose_rows(x, g_idx, g_rows, a_idx, head)[0].sum().backward()
+    y = bil.clone().requires_grad_()
+    with_pixel_rows(with_pixel_rows(y, g_idx, g_rows), a_idx, head + pixel_rows(y)[a_idx]).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
+
+
 def test_guided_upsample_of_some_cells_writes_only_those():
     from spconv2d.zoo.inactive import guided_upsample
 
