@@ -143,9 +143,10 @@ def put_pixel_rows(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> No
 
 def with_pixel_rows(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``put_pixel_rows`` out of place: a new ``[B, K, H, W]`` (channels-last) equal to ``x``
-    with ``rows`` at the flat pixel indices ``idx``. For training: its backward copies the
+    with ``rows`` at the flat pixel indices ``idx``; differentiable: its backward copies the
     gradient once, where an in-place write's backward (clone, fill, copy back) copied the full
-    logits several times (the largest cost of a sparse training step, measured)."""
+    logits several times. (The sparse U-Net's training writes its logits with ``compose_rows``
+    and ``refined_copy``, which copy them and their gradient once per chain of writes.)"""
     B, K, H, W = x.shape
     return pixel_rows(x).index_copy(0, idx, rows.to(x.dtype)).view(B, H, W, K).permute(0, 3, 1, 2)
 
@@ -329,7 +330,7 @@ def refine_uncertain(out: torch.Tensor, images: torch.Tensor, mask: torch.Tensor
     """Refine the *uncertain* inactive pixels of ``out`` ``[B, K, H, W]`` with ``refine_at``
     (the colour-weighted mean of their ``(2 radius + 1)^2`` window, which carries the
     full-resolution predictions of nearby active pixels of the same colour into them): in
-    place (returns ``out``), or with ``inplace=False`` into a new tensor (``with_pixel_rows``:
+    place (returns ``out``), or with ``inplace=False`` into a new tensor (``refined_copy``:
     what training wants).
 
     Uncertain: inactive (``~mask``, ``[B, H, W]``), in an ``unsure`` cell (``cell_states``) and
@@ -353,4 +354,5 @@ def refine_uncertain(out: torch.Tensor, images: torch.Tensor, mask: torch.Tensor
         return out
     if not inplace:
         return refined_copy(out, images, idx, radius, sigma_r)
-    return set_pixel_rows(out, idx, refine_at(out, images, idx, radius, sigma_r), inplace)
+    put_pixel_rows(out, idx, refine_at(out, images, idx, radius, sigma_r))
+    return out

@@ -422,7 +422,7 @@ def _compose_task(t, images, site, guided, means, rows1, spatial, params, iy, wy
     any_guided = False
     for cx in range(w):
         any_guided |= guided[b, cy, cx] != 0
-    score = np.empty((9, cell, W), images.dtype)
+    score = np.empty((9, cell if any_guided else 0, W), images.dtype)  # (read in guided cells only)
     if any_guided:
         top = np.empty((cell, W), images.dtype)
         colour = np.empty((C, cell, W), images.dtype)
