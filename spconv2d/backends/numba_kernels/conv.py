@@ -53,6 +53,14 @@ threads); one task = one chunk x one channel block, writing its own partial ``[K
 in ``MR x NR`` register tiles (rows: input channels, columns: output channels; per pair
 ``NR / VW`` output-gradient vectors loaded and each input value broadcast once), the pairs
 streamed in passes that stay in L2 and in pair chunks that stay in L1 for every channel tile.
+Wide channels (``C_in * C_out`` from ``wgrad_packed_from`` of the tile table; AVX2 only) pack
+the pairs instead, as a GEMM packs its operands: one task = one chunk (all channel blocks);
+per offset up to ``pairs`` pairs at a time, each pair's input row is copied into one panel per
+channel tile (``MR`` values per pair) and its output-gradient row into one panel per channel
+block, then every (block, tile) runs over the panels with sequential loads and no index loads
+(``_wgrad_packed_tile``): the gathered tiles spent two index loads and an address computation
+per pair per tile, and their row loads missed without the FMAs of other tiles to hide behind.
+Both forms sum every element's pairs in the same (block, pair) order: the same bits.
 The partials are then summed in chunk order and each output element written once; a single
 chunk of a single channel block is the output itself (the task accumulates there in place).
 The forward and the input gradient write each output row once.
@@ -512,6 +520,50 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
     return types.none(x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_, VW_), codegen
 
 
+@intrinsic(prefer_literal=True)
+def _wgrad_packed_tile(typingctx, xp, xo, gp, go, part, ao, n, M_, NV_, VW_):
+    """``part[ao:] += sum_{q < n} xp[xo + q * M : + M].T (outer) gp[go + q * NR : + NR]`` on packed
+    pairs, in order, with ``M x NV`` vector accumulators (rows: input channels, columns: the
+    block's output channels) loaded from and stored back to ``part`` at element offset ``ao``;
+    per pair ``NV`` output-gradient vectors are loaded once and each input value is broadcast
+    once. Both operands are read sequentially (no index loads in the loop).
+
+    Arguments: ``xp``, ``gp``, ``part`` (1-D / C-contiguous), ``xo``, ``go``, ``ao``, ``n``, and the
+    literal tile shape ``M``, ``NV``, ``VW``."""
+    shape = _literal_tile(M_, NV_, VW_, (xp, gp, part))
+    if shape is None:
+        return None
+    M, NV, VW = shape
+    NR = NV * VW
+
+    def codegen(context, builder, sig, args):
+        tile = _TileIR(context, builder, xp.dtype, VW, M * NV)
+        vty, al, i64, fma, slot, vptr = tile.vty, tile.al, tile.i64, tile.fma, tile.slot, tile.vptr
+        xa, ga, pa = (context.make_array(t)(context, builder, v) for t, v in (
+            (xp, args[0]), (gp, args[2]), (part, args[4])))
+        xo_v, go_v, ao_v, n_v = args[1], args[3], args[5], args[6]
+        abase = builder.gep(pa.data, [ao_v])
+        xbase = builder.gep(xa.data, [xo_v])
+        gbase = builder.gep(ga.data, [go_v])
+        for i in range(M * NV):
+            builder.store(builder.load(vptr(abase, i * VW), align=al), slot(i))
+        with cgutils.for_range(builder, n_v) as loop:
+            q = loop.index
+            xrow = builder.gep(xbase, [builder.mul(q, ir.Constant(i64, M))])
+            grow = builder.gep(gbase, [builder.mul(q, ir.Constant(i64, NR))])
+            gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
+            for r in range(M):
+                a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
+                for v in range(NV):
+                    sp = slot(r * NV + v)
+                    builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
+        for i in range(M * NV):
+            builder.store(builder.load(slot(i)), vptr(abase, i * VW), align=al)
+        return context.get_dummy_value()
+
+    return types.none(xp, xo, gp, go, part, ao, n, M_, NV_, VW_), codegen
+
+
 @njit(inline="always")
 def _conv_task(t, x, w, bias, relu, block, cnt, src, loc, out, NR, NV, VW, MR, P, A, PF):
     """Task ``t`` of the forward kernel: row block ``t // ncb`` x channel block ``t % ncb``
@@ -600,8 +652,19 @@ WG_REDUCE_TASKS = 32
 #: Cap on the partials' memory (bytes); fewer chunks above it.
 WG_PARTIAL_BYTES = 1 << 24
 #: Bytes of input and output-gradient rows of the pairs every channel tile of a weight-gradient
-#: task runs over before the next pairs (they stay in L1 for all tiles).
+#: task runs over before the next pairs (they stay in L1 for all tiles; narrow channels).
 WG_CHUNK_BYTES = 24 << 10
+#: Input channels above which a packed weight gradient takes the tallest tile (the overlap of
+#: its last tile costs less than the shorter tiles' extra loads and flushes).
+WG_PACKED_TALL_FROM = 64
+#: Packed pairs of a weight-gradient task: at most this many bytes of output-gradient rows (the
+#: block's channels; they stay in L1 while every channel tile streams over them) ...
+WG_PACK_G_BYTES = 8 << 10
+#: ... and of input rows (one panel per channel tile; they stay in L2).
+WG_PACK_X_BYTES = 192 << 10
+#: Elements between the packed panels beyond their pairs (panels a multiple of 4 KiB apart
+#: alias in the load/store unit).
+WG_PANEL_SKEW = 16
 #: Bytes of input and output-gradient rows a weight-gradient task streams for every offset and
 #: channel tile before moving on (whole row blocks, at least one): they stay in L2 for all.
 WG_PASS_BYTES = 1 << 18
@@ -620,12 +683,15 @@ def _wgrad_reduce_rows(part, out, i0, i1, MR):
         ci = i - k * C_in
         tile = min(ci // MR, n_tiles - 1)
         row = tile * MR + ci - min(tile * MR, C_in - MR)
+        # chunk by chunk over contiguous channels (vectorised; each element's sum in chunk order)
         for cb in range(ncb):
-            for c in range(min(NR, C_out - cb * NR)):
-                acc = part[0, k, cb, row, c]
-                for ch in range(1, nchunk):
-                    acc += part[ch, k, cb, row, c]
-                out[k, ci, cb * NR + c] = acc
+            c0 = np.uint64(cb * NR)
+            w = np.uint64(min(NR, C_out - cb * NR))
+            for c in range(w):
+                out[k, ci, c0 + c] = part[0, k, cb, row, c]
+            for ch in range(1, nchunk):
+                for c in range(w):
+                    out[k, ci, c0 + c] += part[ch, k, cb, row, c]
 
 
 @njit(inline="always")
@@ -664,20 +730,91 @@ def _wgrad_partial_task(task, x, g, block, cnt, src, loc, chunk_blocks, pass_blo
                         _wgrad_tile(x, c0, g, cb, part, ao, ps, pe, b * block, src, loc, MR, NV, VW)
 
 
+@njit(inline="always")
+def _wgrad_flush(xp, gp, part, ao, n, pack, ncb, n_tiles, NR, NV, VW, MR):
+    """Every (channel block ``cb``, channel tile ``t``) over the ``n`` packed pairs: its
+    output-gradient panel at ``cb * gstep``, its input panel at ``t * xstep``, its partial tile
+    at ``ao + (cb * TR + t * MR) * NR``."""
+    xstep, gstep = pack * MR + WG_PANEL_SKEW, pack * NR + WG_PANEL_SKEW
+    TR = n_tiles * MR
+    for cb in range(ncb):
+        for tile in range(n_tiles):
+            _wgrad_packed_tile(xp, tile * xstep, gp, cb * gstep, part, ao + (cb * TR + tile * MR) * NR, n, MR, NV,
+                               VW)
+
+
+@njit(inline="always")
+def _wgrad_packed_task(ch, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pack, part, NR, NV, VW, MR):
+    """Task ``ch`` of the packed weight gradient: the partial sums of chunk ``ch``, every
+    channel block (module level, like ``_conv_task``). The pairs of one offset are packed in
+    order, ``pack`` at a time: each pair's input row into one panel per channel tile (``MR``
+    values per pair; ``xp``) and its output-gradient row into one panel per channel block
+    (``NR`` values; ``gp``), the panels ``WG_PANEL_SKEW`` elements apart beyond their pairs (a
+    multiple of 4 KiB apart, the copies' stores and the tiles' loads aliased); then every
+    (block, tile) runs over the packed pairs (``_wgrad_flush``)."""
+    # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR]
+    K, ncb, TR = part.shape[1], part.shape[2], part.shape[3]
+    C_in = x.shape[1]
+    nblk = (g.shape[0] + block - 1) // block
+    n_tiles = TR // MR
+    n_full = C_in // MR
+    for k in range(K):
+        for cb in range(ncb):
+            for i in range(TR):
+                for c in range(np.uint64(NR)):
+                    part[ch, k, cb, i, c] = 0.0
+    xstep, gstep = pack * MR + WG_PANEL_SKEW, pack * NR + WG_PANEL_SKEW
+    xp = np.empty(n_tiles * xstep, x.dtype)
+    gp = np.empty(ncb * gstep, x.dtype)
+    bs = ch * chunk_blocks
+    be = min(nblk, bs + chunk_blocks)
+    # every element sums its pairs in (block, pair) order; the passes and packs only decide
+    # when an accumulator tile goes to memory and back (exactly)
+    for b0 in range(bs, be, pass_blocks):
+        b1 = min(be, b0 + pass_blocks)
+        for k in range(K):
+            ao = (ch * K + k) * ncb * TR * NR
+            q, upack = np.uint64(0), np.uint64(pack)
+            for b in range(b0, b1):
+                s = (b * K + k) * block
+                r0 = b * block
+                for p in range(s, s + cnt[b * K + k]):
+                    xo = src[p] * C_in
+                    _copy_rows(g, (r0 + loc[p]) * ncb * NR, NR, gp, q * NR, gstep, ncb, False, NV, VW)
+                    _copy_rows(x, xo, MR, xp, q * MR, xstep, n_full, False, 1, MR)
+                    if n_full < n_tiles:
+                        # the last tile ends at C_in, overlapping its neighbour in channels
+                        # (not in storage): both compute the same sums
+                        _copy_rows(x, xo + C_in - MR, 0, xp, n_full * xstep + q * MR, 0, 1, False, 1, MR)
+                    q += np.uint64(1)
+                    if q == upack:
+                        _wgrad_flush(xp, gp, part, ao, q, pack, ncb, n_tiles, NR, NV, VW, MR)
+                        q = np.uint64(0)
+            if q > 0:
+                _wgrad_flush(xp, gp, part, ao, q, pack, ncb, n_tiles, NR, NV, VW, MR)
+
+
 @functools.lru_cache(maxsize=None)
-def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
+def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int, packed: bool):
     """Partial sums ``part[ch, k, cb, tile rows] = sum_{pairs of chunk ch} x[src, tile].T
     (outer) g[dst, block cb]`` in ``MR x NR`` register tiles (rows: input channels, columns:
     output channels), then ``out = sum_ch part[ch]`` in chunk order. Two passes of tasks
-    (partials, then the sum), as ``prange`` loops or in the team form (``runtime.TeamKernel``)."""
+    (partials, then the sum), as ``prange`` loops or in the team form (``runtime.TeamKernel``).
+    ``packed``: one task per chunk, its pairs packed (``_wgrad_packed_task``); else one per
+    chunk x channel block, the tiles reading the rows through the plan (``_wgrad_partial_task``).
+    ``pairs``: the pairs per pack, or per pair chunk."""
     npdt = _NP[dt]
     NV = NR // VW
 
-    def kernel(x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out, reduce):
+    def kernel(x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pairs, part, out, reduce):
         # out [K, C_in, C_out] (not reduce: part is out)
-        for task in prange(part.shape[0] * part.shape[2]):
-            _wgrad_partial_task(task, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk,
-                                part, NR, NV, VW, MR)
+        for task in prange(part.shape[0] if packed else part.shape[0] * part.shape[2]):
+            if packed:
+                _wgrad_packed_task(task, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pairs, part, NR,
+                                   NV, VW, MR)
+            else:
+                _wgrad_partial_task(task, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pairs, part, NR,
+                                    NV, VW, MR)
         # the ordered sum over chunks: by the calling thread when it is small (a parallel
         # region costs more), else in ranges of (offset, input channel) rows
         n = out.shape[0] * out.shape[1]
@@ -698,23 +835,26 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
         cnt, i = array_arg1(words, i + 1, np.int32)
         src, i = array_arg1(words, i, np.int32)
         loc, i = array_arg1(words, i, np.int32)
-        chunk_blocks, pass_blocks, pair_chunk = words[i], words[i + 1], words[i + 2]
+        chunk_blocks, pass_blocks, pairs = words[i], words[i + 1], words[i + 2]
         part, i = array_arg5(words, i + 3, npdt)
         out, i = array_arg3(words, i, npdt)
         n = out.shape[0] * out.shape[1]
         step = (n + WG_REDUCE_TASKS - 1) // WG_REDUCE_TASKS
         t = next_task(words)
         while t < words[TEAM_TASKS]:
-            if words[TEAM_PHASE] == 0:
-                _wgrad_partial_task(t, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk,
-                                    part, NR, NV, VW, MR)
-            else:
+            if words[TEAM_PHASE] != 0:
                 _wgrad_reduce_rows(part, out, min(n, t * step), min(n, (t + 1) * step), MR)
+            elif packed:
+                _wgrad_packed_task(t, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pairs, part, NR, NV,
+                                   VW, MR)
+            else:
+                _wgrad_partial_task(t, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pairs, part, NR, NV,
+                                    VW, MR)
             t = next_task(words)
 
-    def tasks(phase, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pair_chunk, part, out, reduce):
+    def tasks(phase, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks, pairs, part, out, reduce):
         if phase == 0:
-            return part.shape[0] * part.shape[2]
+            return part.shape[0] if packed else part.shape[0] * part.shape[2]
         return WG_REDUCE_TASKS if reduce else 0  # (on threads already running: small sums too)
 
     return TeamKernel(kernel, team, tasks, phases=2)
@@ -733,7 +873,10 @@ def _wgrad_kernel(dt: str, NR: int, VW: int, MR: int):
 # streets): 16 x 4 fastest for 16 output channels (8 x 12, 16 x 8 and 32 x 4 slower: 12-140 %);
 # 32 x 2 for 32 and more (vs 16 x 4: 32-channel outputs 5-15 % faster, 64 within 3 %; the 14
 # convs 62.4 -> 59.3 ms on one thread, 38.6 -> 36.5 ms on two); the weight gradient's AVX2 shapes
-# only sized by the register rule, unmeasured.
+# sized by the register rule. ``wgrad_packed_from``: ``C_in * C_out`` from which the weight
+# gradient packs its pairs (``_wgrad_packed_task``; same VM, 2026-12-01, against the gathered
+# tiles on the benchmark's maps: 1.2-1.7x faster at 64-128 channels, 1.05-1.15x at 32, 0.7-0.8x
+# at 16, where copying the rows costs more than it saves); AVX-512: not measured, gathered.
 _TILES = {
     "avx512": {
         "widths": {"f4": (8, 16, 32, 64), "f8": (4, 8, 16, 32)},
@@ -752,6 +895,7 @@ _TILES = {
         "conv": {("f4", 8): 12, ("f4", 16): 4, ("f4", 32): 2, ("f8", 4): 12, ("f8", 8): 4},
         "wgrad": {("f4", 8): (12, 8, 4, 2, 1), ("f4", 16): (6, 4, 2, 1),
                   ("f8", 4): (12, 8, 4, 2, 1), ("f8", 8): (6, 4, 2, 1)},
+        "wgrad_packed_from": 1024,
     },
 }
 
@@ -891,12 +1035,17 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
         return torch.zeros(K, c_in, c_out, dtype=dtype)
     dt = _dt(cdt)
     NR = _block_width(dt, c_out)
+    tiles = _TILES[_isa()]
+    packed = c_in * c_out >= tiles.get("wgrad_packed_from", 1 << 62)
     # input channels per tile: the shortest tile that holds them all (zero columns added);
     # else the tallest tile, or a shorter one (at least half as tall) that divides C_in; else
-    # the tallest, the last tile overlapping its neighbour
-    heights = _TILES[_isa()]["wgrad"][(dt, NR)]
+    # (and for packed pairs above WG_PACKED_TALL_FROM channels) the tallest, the last tile
+    # overlapping its neighbour
+    heights = tiles["wgrad"][(dt, NR)]
     if c_in <= heights[0]:
         MR = min(m for m in heights if m >= c_in)
+    elif packed and c_in > WG_PACKED_TALL_FROM:
+        MR = heights[0]
     else:
         MR = next((m for m in heights if c_in % m == 0 and 2 * m >= heights[0]), heights[0])
     ncb = -(-c_out // NR)
@@ -923,11 +1072,14 @@ def conv_backward_weight(features: torch.Tensor, grad_out: torch.Tensor, nbr: to
     part = out.view(1, K, 1, TR, NR) if direct else torch.empty(nchunk, K, ncb, TR, NR, dtype=cdt)
     row_bytes = (ci_k + ncb * NR) * x.element_size()
     pass_blocks = max(1, WG_PASS_BYTES // (row_bytes * plan.block_rows))
-    # several channel tiles re-read each pair's rows: in chunks that stay in L1 for all of them
-    pair_chunk = max(16, WG_CHUNK_BYTES // row_bytes) if n_tiles * ncb > 1 else 1 << 30
-    launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR), x.numpy(),
+    el = x.element_size()
+    if packed:
+        pairs = max(16, min(WG_PACK_G_BYTES // (NR * el), WG_PACK_X_BYTES // (TR * el)))
+    else:  # several channel tiles re-read each pair's rows: in chunks that stay in L1 for all
+        pairs = max(16, WG_CHUNK_BYTES // row_bytes) if n_tiles * ncb > 1 else 1 << 30
+    launch(_wgrad_kernel(dt, NR, _vector_width(dt, NR), MR, packed), x.numpy(),
            g.view(plan.n_out, ncb, NR).numpy(), plan.block_rows, plan.cnt, plan.src,
-           plan.loc, chunk_blocks, pass_blocks, pair_chunk, part.numpy(), out.numpy(), not direct,
+           plan.loc, chunk_blocks, pass_blocks, pairs, part.numpy(), out.numpy(), not direct,
            dynamic=True)
     if ci_k != c_in:
         out = out[:, :c_in].contiguous()

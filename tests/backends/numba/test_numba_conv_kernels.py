@@ -227,3 +227,21 @@ def test_avx2_tile_shapes(gen, monkeypatch):
     g = torch.randn(260, 20, generator=gen)
     check(nk.conv_forward(x, w, None, nbr), ref_conv(x, w, None, nbr), torch.float32, 17)
     check(nk.conv_backward_weight(x, g, nbr), ref_wgrad(x, g, nbr), torch.float32, 260)
+
+
+# -- the weight gradient's packed form (wide channels, AVX2 tile table) ----------------------------
+@pytest.mark.parametrize("c_in,c_out", [(3, 400), (70, 33), (130, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_weight_gradient_equals_gathered(gen, monkeypatch, c_in, c_out, dtype):
+    """The packed form (``C_in * C_out`` from ``wgrad_packed_from``) gives the gathered form's
+    bits: the same pairs in the same order per element. The map's segments are longer than a
+    pack (full rows; a 1-row input under 3 rows of tiles; an overlapping last tile)."""
+    monkeypatch.setattr(nk, "_isa", lambda: "avx2")
+    nbr = random_map(gen, 900, 1100, fill=0.9)
+    x = torch.randn(900, c_in, generator=gen, dtype=dtype)
+    g = torch.randn(1100, c_out, generator=gen, dtype=dtype)
+    packed = nk.conv_backward_weight(x, g, nbr)
+    check(packed, ref_wgrad(x, g, nbr), dtype, 1100)
+    tiles = dict(nk._TILES["avx2"], wgrad_packed_from=1 << 62)
+    monkeypatch.setitem(nk._TILES, "avx2", tiles)
+    assert torch.equal(packed, nk.conv_backward_weight(x, g, nbr))
