@@ -1,7 +1,7 @@
 """``sparse_unet`` of an earlier commit next to today's, in one process, alternating round by round.
 
     python bench/ab_zoo.py --base 90e997e [--threads 2] [--mode infer|big|train] [--rounds 15]
-                           [--json out.json]
+                           [--batch N] [--json out.json]
 
 On a shared VM the speed of separate invocations drifts by more than most changes are worth (the
 same ``unet`` batch took 220-330 ms on one thread within an hour), so a change is judged here:
@@ -10,7 +10,8 @@ the other in every round (the order reversed every other round), on the same bat
 trained weights of ``runs/<model>-streets/``; printed: the medians and the medians of the
 round-by-round ratios. ``--mode``: ``infer`` (batch 16 of 64x128, no grad), ``big`` (batch 4 of
 256x512) or ``train`` (a training step: forward with the aux output, the zoo's loss
-(``engine.criterion``, each version its own), backward, AdamW, as ``bench_zoo.py -k goal``).
+(``engine.criterion``, each version its own), backward, AdamW, as ``bench_zoo.py -k goal``);
+``--batch`` changes the batch size (e.g. 1: where the fixed per-forward costs show).
 
 The base commit's ``spconv2d``, ``zoo`` and ``kernels`` are extracted with ``git archive`` into
 a temporary folder and imported as the package ``spconv2d_base`` (every ``spconv2d`` word of its
@@ -63,6 +64,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mode", choices=("infer", "big", "train"), default="infer")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--batch", type=int, help="images per batch (default: 16 for infer and train, 4 for big)")
     ap.add_argument("--json", help="write the medians and ratios here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,7 +84,7 @@ def main():
 
         models = {"unet": load(zoo, "unet"), "base": load(zoo_base, "sparse_unet"), "now": load(zoo, "sparse_unet")}
         if args.mode == "train":
-            data = build_dataset("streets", "train", num_samples=16)
+            data = build_dataset("streets", "train", num_samples=args.batch or 16)
             x, y = data.images, data.targets
             opts = {k: torch.optim.AdamW(m.train().parameters(), lr=1e-4) for k, m in models.items()}
             from spconv2d.zoo.engine import criterion
@@ -98,6 +100,7 @@ def main():
                 opts[k].step()
         else:
             n, size = (16, (64, 128)) if args.mode == "infer" else (4, (256, 512))
+            n = args.batch or n
             images = build_dataset("streets", "val", num_samples=n, size=size).images
             for m in models.values():
                 m.eval()
@@ -117,12 +120,12 @@ def main():
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     ratio = {f"{a}/{b}": statistics.median([p / q for p, q in zip(times[a], times[b])])
              for a, b in (("unet", "base"), ("unet", "now"), ("base", "now"))}
-    print(f"{args.mode}, {args.threads} thread(s), {args.rounds} rounds, base {args.base}: "
+    print(f"{args.mode}{'' if args.batch is None else f' batch {args.batch}'}, {args.threads} thread(s), {args.rounds} rounds, base {args.base}: "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()) + " | "
           + ", ".join(f"{k} {v:.2f}" for k, v in ratio.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(base=args.base, mode=args.mode, threads=args.threads, rounds=args.rounds,
+            json.dump(dict(base=args.base, mode=args.mode, batch=args.batch, threads=args.threads, rounds=args.rounds,
                            median_ms=med, median_ratio=ratio), f, indent=1)
 
 

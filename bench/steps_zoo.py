@@ -43,11 +43,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--density", type=float, default=0.3)
+    ap.add_argument("--batch", type=int, default=16, help="images per batch (streets val scenes)")
     ap.add_argument("--no-refine", action="store_true", help="sparse_unet(refine=False)")
     ap.add_argument("--ops", action="store_true", help="also time each sparse op (sp.profile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    images = build_dataset("streets", "val", num_samples=16).images
+    images = build_dataset("streets", "val", num_samples=args.batch).images
     dense, sparse = load("unet"), load("sparse_unet", density=args.density, refine=not args.no_refine)
     steps, total = defaultdict(list), defaultdict(list)
     with torch.no_grad():
@@ -61,7 +62,7 @@ def main():
                 model(images)
                 total[name].append(time.perf_counter() - t0)
     ms = {k: 1e3 * statistics.median(v) for k, v in total.items()}
-    print(f"batch 16 x 3 x 64 x 128, {args.threads} thread(s), medians of {args.rounds} alternating rounds: "
+    print(f"batch {args.batch} x 3 x 64 x 128, {args.threads} thread(s), medians of {args.rounds} alternating rounds: "
           f"unet {ms['unet']:.1f} ms, sparse_unet {ms['sparse_unet']:.1f} ms "
           f"(unet / sparse_unet = {ms['unet'] / ms['sparse_unet']:.2f})")
     print("sparse_unet steps (ms): " + ", ".join(f"{k} {1e3 * statistics.median(v):.1f}" for k, v in steps.items()))

@@ -35,6 +35,9 @@ def pair(value: Union[int, Tuple[int, int]], name: str, minimum: Optional[int] =
     """``value`` as a pair of Python ints: an integer ``v`` gives ``(v, v)``, a sequence of two
     integers is taken as it is; each must be ``>= minimum`` (``ValueError``). Non-integers raise
     ``TypeError``."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int \
+            and (minimum is None or min(value) >= minimum):
+        return value  # (the common case, checked in every op: no per-item conversion)
     if isinstance(value, (tuple, list, torch.Size)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an integer or a pair of integers, got {value!r}")

@@ -66,12 +66,12 @@ def subm_map(x: SparseTensor, ksize: Pair, dilation: Pair, be: Backend, index: O
         K, n = ksize[0] * ksize[1], cs.num
         c = K // 2
         device = cs.coords.device
-        offsets = (kernel_offsets(ksize, device) - torch.tensor([ksize[0] // 2, ksize[1] // 2], device=device)) \
-            * torch.tensor(dilation, device=device)
         if c > 0:
             fused = be.build_subm_table(cs, ksize, dilation, _strategy(cs, be, index))
             if fused is not None:
                 return BuiltMap(cs, KernelMap(fused, n, ksize, symmetric=True, identity_offset=c))
+        offsets = (kernel_offsets(ksize, device) - torch.tensor([ksize[0] // 2, ksize[1] // 2], device=device)) \
+            * torch.tensor(dilation, device=device)
         index_ = _index(cs, be, index) if c > 0 else None  # (a 1x1 map needs no lookup at all)
         if c > 0 and be.full_subm_lookup(index_):
             # every offset in one gather each beats half of them plus the mirror scatter

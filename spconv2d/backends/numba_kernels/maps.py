@@ -461,6 +461,16 @@ def _raise_duplicate(coords: np.ndarray, batch_size: int, spatial_shape: Pair) -
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _grid_deltas(kh: int, kw: int, ry: int, rx: int, Wp: int) -> np.ndarray:
+    """The key offsets ``(ky - kh//2) * ry * Wp + (kx - kw//2) * rx`` of a submanifold window on
+    a grid of rows ``Wp`` cells wide, in offset order (read-only: shared between calls)."""
+    ky, kx = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
+    d = ((ky.ravel() - kh // 2) * ry * Wp + (kx.ravel() - kw // 2) * rx).astype(np.int64)
+    d.flags.writeable = False
+    return d
+
+
 def subm_table(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[int], kernel_size,
                dilation=1, *, grid_max_keys: int = GRID_MAX_KEYS,
                grid_keys_per_site: int = GRID_KEYS_PER_SITE) -> torch.Tensor:
@@ -477,8 +487,6 @@ def subm_table(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[in
     c = _np_coords(coords)
     n, K = c.shape[0], kh * kw
     centre = K // 2
-    ky, kx = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
-    offs = np.stack(((ky.ravel() - kh // 2) * ry, (kx.ravel() - kw // 2) * rx), 1).astype(np.int64)
     if n == 0:
         return torch.zeros((K, 0), dtype=torch.int32)
     py, px = (kh // 2) * ry, (kw // 2) * rx
@@ -486,7 +494,7 @@ def subm_table(coords: torch.Tensor, batch_size: int, spatial_shape: Sequence[in
     if _lookup_grid_ok(grid_size, n, grid_max_keys, grid_keys_per_site):
         nbr = np.empty((K, n), np.int32)
         bad = np.zeros(-(-n // ROWS_PER_TASK), np.int64)
-        launch(_subm_grid, c, H + 2 * py, W + 2 * px, py, px, np.ascontiguousarray(offs[:, 0] * (W + 2 * px) + offs[:, 1]),
+        launch(_subm_grid, c, H + 2 * py, W + 2 * px, py, px, _grid_deltas(kh, kw, ry, rx, W + 2 * px),
                centre, _scratch_grid(grid_size), nbr, bad, work=n * K)
         if bad.any():
             _raise_duplicate(c, batch_size, (H, W))
