@@ -331,6 +331,32 @@ def test_fast_exp_is_exp():
 
 
 @pytest.mark.numba
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ieee_div_is_division_without_the_zero_check(dtype):
+    """``ieee_div(a, b)`` = numpy's ``a / b`` bit for bit, inf / NaN for a zero divisor (numba's
+    own ``/`` raises there)."""
+    import numpy as np
+    from numba import njit
+
+    from spconv2d.zoo.pixel_kernels import ieee_div
+
+    @njit
+    def run(a, b, out):
+        for i in range(a.shape[0]):
+            out[i] = ieee_div(a[i], b[i])
+
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.standard_normal(1000) * 1e3, [1.0, -1.0, 0.0]]).astype(dtype)
+    b = np.concatenate([rng.standard_normal(1000), [0.0, 0.0, 0.0]]).astype(dtype)
+    out = np.empty_like(a)
+    run(a, b, out)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = a / b
+    assert np.array_equal(out, ref, equal_nan=True) and out.dtype == a.dtype
+    assert np.isposinf(out[-3]) and np.isneginf(out[-2]) and np.isnan(out[-1])
+
+
+@pytest.mark.numba
 def test_fused_kernels_bit_identical_on_one_and_two_threads():
     """The output assembly, the refinement's candidates and the refinement at a size that runs two threads (PyTorch's
     OpenMP team): the same bits as on one thread, and across runs (each output row written by
