@@ -123,7 +123,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .runtime import (TEAM_ARGS, TEAM_PHASE, TEAM_TASKS, TeamKernel, array_arg1, array_arg2, array_arg3, array_arg5,
-                      launch, next_task, team_words)
+                      cached_njit, launch, next_task, team_words)
 
 #: Output rows per block (one task of the forward / input-gradient kernels, the unit of the
 #: plan): chosen per map between these bounds so that an offset's segment of a block holds
@@ -248,6 +248,21 @@ def _plan_fill_team(data):
 _plan_fill = TeamKernel(_plan_fill_tasks, _plan_fill_team, lambda phase, nbr, block, pad, cnt, src, loc: cnt.shape[0])
 
 
+@cached_njit(nogil=True)
+def _pairs_per_offset(nbr):
+    """``counts[k]`` = the entries ``>= 0`` of ``nbr[k]`` (one vectorised pass; numpy's
+    ``count_nonzero(t >= 0, axis=1)`` made a boolean copy first: 0.3 ms for a [9, 39k] table,
+    one thread)."""
+    K, n = nbr.shape
+    counts = np.zeros(K, np.int64)
+    for k in range(K):
+        c = 0
+        for j in range(n):
+            c += nbr[k, j] >= 0
+        counts[k] = c
+    return counts
+
+
 def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
     """The :class:`ConvPlan` of ``nbr [K, N_out]`` (int32, -1 = missing) for ``n_in`` input
     rows. Cache it on the map (``kmap.cached("numba_plan@nbr", ...)``): every layer on the map
@@ -257,7 +272,7 @@ def build_plan(nbr: torch.Tensor, n_in: int, pad: int = PAD) -> ConvPlan:
     t = nbr.to(torch.int32).contiguous().numpy()
     # the pairs of an offset per output row, the fullest offset (a submanifold map's identity)
     # left out: blocks of about SEGMENT_PAIRS / fill rows
-    counts = np.count_nonzero(t >= 0, axis=1) if n_out else np.zeros(K, np.int64)
+    counts = _pairs_per_offset(t) if n_out else np.zeros(K, np.int64)
     fill = float(counts.sum() - counts.max()) / max(1, (K - 1) * n_out) if K > 1 else 1.0
     block = MIN_BLOCK_ROWS
     while block < MAX_BLOCK_ROWS and block * fill < SEGMENT_PAIRS:
