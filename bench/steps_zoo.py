@@ -2,7 +2,7 @@
 alternating round by round, the order reversed every other round (so that a drifting machine
 slows both alike and neither always runs after the other).
 
-    python bench/steps_zoo.py [--threads 2] [--rounds 15] [--density 0.3] [--no-refine] [--ops]
+    python bench/steps_zoo.py [--threads 2] [--rounds 15] [--density 0.3] [--batch 16] [--no-refine] [--ops]
 
 A diagnostic, not a benchmark (``bench_zoo.py`` is the benchmark): steps are timed by wrapping
 the public steps of ``SparseUNet.forward`` (its docstring lists them: ``make_mask``, the
@@ -11,6 +11,7 @@ instance (``spconv2d.zoo.measure.instrument_stages``, also used by ``spconv2d st
 total includes a little overhead.
 ``--ops`` also times every sparse op of one forward with ``sp.profile(timing=True)`` (median over
 the rounds): which convolutions the sparse stages' time is in, and how it scales with threads.
+``--batch 1`` shows the fixed per-step costs (at batch 1 they are most of the time).
 Weights come from ``runs/<model>-streets/model.safetensors`` when present (how much the sparse
 model refines depends on them).
 """

@@ -486,6 +486,28 @@ def _copy_rows(typingctx, a, ao, a_step, b, bo, b_step, nr, relu, NV_, VW_):
     return types.none(a, ao, a_step, b, bo, b_step, nr, relu, NV_, VW_), codegen
 
 
+def _emit_outer_tile(tile: "_TileIR", abase, start, end, rows, M: int, NV: int) -> None:
+    """The weight gradient's micro-kernel body: the ``M x NV`` vector accumulators loaded from
+    ``abase``, then for ``start <= p < end`` (``rows(p)``: the pair's input-row and
+    output-gradient-row pointers) ``NV`` output-gradient vectors loaded, each of the ``M`` input
+    values broadcast once and one FMA per accumulator, the pairs in order; stored back."""
+    builder, vty, al, i64, fma, slot, vptr = (tile.builder, tile.vty, tile.al, tile.i64, tile.fma, tile.slot,
+                                              tile.vptr)
+    VW = vty.count
+    for i in range(M * NV):
+        builder.store(builder.load(vptr(abase, i * VW), align=al), slot(i))
+    with cgutils.for_range(builder, end, start=start) as loop:
+        xrow, grow = rows(loop.index)
+        gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
+        for r in range(M):
+            a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
+            for v in range(NV):
+                sp = slot(r * NV + v)
+                builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
+    for i in range(M * NV):
+        builder.store(builder.load(slot(i)), vptr(abase, i * VW), align=al)
+
+
 @intrinsic(prefer_literal=True)
 def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_, VW_):
     """``part[ao:] += sum_{ps <= p < pe} x[src[p], c0 : c0 + M].T (outer) g[r0 + loc[p], cb-th
@@ -505,7 +527,7 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
 
     def codegen(context, builder, sig, args):
         tile = _TileIR(context, builder, x.dtype, VW, M * NV)
-        vty, al, i64, fma, slot, vptr = tile.vty, tile.al, tile.i64, tile.fma, tile.slot, tile.vptr
+        i64 = tile.i64
         xa, ga, pa, sa, la = (context.make_array(t)(context, builder, v) for t, v in (
             (x, args[0]), (g, args[2]), (part, args[4]), (src, args[9]), (loc, args[10])))
         c0_v, cb_v, ao_v, ps_v, pe_v, r0_v = args[1], args[3], args[5], args[6], args[7], args[8]
@@ -513,23 +535,13 @@ def _wgrad_tile(typingctx, x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_
         g_row = builder.mul(builder.extract_value(ga.shape, 1), ir.Constant(i64, NR))
         gcol = builder.mul(cb_v, ir.Constant(i64, NR))
 
-        abase = builder.gep(pa.data, [ao_v])
-        for i in range(M * NV):
-            builder.store(builder.load(vptr(abase, i * VW), align=al), slot(i))
-        with cgutils.for_range(builder, pe_v, start=ps_v) as loop:
-            p = loop.index
+        def rows(p):
             xi = builder.sext(builder.load(builder.gep(sa.data, [p])), i64)
             gi = builder.add(r0_v, builder.sext(builder.load(builder.gep(la.data, [p])), i64))
-            xrow = builder.gep(xa.data, [builder.add(builder.mul(xi, c_in), c0_v)])
-            grow = builder.gep(ga.data, [builder.add(builder.mul(gi, g_row), gcol)])
-            gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
-            for r in range(M):
-                a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
-                for v in range(NV):
-                    sp = slot(r * NV + v)
-                    builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
-        for i in range(M * NV):
-            builder.store(builder.load(slot(i)), vptr(abase, i * VW), align=al)
+            return (builder.gep(xa.data, [builder.add(builder.mul(xi, c_in), c0_v)]),
+                    builder.gep(ga.data, [builder.add(builder.mul(gi, g_row), gcol)]))
+
+        _emit_outer_tile(tile, builder.gep(pa.data, [ao_v]), ps_v, pe_v, rows, M, NV)
         return context.get_dummy_value()
 
     return types.none(x, c0, g, cb, part, ao, ps, pe, r0, src, loc, M_, NV_, VW_), codegen
@@ -553,27 +565,18 @@ def _wgrad_packed_tile(typingctx, xp, xo, gp, go, part, ao, n, M_, NV_, VW_):
 
     def codegen(context, builder, sig, args):
         tile = _TileIR(context, builder, xp.dtype, VW, M * NV)
-        vty, al, i64, fma, slot, vptr = tile.vty, tile.al, tile.i64, tile.fma, tile.slot, tile.vptr
+        i64 = tile.i64
         xa, ga, pa = (context.make_array(t)(context, builder, v) for t, v in (
             (xp, args[0]), (gp, args[2]), (part, args[4])))
         xo_v, go_v, ao_v, n_v = args[1], args[3], args[5], args[6]
-        abase = builder.gep(pa.data, [ao_v])
         xbase = builder.gep(xa.data, [xo_v])
         gbase = builder.gep(ga.data, [go_v])
-        for i in range(M * NV):
-            builder.store(builder.load(vptr(abase, i * VW), align=al), slot(i))
-        with cgutils.for_range(builder, n_v) as loop:
-            q = loop.index
-            xrow = builder.gep(xbase, [builder.mul(q, ir.Constant(i64, M))])
-            grow = builder.gep(gbase, [builder.mul(q, ir.Constant(i64, NR))])
-            gv = [builder.load(vptr(grow, v * VW), align=al) for v in range(NV)]
-            for r in range(M):
-                a = _splat(builder, builder.load(builder.gep(xrow, [ir.Constant(i64, r)])), vty)
-                for v in range(NV):
-                    sp = slot(r * NV + v)
-                    builder.store(builder.call(fma, [a, gv[v], builder.load(sp)]), sp)
-        for i in range(M * NV):
-            builder.store(builder.load(slot(i)), vptr(abase, i * VW), align=al)
+
+        def rows(q):
+            return (builder.gep(xbase, [builder.mul(q, ir.Constant(i64, M))]),
+                    builder.gep(gbase, [builder.mul(q, ir.Constant(i64, NR))]))
+
+        _emit_outer_tile(tile, builder.gep(pa.data, [ao_v]), ir.Constant(i64, 0), n_v, rows, M, NV)
         return context.get_dummy_value()
 
     return types.none(xp, xo, gp, go, part, ao, n, M_, NV_, VW_), codegen
@@ -769,9 +772,9 @@ def _wgrad_packed_task(ch, x, g, block, cnt, src, loc, chunk_blocks, pass_blocks
     channel block (module level, like ``_conv_task``). The pairs of one offset are packed in
     order, ``pack`` at a time: each pair's input row into one panel per channel tile (``MR``
     values per pair; ``xp``) and its output-gradient row into one panel per channel block
-    (``NR`` values; ``gp``), the panels ``WG_PANEL_SKEW`` elements apart beyond their pairs (a
-    multiple of 4 KiB apart, the copies' stores and the tiles' loads aliased); then every
-    (block, tile) runs over the packed pairs (``_wgrad_flush``)."""
+    (``NR`` values; ``gp``), each panel ``WG_PANEL_SKEW`` elements longer than its pairs need
+    (panels a multiple of 4 KiB apart made the copies' stores and the tiles' loads alias in the
+    load/store unit); then every (block, tile) runs over the packed pairs (``_wgrad_flush``)."""
     # x [N_in, C_in]; g [N_out, ncb, NR] (padded); part [nchunk, K, ncb, n_tiles * MR, NR]
     K, ncb, TR = part.shape[1], part.shape[2], part.shape[3]
     C_in = x.shape[1]
