@@ -245,3 +245,18 @@ def test_packed_weight_gradient_equals_gathered(gen, monkeypatch, c_in, c_out, d
     tiles = dict(nk._TILES["avx2"], wgrad_packed_from=1 << 62)
     monkeypatch.setitem(nk._TILES, "avx2", tiles)
     assert torch.equal(packed, nk.conv_backward_weight(x, g, nbr))
+
+
+@pytest.mark.parametrize("shape,NR", [((9, 128, 128), 32), ((9, 17, 5), 8), ((9, 64, 100), 32), ((1, 3, 40), 8),
+                                      ((4, 8, 8), 8), ((9, 130, 7), 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_padded_weight_of_a_transposed_view(gen, shape, NR, dtype):
+    """The input gradient's weight, ``W[k].T`` (offsets reversed for ``flip``) padded to whole
+    blocks of ``NR`` output channels with zeros: the blocked transposition equals PyTorch's copy,
+    remainders of the 8 x 8 blocks included."""
+    w = torch.randn(*shape, generator=gen, dtype=dtype)
+    for flip in (False, True):
+        got = nk._padded_weight(w.transpose(1, 2), NR, dtype, flip)
+        ref = (w.flip(0) if flip else w).transpose(1, 2)
+        assert got.is_contiguous() and got.shape[2] % NR == 0
+        assert torch.equal(got[:, :, :ref.shape[2]], ref) and not got[:, :, ref.shape[2]:].any()
