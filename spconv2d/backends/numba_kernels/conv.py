@@ -251,8 +251,8 @@ _plan_fill = TeamKernel(_plan_fill_tasks, _plan_fill_team, lambda phase, nbr, bl
 @cached_njit(nogil=True)
 def _pairs_per_offset(nbr):
     """``counts[k]`` = the entries ``>= 0`` of ``nbr[k]`` (one vectorised pass; numpy's
-    ``count_nonzero(t >= 0, axis=1)`` made a boolean copy first: 0.3 ms for a [9, 39k] table,
-    one thread)."""
+    ``count_nonzero(t >= 0, axis=1)`` made a boolean copy first: 0.3-0.6 ms for a [9, 39k]
+    table against ~0.1, one thread, throwaway timings)."""
     K, n = nbr.shape
     counts = np.zeros(K, np.int64)
     for k in range(K):
@@ -965,7 +965,7 @@ def _transpose_offsets(src, flip, out):
     and ``o < src.shape[1]`` (``out``'s further columns are left alone), through 8 x 8 blocks
     (a block's reads and writes each stay within 8 cache lines). PyTorch's copy of the
     transposed view took ~1.8 ns per element here (0.27 ms for 9 x 128 x 128, the input
-    gradient's weight at 128 channels; one thread, AMD EPYC VM), this half of that."""
+    gradient's weight at 128 channels; one thread, AMD EPYC VM), the blocked copy about half."""
     K, n_o, n_i = src.shape
     buf = np.empty((8, 8), src.dtype)
     for k in range(K):
