@@ -189,6 +189,41 @@ def test_half_precision(gen, dtype):
     assert gw.dtype == dtype and torch.equal(gw, nk.conv_backward_weight(x.float(), g.float(), nbr).to(dtype))
 
 
+
+@pytest.mark.parametrize("n_out", [5003, 20011])
+def test_plan_same_on_every_thread_count(gen, n_out):
+    """The plan fill's tasks (``PLAN_TASK_ENTRIES // block`` segments each, the last one partial
+    here) give the one-thread plan on PyTorch's team and on numba's pool; tables large enough
+    to run in parallel (``K * n_out >= PARALLEL_MIN_WORK``)."""
+    nbr = random_map(gen, n_out, n_out, fill=0.4)
+    assert K * n_out >= runtime.PARALLEL_MIN_WORK
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = nk.build_plan(nbr, n_out)
+        per = nk.PLAN_TASK_ENTRIES // one.block_rows
+        assert one.cnt.size % per and one.cnt.size > 2 * per  # several tasks, the last partial
+        assert one.cnt[-(one.cnt.size % per):].all()  # (and holding pairs)
+        torch.set_num_threads(2)
+        team = nk.build_plan(nbr, n_out)
+        runtime.USE_TORCH_TEAM = False
+        pool = nk.build_plan(nbr, n_out)
+    finally:
+        runtime.USE_TORCH_TEAM = True
+        torch.set_num_threads(old)
+    ends = [nk.segment_end(one.cnt, s, one.block_rows, one.pad) for s in range(one.cnt.size)]
+    for plan in (team, pool):
+        assert plan.block_rows == one.block_rows
+        for name in ("cnt", "src", "loc"):
+            a, b = getattr(one, name), getattr(plan, name)
+            if name == "cnt":
+                assert np.array_equal(a, b)
+            else:  # only the segments' entries are defined (the rest of each room is unused)
+                for s, e in enumerate(ends):
+                    lo = s * one.block_rows
+                    assert np.array_equal(a[lo:e], b[lo:e]), (name, s)
+
+
 # -- determinism ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("c", [16, 64])
 def test_bit_identical_runs_and_threads(gen, c):
