@@ -174,8 +174,8 @@ class NumbaBackend(TorchBackend):
 
     # -- convolution ----------------------------------------------------------------------
     def _on_torch(self, kmap, c_in: int, c_out: int, n_dst: int) -> bool:
-        if max(c_in, c_out) < self.torch_conv_channels:
-            return False
+        if max(c_in, c_out) < self.torch_conv_channels or self.torch_conv_fill <= 0:
+            return False  # (the default fill 0 never chooses PyTorch: no pair count, a pass over the table)
         return kmap.num_pairs < self.torch_conv_fill * kmap.kernel_volume * max(1, n_dst)
 
     @staticmethod
