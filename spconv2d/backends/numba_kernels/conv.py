@@ -230,8 +230,8 @@ def _fill_segment(s, nbr, block, pad, cnt, src, loc):
 #: Table entries per task of the plan fill (``per = PLAN_TASK_ENTRIES // block`` segments): one
 #: segment a task (a few hundred entries, well under a microsecond) left two threads contending
 #: for the shared task counter; the plans of a batch of 16 took longer on two threads than on
-#: one (3.2 against 2.3 ms, the seven maps of `sparse_unet`'s batch, AMD EPYC VM; with tasks of
-#: 16 segments 2.2 ms).
+#: one (3.2 against 2.3 ms, the seven maps of `sparse_unet`'s batch, AMD EPYC VM, throwaway A/B;
+#: with tasks of 16 segments 2.2 ms, of 4096 entries 2.3 ms on one thread and on two).
 PLAN_TASK_ENTRIES = 4096
 
 
